@@ -1,0 +1,52 @@
+# The one place dev commands live. Everything runs in the project's own virtualenv (.venv),
+# which the first target that needs it creates; only Rust (cargo) and Python 3.9+ must exist.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(abspath $(VENV))/bin/python
+# maturin develop installs into the active virtualenv; pyo3's build uses the same interpreter.
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PYO3_PYTHON := $(PY)
+# `cargo test` binaries link libpython; tell the loader where the interpreter keeps it.
+PY_LIBDIR = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
+
+.PHONY: all venv build demo test cargo-test pytest lint bench clean
+
+all: build
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "maturin>=1.9,<2" "pytest>=8" "pytest-timeout>=2.3"
+	touch $@
+
+venv: $(VENV)/.deps
+
+build: venv
+	$(VENV)/bin/maturin develop --release --quiet
+
+# Starts the server in the background, then the client (retrying until the server listens);
+# the client's line is held back until the server has printed its own, so they read in order.
+demo: build
+	@$(VENV)/bin/framesock-server & server=$$!; \
+	for attempt in $$(seq 100); do \
+		reply=$$($(VENV)/bin/framesock-client 2>/dev/null) && break; sleep 0.1; \
+	done; \
+	wait $$server && echo "$$reply"
+
+cargo-test: venv
+	LD_LIBRARY_PATH="$(PY_LIBDIR):$$LD_LIBRARY_PATH" cargo test --quiet
+
+pytest: build
+	$(PY) -m pytest -q
+
+test: cargo-test pytest
+
+lint: venv
+	cargo fmt --check
+	cargo clippy --all-targets --quiet -- -D warnings
+
+bench: build
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) target

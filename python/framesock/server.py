@@ -1,0 +1,33 @@
+"""``framesock-server`` / ``python -m framesock.server``: the seed's server script, done right.
+
+Serves one client, prints ``rev client data <payload bytes repr>`` exactly as the seed does, and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from framesock import _cli, start_server
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``framesock-server``."""
+    cli = _cli.parser("framesock-server", "Answer one length-prefixed request with JSON.")
+    options = cli.parse_args(argv)
+
+    def announce(address: tuple) -> None:
+        # With --port 0 nobody knows the port; say it on stderr so stdout stays the seed's.
+        if options.port == 0:
+            print(f"framesock-server: listening on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
+
+    def serve() -> None:
+        exchange = start_server(options.host, options.port, timeout=options.timeout, ready=announce)
+        # One write (not print's separate pieces), so the line never interleaves with another process.
+        print(f"rev client data {exchange['request_bytes']!r}", flush=True)
+
+    _cli.run("framesock-server", serve)
+
+
+if __name__ == "__main__":
+    main()

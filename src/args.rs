@@ -1,0 +1,48 @@
+//! Checks on arguments shared by every entry point, done before anything touches the network.
+
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::codec::MAX_PAYLOAD;
+
+/// Default for `max_frame` and `max_reply`: 16 MiB.
+pub const DEFAULT_MAX_LEN: usize = 16 * 1024 * 1024;
+
+/// A port number 0..=65535 (0 lets the OS pick); ValueError otherwise.
+pub fn port(number: i64) -> PyResult<u16> {
+    u16::try_from(number)
+        .map_err(|_| PyValueError::new_err(format!("port must be in 0..65535, got {number}")))
+}
+
+/// A timeout in seconds: None for none, otherwise a positive finite number.
+pub fn timeout(name: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
+    match value {
+        None => Ok(None),
+        Some(secs) if secs.is_finite() && secs > 0.0 => Ok(Some(Duration::from_secs_f64(secs))),
+        Some(secs) => Err(PyValueError::new_err(format!(
+            "{name} must be a positive number of seconds or None, got {secs}"
+        ))),
+    }
+}
+
+/// A byte limit in 0..=2**32-1, the most a 4-byte header can declare.
+pub fn byte_limit(name: &str, number: i64) -> PyResult<usize> {
+    usize::try_from(number)
+        .ok()
+        .filter(|&n| n <= MAX_PAYLOAD)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("{name} must be in 0..{MAX_PAYLOAD}, got {number}"))
+        })
+}
+
+/// A listen backlog: a positive count.
+pub fn backlog(number: i64) -> PyResult<u32> {
+    u32::try_from(number)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("backlog must be a positive integer, got {number}"))
+        })
+}

@@ -1,0 +1,211 @@
+//! The one exception hierarchy, and how every engine error becomes a Python exception.
+//!
+//! ```text
+//! FramesockError(Exception)
+//! ├── FrameTooLargeError(FramesockError, ValueError)          length over max_frame / max_reply
+//! ├── JSONDecodeError(FramesockError, json.JSONDecodeError)  bytes that are not JSON
+//! ├── ConnectionClosedError(FramesockError, ConnectionError) peer left mid-frame / without reply
+//! └── FramesockTimeoutError(FramesockError, TimeoutError)     a step outlived its timeout
+//! ```
+//! Each class also derives from the builtin a caller already catches; OS errors stay Python's own
+//! `OSError` subclasses (built from errno, exactly as the `socket` module builds them).
+
+use std::fmt;
+use std::io;
+
+use pyo3::exceptions::{PyConnectionError, PyException, PyOSError, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use crate::codec::WireError;
+
+/// Everything the engine can fail with, before it becomes a Python exception.
+#[derive(Debug)]
+pub enum Error {
+    /// The peer broke the wire format or closed early.
+    Wire(WireError),
+    /// A step took longer than its timeout; the text says which step.
+    Timeout(String),
+    /// The OS refused something; `doing` says what we were doing (e.g. "connect to 127.0.0.1:8000").
+    Os { err: io::Error, doing: String },
+    /// The host name did not resolve.
+    Resolve { host: String, err: io::Error },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Wire(err) => err.fmt(f),
+            Error::Timeout(text) => f.write_str(text),
+            Error::Os { err, doing } => write!(f, "{doing}: {err}"),
+            Error::Resolve { host, err } => write!(f, "could not resolve host {host:?}: {err}"),
+        }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(err: WireError) -> Self {
+        Error::Wire(err)
+    }
+}
+
+/// Result of an engine step.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The exception classes, made once per interpreter with the builtins as extra bases.
+pub struct Exceptions {
+    pub base: Py<PyType>,
+    pub frame_too_large: Py<PyType>,
+    pub json_decode: Py<PyType>,
+    pub connection_closed: Py<PyType>,
+    pub timeout: Py<PyType>,
+}
+
+static EXCEPTIONS: PyOnceLock<Exceptions> = PyOnceLock::new();
+
+fn make_class(
+    py: Python<'_>,
+    name: &str,
+    bases: Bound<'_, PyTuple>,
+    doc: &str,
+) -> PyResult<Py<PyType>> {
+    let namespace = PyDict::new(py);
+    namespace.set_item("__module__", "framesock")?;
+    namespace.set_item("__doc__", doc)?;
+    let class = py.get_type::<PyType>().call1((name, bases, namespace))?;
+    Ok(class.cast_into::<PyType>()?.unbind())
+}
+
+/// The exception classes for this interpreter.
+pub fn exceptions<'py>(py: Python<'py>) -> PyResult<&'py Exceptions> {
+    EXCEPTIONS.get_or_try_init(py, || {
+        let base = make_class(
+            py,
+            "FramesockError",
+            PyTuple::new(py, [py.get_type::<PyException>()])?,
+            "Base class of every error framesock raises itself.",
+        )?;
+        let with = |builtin: Bound<'py, PyAny>| PyTuple::new(py, [base.bind(py).as_any().clone(), builtin]);
+        let json_error = py.import("json")?.getattr("JSONDecodeError")?;
+        Ok(Exceptions {
+            frame_too_large: make_class(
+                py,
+                "FrameTooLargeError",
+                with(py.get_type::<PyValueError>().into_any())?,
+                "A declared frame length (or an unframed reply) is over max_frame / max_reply.",
+            )?,
+            json_decode: make_class(
+                py,
+                "JSONDecodeError",
+                with(json_error)?,
+                "Bytes that should be JSON are not; `pos`, `lineno` and `colno` say where it broke.",
+            )?,
+            connection_closed: make_class(
+                py,
+                "ConnectionClosedError",
+                with(py.get_type::<PyConnectionError>().into_any())?,
+                "The peer closed the connection mid-frame or before replying.",
+            )?,
+            timeout: make_class(
+                py,
+                "FramesockTimeoutError",
+                with(py.get_type::<PyTimeoutError>().into_any())?,
+                "A network step took longer than its timeout.",
+            )?,
+            base,
+        })
+    })
+}
+
+/// Builds an exception of one of our classes with the given constructor arguments.
+fn raise<A>(py: Python<'_>, pick: fn(&Exceptions) -> &Py<PyType>, args: A) -> PyErr
+where
+    A: for<'py> IntoPyObject<'py, Target = PyTuple> + Send + Sync + 'static,
+{
+    match exceptions(py) {
+        Ok(classes) => PyErr::from_type(pick(classes).bind(py).clone(), args),
+        Err(err) => err,
+    }
+}
+
+/// `JSONDecodeError(msg, doc, pos)` for serde_json's complaint about `text`.
+pub fn json_decode_error(py: Python<'_>, text: &[u8], err: &serde_json::Error) -> PyErr {
+    let byte_pos = byte_offset(text, err.line(), err.column());
+    let doc = String::from_utf8_lossy(text).into_owned();
+    let char_pos = String::from_utf8_lossy(&text[..byte_pos]).chars().count();
+    let message = err.to_string();
+    // serde_json appends " at line L column C"; JSONDecodeError adds its own position.
+    let message = match message.rfind(" at line ") {
+        Some(cut) => message[..cut].to_owned(),
+        None => message,
+    };
+    raise(
+        py,
+        |c| &c.json_decode,
+        (format!("invalid JSON: {message}"), doc, char_pos),
+    )
+}
+
+/// Byte offset of serde_json's 1-based (line, column), clamped to the text.
+fn byte_offset(text: &[u8], line: usize, column: usize) -> usize {
+    let line_start: usize = text
+        .split(|&b| b == b'\n')
+        .take(line.saturating_sub(1))
+        .map(|l| l.len() + 1)
+        .sum();
+    (line_start + column.saturating_sub(1)).min(text.len())
+}
+
+/// An `OSError` built the way the `socket` module builds one: `OSError(errno, strerror)`, which
+/// Python turns into the matching subclass (ConnectionRefusedError, ...).
+fn os_error(err: io::Error, doing: &str) -> PyErr {
+    match err.raw_os_error() {
+        Some(errno) => {
+            let text = io::Error::from_raw_os_error(errno).to_string();
+            let text = text.split(" (os error").next().unwrap_or(&text).to_owned();
+            PyOSError::new_err((errno, format!("{text} ({doing})")))
+        }
+        None => PyErr::from(err),
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(err: Error) -> PyErr {
+        Python::attach(|py| match err {
+            Error::Wire(WireError::Io(io)) => os_error(io, "while exchanging data"),
+            Error::Wire(
+                wire @ (WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. }),
+            ) => raise(py, |c| &c.frame_too_large, (wire.to_string(),)),
+            Error::Wire(wire) => raise(py, |c| &c.connection_closed, (wire.to_string(),)),
+            Error::Timeout(text) => raise(py, |c| &c.timeout, (text,)),
+            Error::Os { err, doing } => os_error(err, &doing),
+            Error::Resolve { host, err } => {
+                let text = format!("could not resolve host {host:?}: {err}");
+                match py.import("socket").and_then(|m| m.getattr("gaierror")) {
+                    Ok(gaierror) => {
+                        PyErr::from_type(gaierror.cast_into::<PyType>().unwrap(), (text,))
+                    }
+                    Err(import_failed) => import_failed,
+                }
+            }
+        })
+    }
+}
+
+/// Adds the exception classes to the module.
+pub fn init(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = module.py();
+    let classes = exceptions(py)?;
+    for class in [
+        &classes.base,
+        &classes.frame_too_large,
+        &classes.json_decode,
+        &classes.connection_closed,
+        &classes.timeout,
+    ] {
+        let class = class.bind(py);
+        module.add(class.name()?, class)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! framesock's engine: length-prefixed JSON messages over TCP, driven from Python.
+
+mod args;
+mod client;
+pub mod codec;
+mod errors;
+mod json;
+mod net;
+mod runtime;
+mod server;
+
+use pyo3::prelude::*;
+
+/// The native module behind the `framesock` package.
+#[pymodule]
+fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::init(m)?;
+    m.add_function(wrap_pyfunction!(server::start_server, m)?)?;
+    m.add_function(wrap_pyfunction!(client::start_client, m)?)?;
+    Ok(())
+}

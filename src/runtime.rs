@@ -1,0 +1,70 @@
+//! The tokio runtime that does all network I/O, and the one way Python code waits on it.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use tokio::runtime::Runtime;
+
+use crate::errors::{Error, Result};
+
+/// How often a waiting call comes back for the GIL to let Python run its signal handlers.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The process-wide multi-threaded runtime (one worker per core), started on first use.
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .thread_name("framesock-io")
+            .enable_all()
+            .build()
+            .expect("framesock: cannot start the tokio runtime")
+    })
+}
+
+/// Runs `fut` to completion without holding the GIL, waking every 50 ms to check for signals.
+///
+/// When a signal handler raises (Ctrl-C gives `KeyboardInterrupt`), the future is dropped, which
+/// closes every socket it owns, and the exception is returned.
+pub fn wait<F>(py: Python<'_>, fut: F) -> PyResult<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        // The timer must be made inside the runtime, hence the async block.
+        let polled = py.detach(|| {
+            runtime()
+                .block_on(async { tokio::time::timeout(SIGNAL_CHECK_INTERVAL, fut.as_mut()).await })
+        });
+        match polled {
+            Ok(output) => return Ok(output),
+            Err(_elapsed) => py.check_signals()?,
+        }
+    }
+}
+
+/// Runs `fut` under an optional time limit; `step` names what timed out in the error.
+pub async fn within<T, F>(
+    limit: Option<Duration>,
+    step: impl FnOnce() -> String,
+    fut: F,
+) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
+    match limit {
+        None => fut.await,
+        Some(limit) => match tokio::time::timeout(limit, fut).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(Error::Timeout(format!(
+                "timed out after {} s {}",
+                limit.as_secs_f64(),
+                step()
+            ))),
+        },
+    }
+}
