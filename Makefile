@@ -41,9 +41,11 @@ pytest: build
 
 test: cargo-test pytest
 
-lint: venv
+lint: build
 	cargo fmt --check
 	cargo clippy --all-targets --quiet -- -D warnings
+	$(PY) -m pip install --quiet --disable-pip-version-check mypy
+	$(PY) -m mypy.stubtest framesock._framesock
 
 bench: build
 	$(PY) bench/run.py

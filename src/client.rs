@@ -74,6 +74,9 @@ pub async fn classic_exchange(
     host = String::from("127.0.0.1"), port = 8000, message = None, *,
     timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64,
 ))]
+#[pyo3(
+    text_signature = "(host='127.0.0.1', port=8000, message=None, *, timeout=20.0, max_reply=16777216)"
+)]
 pub fn start_client<'py>(
     py: Python<'py>,
     host: String,

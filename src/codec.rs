@@ -365,7 +365,7 @@ mod tests {
 
     #[test]
     fn read_until_close_enforces_limit() {
-        let reply = vec![b'1'; 100];
+        let reply = [b'1'; 100];
         let mut exact = &reply[..];
         assert_eq!(run(read_until_close(&mut exact, 100)).unwrap().len(), 100);
         let mut over = &reply[..];

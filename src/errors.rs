@@ -131,7 +131,12 @@ where
 
 /// `JSONDecodeError(msg, doc, pos)` for serde_json's complaint about `text`.
 pub fn json_decode_error(py: Python<'_>, text: &[u8], err: &serde_json::Error) -> PyErr {
-    let byte_pos = byte_offset(text, err.line(), err.column());
+    // At end of input serde_json's column is the last byte read; Python points past it.
+    let byte_pos = if err.is_eof() {
+        text.len()
+    } else {
+        byte_offset(text, err.line(), err.column())
+    };
     let doc = String::from_utf8_lossy(text).into_owned();
     let char_pos = String::from_utf8_lossy(&text[..byte_pos]).chars().count();
     let message = err.to_string();

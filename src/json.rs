@@ -32,9 +32,10 @@ pub fn loads<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     Ok(value)
 }
 
-/// Re-parses failed input without building anything, to get serde_json's exact position.
+/// Re-parses failed input with serde_json alone, to get its exact complaint and position (the
+/// transcoder reports it only as text). Only the error path pays for this second parse.
 fn decode_error(py: Python<'_>, text: &[u8]) -> PyErr {
-    match serde_json::from_slice::<serde::de::IgnoredAny>(text) {
+    match serde_json::from_slice::<serde_json::Value>(text) {
         Err(err) => errors::json_decode_error(py, text, &err),
         // Valid JSON that pythonize could not build (should not happen for JSON input).
         Ok(_) => PyValueError::new_err("reply could not be converted to Python objects"),

@@ -164,6 +164,10 @@ pub fn address_tuple<'py>(py: Python<'py>, addr: SocketAddr) -> PyResult<Bound<'
     timeout = Some(20.0), max_frame = args::DEFAULT_MAX_LEN as i64, backlog = 5,
     request_as = String::from("text"), ready = None,
 ))]
+#[pyo3(
+    text_signature = "(host='127.0.0.1', port=8000, response=None, *, handler=None, \
+    timeout=20.0, max_frame=16777216, backlog=5, request_as='text', ready=None)"
+)]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
     py: Python<'py>,

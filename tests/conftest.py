@@ -1,0 +1,167 @@
+"""Peers and fixtures shared by the tests.
+
+The peers are plain-socket Python programs written here: ones that behave like the seed's scripts
+(single bare ``recv`` calls, ``recv(1024)``) and hostile ones that break the wire format. Every
+server binds 127.0.0.1 port 0 and every thread started here is joined before the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from typing import Any, Callable
+
+import pytest
+
+import framesock
+
+SEED_MESSAGE = b"msg from client"
+SEED_REPLY = b'{"key": "id", "val": 123}'
+
+
+def frame(payload: bytes) -> bytes:
+    """A request frame: 4-byte big-endian length, then the payload."""
+    return struct.pack(">I", len(payload)) + payload
+
+
+class PeerThread(threading.Thread):
+    """Runs ``target`` in a thread and keeps its result or exception for ``outcome()``."""
+
+    def __init__(self, target: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self._target_fn = target
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._target_fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test by outcome()
+            self.error = err
+
+    def outcome(self, timeout: float = 10.0) -> Any:
+        """The target's return value; re-raises its exception; fails if it is still running."""
+        self.join(timeout)
+        assert not self.is_alive(), "peer thread did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class RawServer:
+    """A one-connection TCP server on 127.0.0.1:0 whose behaviour is a function of the socket."""
+
+    def __init__(self, behaviour: Callable[[socket.socket], Any]) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(5)
+        self.listener.settimeout(10)
+        self.port = self.listener.getsockname()[1]
+        self.thread = PeerThread(self._serve)
+        self._behaviour = behaviour
+        self.thread.start()
+
+    def _serve(self) -> Any:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(10)
+            return self._behaviour(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def raw_server():
+    """Factory: ``raw_server(behaviour)`` starts a RawServer and stops it after the test."""
+    started: list[RawServer] = []
+
+    def start(behaviour: Callable[[socket.socket], Any]) -> RawServer:
+        server = RawServer(behaviour)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def seed_style_server(conn: socket.socket, reply: bytes = SEED_REPLY) -> bytes:
+    """What the seed's server does with a connection: two bare recv calls, reply, close."""
+    length = int.from_bytes(conn.recv(4), byteorder="big")
+    data = conn.recv(length)
+    conn.sendall(reply)
+    return data
+
+
+def seed_style_client(port: int, message: bytes = SEED_MESSAGE) -> Any:
+    """What the seed's client does: one sendall of header + payload, one recv(1024), json.loads."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(frame(message))
+        return json.loads(sock.recv(1024))
+
+
+def raw_exchange(port: int, data: bytes, *, family: int = socket.AF_INET, host: str = "127.0.0.1") -> bytes:
+    """Sends ``data`` and returns every byte the server sends until it closes."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect((host, port))
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class FramesockServer:
+    """``start_server`` running in a thread on port 0; ``port`` is known once it listens."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._listening = threading.Event()
+        self.address: tuple | None = None
+        kwargs.setdefault("port", 0)
+        kwargs.setdefault("timeout", 5.0)
+        self.thread = PeerThread(lambda: framesock.start_server(ready=self._ready, **kwargs))
+        self.thread.start()
+        if not self._listening.wait(10):
+            self.thread.outcome(0.1)  # raises the start-up error, if there was one
+            raise AssertionError("start_server did not start listening")
+
+    def _ready(self, address: tuple) -> None:
+        self.address = address
+        self._listening.set()
+
+    @property
+    def port(self) -> int:
+        assert self.address is not None
+        return self.address[1]
+
+    def outcome(self, timeout: float = 10.0) -> Any:
+        return self.thread.outcome(timeout)
+
+    def release(self) -> None:
+        """Ends a server still waiting for its client by connecting and leaving at once."""
+        if self.thread.is_alive():
+            try:
+                socket.create_connection(self.address[:2], timeout=1).close()
+            except OSError:
+                pass
+            self.thread.join(10)
+
+
+@pytest.fixture
+def framesock_server():
+    """Factory: ``framesock_server(**start_server_kwargs)``; stops what it started."""
+    started: list[FramesockServer] = []
+
+    def start(**kwargs: Any) -> FramesockServer:
+        server = FramesockServer(**kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.release()

@@ -1,0 +1,110 @@
+"""Ctrl-C (SIGINT) ends a waiting call with KeyboardInterrupt, and hostile lengths cost no memory."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import frame
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+# Each script prints "waiting <port>" just before it blocks, then reports how the call ended.
+SCRIPTS = {
+    "server in accept": """
+        import socket, framesock
+        framesock.start_server(port=0, ready=lambda a: print("waiting", a[1], flush=True))
+    """,
+    "server in read": """
+        import socket, framesock, threading
+        def connect_and_stall(address):
+            sock = socket.create_connection(address[:2])
+            sock.sendall(b"\\x00\\x00\\x00\\x10half")
+            print("waiting", address[1], flush=True)
+            threading.Event().wait()  # keep the socket open, silent
+        def ready(address):
+            threading.Thread(target=connect_and_stall, args=(address,), daemon=True).start()
+        framesock.start_server(port=0, ready=ready)
+    """,
+    "client in read": """
+        import socket, framesock
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        print("waiting", listener.getsockname()[1], flush=True)
+        framesock.start_client(port=listener.getsockname()[1], timeout=None)
+    """,
+}
+
+WRAPPER = """
+import sys
+try:
+{body}
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(42)
+"""
+
+
+@pytest.mark.parametrize("where", sorted(SCRIPTS))
+def test_sigint_ends_a_waiting_call(where):
+    body = textwrap.indent(textwrap.dedent(SCRIPTS[where]), "    ")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRAPPER.format(body=body)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout.readline().startswith(b"waiting")
+        time.sleep(0.3)  # let it settle into the blocking wait
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+    assert proc.returncode == 42, err.decode()
+    assert out.strip() == b"KeyboardInterrupt"
+
+
+def test_sigint_to_the_server_program_exits_quietly():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framesock.server", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert b"listening" in proc.stderr.readline()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert b"Traceback" not in err and out == b""
+
+
+MEMORY_PROBE = """
+import resource, socket, threading, framesock
+result = {}
+def ready(address):
+    def hostile():
+        with socket.create_connection(address[:2]) as sock:
+            sock.sendall(bytes.fromhex("fffffffe") + b"x" * 1000)  # claims ~4 GiB, sends 1 kB
+    threading.Thread(target=hostile).start()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    framesock.start_server(port=0, max_frame=2**32 - 1, ready=ready)
+except framesock.ConnectionClosedError as err:
+    print(err)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) // 1024)  # MiB
+"""
+
+
+def test_declared_length_does_not_allocate():
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    message, grown_mib = done.stdout.decode().strip().splitlines()
+    assert "1000 of 4294967294 payload bytes" in message
+    assert int(grown_mib) < 32
