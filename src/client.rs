@@ -75,7 +75,7 @@ pub async fn classic_exchange(
     timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64,
 ))]
 #[pyo3(
-    text_signature = "(host='127.0.0.1', port=8000, message=None, *, timeout=20.0, max_reply=16777216)"
+    text_signature = "(host='127.0.0.1', port=8000, message='msg from client', *, timeout=20.0, max_reply=16777216)"
 )]
 pub fn start_client<'py>(
     py: Python<'py>,
@@ -90,6 +90,7 @@ pub fn start_client<'py>(
     let max_reply = args::byte_limit("max_reply", max_reply)?;
     let payload = match message {
         Some(message) => message_payload(&message)?,
+        // None is the default (a pyo3 default cannot be a Python str): the seed's message.
         None => b"msg from client".to_vec(),
     };
     let frame: Bytes = codec::encode_frame(&payload).map_err(crate::errors::Error::from)?;

@@ -89,7 +89,7 @@ def start_server(
 def start_client(
     host: str = "127.0.0.1",
     port: int = 8000,
-    message: Optional[Union[str, bytes, bytearray, dict[str, Any], list[Any]]] = None,
+    message: Union[str, bytes, bytearray, dict[str, Any], list[Any]] = "msg from client",
     *,
     timeout: Optional[float] = 20.0,
     max_reply: int = 16777216,
@@ -103,8 +103,8 @@ def start_client(
     Args:
         host: Server address (IPv4 or IPv6 literal, or a name).
         port: Server port, 0..65535.
-        message: str (sent as UTF-8), bytes, or a dict/list (sent as JSON text); None sends the
-            seed's ``"msg from client"``.
+        message: str (sent as UTF-8), bytes, or a dict/list (sent as JSON text); the default is
+            the seed's ``"msg from client"``.
         timeout: Seconds for each step: connecting, sending the request, receiving the whole
             reply. None waits forever.
         max_reply: Largest reply accepted, in bytes.
