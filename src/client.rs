@@ -1,17 +1,25 @@
-//! The client side: `start_client`, one request and its reply, as the seed's script does.
+//! `Client` (kept connections, pipelining) and `start_client` (the seed's one exchange).
 
-use bytes::Bytes;
-use pyo3::exceptions::PyTypeError;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+// parking_lot's guard may cross `py.detach` (its `send_guard` feature); std's may not.
+use parking_lot::{Mutex, MutexGuard};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 use tokio::io::AsyncWriteExt;
+use tokio_util::codec::Encoder;
 
 use crate::args;
-use crate::codec::{self, WireError};
-use crate::errors::Result;
+use crate::codec::{self, Frame, FrameCodec, WireError};
+use crate::errors::{self, Error, Result};
 use crate::json;
-use crate::net;
+use crate::net::{self, Endpoint, Stream};
 use crate::runtime::{self, within};
+use crate::server::endpoint;
+use crate::service::Protocol;
 
 /// The bytes a message is sent as: str as UTF-8, bytes as they are, dict/list as JSON text.
 pub fn message_payload(message: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
@@ -31,23 +39,30 @@ pub fn message_payload(message: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     }
 }
 
+/// Appends `message` as a request frame to `frames`.
+fn put_request(message: &Bound<'_, PyAny>, frames: &mut BytesMut) -> PyResult<()> {
+    let payload = message_payload(message)?;
+    FrameCodec::new(codec::MAX_PAYLOAD)
+        .encode(&payload, frames)
+        .map_err(|err| Error::from(err).into())
+}
+
 /// One classic exchange: connect, send the whole frame in one write, read the reply to the close.
 pub async fn classic_exchange(
-    host: &str,
-    port: u16,
+    endpoint: &Endpoint,
     frame: &[u8],
-    timeout: Option<std::time::Duration>,
+    timeout: Option<Duration>,
     max_reply: usize,
 ) -> Result<Vec<u8>> {
     let mut stream = within(
         timeout,
-        || format!("connecting to {host}:{port}"),
-        net::connect(host, port),
+        || format!("connecting to {endpoint}"),
+        net::connect(endpoint),
     )
     .await?;
     within(
         timeout,
-        || format!("sending the request to {host}:{port}"),
+        || format!("sending the request to {endpoint}"),
         async {
             stream
                 .write_all(frame)
@@ -58,7 +73,7 @@ pub async fn classic_exchange(
     .await?;
     within(
         timeout,
-        || format!("waiting for the reply from {host}:{port}"),
+        || format!("waiting for the reply from {endpoint}"),
         async {
             codec::read_until_close(&mut stream, max_reply)
                 .await
@@ -68,14 +83,255 @@ pub async fn classic_exchange(
     .await
 }
 
+/// A kept connection of the framed protocol, with the bytes read past the last reply.
+struct Connection {
+    stream: Stream,
+    input: BytesMut,
+}
+
+/// Sends `count` request frames (already encoded back to back in `frames`) on the kept
+/// connection, connecting first if needed, and reads `count` replies in order.
+///
+/// Writing and reading run together, so a batch far larger than the socket buffers cannot
+/// deadlock with both sides blocked on full buffers. `timeout` bounds connecting and the wait
+/// for each reply.
+async fn framed_exchange(
+    slot: &mut Option<Connection>,
+    endpoint: &Endpoint,
+    frames: &[u8],
+    count: usize,
+    timeout: Option<Duration>,
+    max_reply: usize,
+) -> Result<Vec<Frame>> {
+    if slot.is_none() {
+        let stream = within(
+            timeout,
+            || format!("connecting to {endpoint}"),
+            net::connect(endpoint),
+        )
+        .await?;
+        *slot = Some(Connection {
+            stream,
+            input: BytesMut::new(),
+        });
+    }
+    let conn = slot.as_mut().expect("connected above");
+    let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
+    let input = &mut conn.input;
+    let write = async {
+        writer
+            .write_all(frames)
+            .await
+            .map_err(|e| Error::from(WireError::Io(e)))
+    };
+    let read = async {
+        let mut codec = FrameCodec::replies(max_reply);
+        let mut replies = Vec::with_capacity(count);
+        while replies.len() < count {
+            let frame = within(
+                timeout,
+                || format!("waiting for a reply from {endpoint}"),
+                async {
+                    codec::read_frame(&mut reader, input, &mut codec)
+                        .await
+                        .map_err(Error::from)
+                },
+            )
+            .await?;
+            replies.push(frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))?);
+        }
+        Ok(replies)
+    };
+    let ((), replies) = tokio::try_join!(write, read)?;
+    Ok(replies)
+}
+
+/// The kept connection and whether `close()` was called.
+struct ClientState {
+    connection: Option<Connection>,
+    closed: bool,
+}
+
+/// A client that keeps its connection (framed protocol) and pipelines batches.
+#[pyclass(frozen, module = "framesock")]
+pub struct Client {
+    endpoint: Endpoint,
+    protocol: Protocol,
+    timeout: Option<Duration>,
+    max_reply: usize,
+    state: Mutex<ClientState>,
+}
+
+impl Client {
+    /// Locks the state without holding the GIL, so a thread waiting here never blocks the
+    /// thread that holds the lock and needs the GIL to finish.
+    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, ClientState>> {
+        let state = py.detach(|| self.state.lock());
+        if state.closed {
+            return Err(PyValueError::new_err("the client is closed"));
+        }
+        Ok(state)
+    }
+
+    /// Sends encoded frames and returns the replies' frames; a failed exchange drops the
+    /// connection, so the next request reconnects.
+    fn exchange(&self, py: Python<'_>, frames: &[u8], count: usize) -> PyResult<Vec<Frame>> {
+        let mut state = self.lock(py)?;
+        let slot = &mut state.connection;
+        let outcome = runtime::wait(
+            py,
+            framed_exchange(
+                slot,
+                &self.endpoint,
+                frames,
+                count,
+                self.timeout,
+                self.max_reply,
+            ),
+        );
+        match outcome {
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(err)) => {
+                *slot = None;
+                Err(err.into())
+            }
+            Err(interrupted) => {
+                *slot = None;
+                Err(interrupted)
+            }
+        }
+    }
+
+    /// A reply frame as its Python value; an error reply as RemoteError.
+    fn decode<'py>(py: Python<'py>, frame: &Frame) -> PyResult<Bound<'py, PyAny>> {
+        if frame.is_error {
+            return Err(errors::remote_error(py, &frame.payload));
+        }
+        json::loads(py, &frame.payload)
+    }
+
+    fn classic_request<'py>(
+        &self,
+        py: Python<'py>,
+        message: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        drop(self.lock(py)?); // only to refuse a closed client
+        let frame: Bytes = codec::encode_frame(&message_payload(message)?).map_err(Error::from)?;
+        let reply = runtime::wait(
+            py,
+            classic_exchange(&self.endpoint, &frame, self.timeout, self.max_reply),
+        )??;
+        json::loads(py, &reply)
+    }
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    #[pyo3(signature = (
+        host = String::from("127.0.0.1"), port = 8000, *, path = None,
+        protocol = String::from("classic"), timeout = Some(20.0),
+        max_reply = args::DEFAULT_MAX_LEN as i64,
+    ))]
+    #[pyo3(
+        text_signature = "(host='127.0.0.1', port=8000, *, path=None, protocol='classic', \
+        timeout=20.0, max_reply=16777216)"
+    )]
+    fn new(
+        host: String,
+        port: i64,
+        path: Option<PathBuf>,
+        protocol: String,
+        timeout: Option<f64>,
+        max_reply: i64,
+    ) -> PyResult<Self> {
+        Ok(Client {
+            endpoint: endpoint(host, port, path)?,
+            protocol: Protocol::parse(&protocol)?,
+            timeout: args::timeout("timeout", timeout)?,
+            max_reply: args::byte_limit("max_reply", max_reply)?,
+            state: Mutex::new(ClientState {
+                connection: None,
+                closed: false,
+            }),
+        })
+    }
+
+    /// Sends one message and returns the decoded reply.
+    fn request<'py>(
+        &self,
+        py: Python<'py>,
+        message: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match self.protocol {
+            Protocol::Classic => self.classic_request(py, message),
+            Protocol::Framed => {
+                let mut frames = BytesMut::new();
+                put_request(message, &mut frames)?;
+                let replies = self.exchange(py, &frames, 1)?;
+                Self::decode(py, &replies[0])
+            }
+        }
+    }
+
+    /// Sends every message and returns their replies in order; pipelined in "framed".
+    fn request_many<'py>(
+        &self,
+        py: Python<'py>,
+        messages: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let messages: Vec<Bound<'py, PyAny>> = messages.try_iter()?.collect::<PyResult<_>>()?;
+        if self.protocol == Protocol::Classic {
+            let replies = messages
+                .iter()
+                .map(|message| self.classic_request(py, message))
+                .collect::<PyResult<Vec<_>>>()?;
+            return PyList::new(py, replies);
+        }
+        let mut frames = BytesMut::new();
+        for message in &messages {
+            put_request(message, &mut frames)?;
+        }
+        let replies = self.exchange(py, &frames, messages.len())?;
+        // All replies were read, so the connection stays in step even if one is an error.
+        let values = replies
+            .iter()
+            .map(|frame| Self::decode(py, frame))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, values)
+    }
+
+    /// Closes the kept connection; later requests raise ValueError.
+    fn close(&self, py: Python<'_>) {
+        let mut state = py.detach(|| self.state.lock());
+        state.connection = None;
+        state.closed = true;
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(&self, py: Python<'_>, _exc_info: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.close(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<framesock.Client {} {:?}>", self.endpoint, self.protocol)
+    }
+}
+
 /// Sends one request like the seed's client and returns the decoded JSON reply.
 #[pyfunction]
 #[pyo3(signature = (
     host = String::from("127.0.0.1"), port = 8000, message = None, *,
-    timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64,
+    timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64, path = None,
 ))]
 #[pyo3(
-    text_signature = "(host='127.0.0.1', port=8000, message='msg from client', *, timeout=20.0, max_reply=16777216)"
+    text_signature = "(host='127.0.0.1', port=8000, message='msg from client', *, timeout=20.0, \
+    max_reply=16777216, path=None)"
 )]
 pub fn start_client<'py>(
     py: Python<'py>,
@@ -84,19 +340,19 @@ pub fn start_client<'py>(
     message: Option<Bound<'py, PyAny>>,
     timeout: Option<f64>,
     max_reply: i64,
+    path: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let port = args::port(port)?;
-    let timeout = args::timeout("timeout", timeout)?;
-    let max_reply = args::byte_limit("max_reply", max_reply)?;
-    let payload = match message {
-        Some(message) => message_payload(&message)?,
+    let client = Client::new(
+        host,
+        port,
+        path,
+        String::from("classic"),
+        timeout,
+        max_reply,
+    )?;
+    match message {
+        Some(message) => client.classic_request(py, &message),
         // None is the default (a pyo3 default cannot be a Python str): the seed's message.
-        None => b"msg from client".to_vec(),
-    };
-    let frame: Bytes = codec::encode_frame(&payload).map_err(crate::errors::Error::from)?;
-    let reply = runtime::wait(
-        py,
-        classic_exchange(&host, port, &frame, timeout, max_reply),
-    )??;
-    json::loads(py, &reply)
+        None => client.classic_request(py, PyString::new(py, "msg from client").as_any()),
+    }
 }

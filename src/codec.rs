@@ -9,7 +9,18 @@
 //! ```
 //!
 //! In the classic protocol (the seed's), the reply is not framed: it is the JSON text itself and
-//! the server's close marks its end, so [`read_until_close`] reads it. Nothing here knows Python.
+//! the server's close marks its end, so [`read_until_close`] reads it.
+//!
+//! In the framed protocol, replies are frames too, and the top bit of a reply's header marks an
+//! error reply (its payload is `{"error": kind, "message": text}`), so no reply value a handler
+//! returns can be mistaken for an error:
+//!
+//! ```text
+//! +---+------------------+--------------------------------+
+//! | E | len: u31 (BE)    |  JSON (len bytes)              |
+//! +---+------------------+--------------------------------+
+//! ```
+//! Nothing here knows Python.
 
 use std::fmt;
 use std::io;
@@ -23,6 +34,12 @@ pub const HEADER_LEN: usize = 4;
 
 /// The largest payload the 4-byte header can describe.
 pub const MAX_PAYLOAD: usize = u32::MAX as usize;
+
+/// The bit of a framed reply's header that marks an error reply.
+pub const ERROR_FLAG: u32 = 1 << 31;
+
+/// The largest framed reply: the error flag takes the header's top bit.
+pub const MAX_REPLY_PAYLOAD: usize = (ERROR_FLAG - 1) as usize;
 
 /// Buffers grow at most by this much (or by what already arrived, if more) per step, so a peer
 /// that merely *declares* a huge frame cannot make us allocate it.
@@ -94,23 +111,47 @@ impl From<io::Error> for WireError {
     }
 }
 
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub payload: Bytes,
+    /// Set on framed replies that carry an error instead of a value.
+    pub is_error: bool,
+}
+
 /// Decodes and encodes length-prefixed frames, refusing payloads over `max_len`.
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_len: usize,
+    /// Whether the header's top bit is the error flag (framed replies) or part of the length.
+    flagged: bool,
 }
 
 impl FrameCodec {
-    /// A codec that accepts payloads of at most `max_len` bytes.
+    /// A codec for requests: the whole 32-bit header is the length.
     pub fn new(max_len: usize) -> Self {
         FrameCodec {
             max_len: max_len.min(MAX_PAYLOAD),
+            flagged: false,
         }
     }
 
-    /// The largest payload this codec accepts.
-    pub fn max_len(&self) -> usize {
-        self.max_len
+    /// A codec for framed replies: the top bit flags an error, 31 bits are the length.
+    pub fn replies(max_len: usize) -> Self {
+        FrameCodec {
+            max_len: max_len.min(MAX_REPLY_PAYLOAD),
+            flagged: true,
+        }
+    }
+
+    /// Splits a header into (declared length, error flag).
+    fn header(&self, src: &[u8]) -> (usize, bool) {
+        let raw = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        if self.flagged {
+            ((raw & !ERROR_FLAG) as usize, raw & ERROR_FLAG != 0)
+        } else {
+            (raw as usize, false)
+        }
     }
 }
 
@@ -122,15 +163,15 @@ fn reserve_bounded(buf: &mut BytesMut, missing: usize) {
 }
 
 impl Decoder for FrameCodec {
-    type Item = Bytes;
+    type Item = Frame;
     type Error = WireError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, WireError> {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         if src.len() < HEADER_LEN {
             reserve_bounded(src, HEADER_LEN - src.len());
             return Ok(None);
         }
-        let declared = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        let (declared, is_error) = self.header(src);
         if declared > self.max_len {
             return Err(WireError::FrameTooLarge {
                 declared: declared as u64,
@@ -143,10 +184,13 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         src.advance(HEADER_LEN);
-        Ok(Some(src.split_to(declared).freeze()))
+        Ok(Some(Frame {
+            payload: src.split_to(declared).freeze(),
+            is_error,
+        }))
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, WireError> {
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         if let Some(frame) = self.decode(src)? {
             return Ok(Some(frame));
         }
@@ -160,7 +204,7 @@ impl Decoder for FrameCodec {
                 expected: HEADER_LEN,
             }
         } else {
-            let declared = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+            let (declared, _) = self.header(src);
             WireError::Truncated {
                 part: Part::Payload,
                 received: src.len() - HEADER_LEN,
@@ -174,17 +218,46 @@ impl Encoder<&[u8]> for FrameCodec {
     type Error = WireError;
 
     fn encode(&mut self, payload: &[u8], dst: &mut BytesMut) -> Result<(), WireError> {
-        if payload.len() > MAX_PAYLOAD {
-            return Err(WireError::FrameTooLarge {
-                declared: payload.len() as u64,
-                limit: MAX_PAYLOAD,
-            });
-        }
-        dst.reserve(HEADER_LEN + payload.len());
-        dst.put_u32(payload.len() as u32);
-        dst.put_slice(payload);
-        Ok(())
+        put_frame(
+            payload,
+            0,
+            if self.flagged {
+                MAX_REPLY_PAYLOAD
+            } else {
+                MAX_PAYLOAD
+            },
+            dst,
+        )
     }
+}
+
+/// Appends header (length | flags) and payload to `dst`.
+fn put_frame(
+    payload: &[u8],
+    flags: u32,
+    limit: usize,
+    dst: &mut BytesMut,
+) -> Result<(), WireError> {
+    if payload.len() > limit {
+        return Err(WireError::FrameTooLarge {
+            declared: payload.len() as u64,
+            limit,
+        });
+    }
+    dst.reserve(HEADER_LEN + payload.len());
+    dst.put_u32(payload.len() as u32 | flags);
+    dst.put_slice(payload);
+    Ok(())
+}
+
+/// Appends a framed reply to `dst`, flagged as an error reply when `is_error`.
+pub fn put_reply(json: &[u8], is_error: bool, dst: &mut BytesMut) -> Result<(), WireError> {
+    put_frame(
+        json,
+        if is_error { ERROR_FLAG } else { 0 },
+        MAX_REPLY_PAYLOAD,
+        dst,
+    )
 }
 
 /// Header and payload in one contiguous buffer, so a single write sends the whole frame (the
@@ -202,7 +275,7 @@ pub async fn read_frame<R>(
     reader: &mut R,
     buf: &mut BytesMut,
     codec: &mut FrameCodec,
-) -> Result<Option<Bytes>, WireError>
+) -> Result<Option<Frame>, WireError>
 where
     R: AsyncRead + Unpin,
 {
@@ -266,18 +339,22 @@ mod tests {
         let mut buf = framed(b"one");
         buf.extend_from_slice(&framed(b"two"));
         let mut codec = FrameCodec::new(100);
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), &b"one"[..]);
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), &b"two"[..]);
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap().payload,
+            &b"one"[..]
+        );
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap().payload,
+            &b"two"[..]
+        );
         assert!(codec.decode(&mut buf).unwrap().is_none());
     }
 
     #[test]
     fn empty_payload_is_a_frame() {
         let mut buf = framed(b"");
-        assert_eq!(
-            FrameCodec::new(10).decode(&mut buf).unwrap().unwrap(),
-            &b""[..]
-        );
+        let frame = FrameCodec::new(10).decode(&mut buf).unwrap().unwrap();
+        assert_eq!(frame.payload, &b""[..]);
     }
 
     #[test]
@@ -292,7 +369,10 @@ mod tests {
             );
             buf.put_u8(*byte);
         }
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), &b"hello"[..]);
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap().payload,
+            &b"hello"[..]
+        );
     }
 
     #[test]
@@ -360,7 +440,32 @@ mod tests {
         let mut reader = tokio_test_reader(&wire, 1);
         let mut buf = BytesMut::new();
         let frame = run(read_frame(&mut reader, &mut buf, &mut FrameCodec::new(100))).unwrap();
-        assert_eq!(frame.unwrap(), &b"abcdef"[..]);
+        assert_eq!(frame.unwrap().payload, &b"abcdef"[..]);
+    }
+
+    #[test]
+    fn reply_error_flag_round_trips() {
+        let mut buf = BytesMut::new();
+        put_reply(b"{}", true, &mut buf).unwrap();
+        put_reply(b"[]", false, &mut buf).unwrap();
+        assert_eq!(buf[0], 0x80);
+        let mut codec = FrameCodec::replies(100);
+        let first = codec.decode(&mut buf).unwrap().unwrap();
+        assert!(first.is_error && first.payload == b"{}"[..]);
+        let second = codec.decode(&mut buf).unwrap().unwrap();
+        assert!(!second.is_error && second.payload == b"[]"[..]);
+    }
+
+    #[test]
+    fn request_codec_ignores_the_reply_flag() {
+        let mut buf = BytesMut::from(&[0x80, 0, 0, 0][..]);
+        assert!(matches!(
+            FrameCodec::new(1000).decode(&mut buf),
+            Err(WireError::FrameTooLarge {
+                declared: 0x8000_0000,
+                ..
+            })
+        ));
     }
 
     #[test]

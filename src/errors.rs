@@ -5,7 +5,8 @@
 //! ├── FrameTooLargeError(FramesockError, ValueError)          length over max_frame / max_reply
 //! ├── JSONDecodeError(FramesockError, json.JSONDecodeError)  bytes that are not JSON
 //! ├── ConnectionClosedError(FramesockError, ConnectionError) peer left mid-frame / without reply
-//! └── FramesockTimeoutError(FramesockError, TimeoutError)     a step outlived its timeout
+//! ├── FramesockTimeoutError(FramesockError, TimeoutError)     a step outlived its timeout
+//! └── RemoteError(FramesockError)                            the server sent an error reply
 //! ```
 //! Each class also derives from the builtin a caller already catches; OS errors stay Python's own
 //! `OSError` subclasses (built from errno, exactly as the `socket` module builds them).
@@ -60,6 +61,7 @@ pub struct Exceptions {
     pub json_decode: Py<PyType>,
     pub connection_closed: Py<PyType>,
     pub timeout: Py<PyType>,
+    pub remote: Py<PyType>,
 }
 
 static EXCEPTIONS: PyOnceLock<Exceptions> = PyOnceLock::new();
@@ -113,6 +115,13 @@ pub fn exceptions<'py>(py: Python<'py>) -> PyResult<&'py Exceptions> {
                 with(py.get_type::<PyTimeoutError>().into_any())?,
                 "A network step took longer than its timeout.",
             )?,
+            remote: make_class(
+                py,
+                "RemoteError",
+                PyTuple::new(py, [base.bind(py)])?,
+                "The server answered with an error reply; `kind` says what failed (handler, encode, \
+                 bad_request, frame_too_large) and the message is the server's.",
+            )?,
             base,
         })
     })
@@ -127,6 +136,30 @@ where
         Ok(classes) => PyErr::from_type(pick(classes).bind(py).clone(), args),
         Err(err) => err,
     }
+}
+
+/// `RemoteError(message)` with `.kind`, for a framed error reply `{"error": kind, "message": text}`.
+pub fn remote_error(py: Python<'_>, payload: &[u8]) -> PyErr {
+    let (kind, message) = match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(value) => (
+            value["error"].as_str().unwrap_or("unknown").to_owned(),
+            value["message"].as_str().unwrap_or("").to_owned(),
+        ),
+        Err(_) => (
+            "unknown".to_owned(),
+            String::from_utf8_lossy(payload).into_owned(),
+        ),
+    };
+    let build = || -> PyResult<PyErr> {
+        let error = exceptions(py)?
+            .remote
+            .bind(py)
+            .call1((format!("server error ({kind}): {message}"),))?;
+        error.setattr("kind", kind.as_str())?;
+        error.setattr("remote_message", message.as_str())?;
+        Ok(PyErr::from_value(error))
+    };
+    build().unwrap_or_else(|err| err)
 }
 
 /// `JSONDecodeError(msg, doc, pos)` for serde_json's complaint about `text`.
@@ -208,6 +241,7 @@ pub fn init(module: &Bound<'_, PyModule>) -> PyResult<()> {
         &classes.json_decode,
         &classes.connection_closed,
         &classes.timeout,
+        &classes.remote,
     ] {
         let class = class.bind(py);
         module.add(class.name()?, class)?;

@@ -8,6 +8,7 @@ mod json;
 mod net;
 mod runtime;
 mod server;
+mod service;
 
 use pyo3::prelude::*;
 
@@ -18,5 +19,7 @@ fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::init(m)?;
     m.add_function(wrap_pyfunction!(server::start_server, m)?)?;
     m.add_function(wrap_pyfunction!(client::start_client, m)?)?;
+    m.add_class::<server::Server>()?;
+    m.add_class::<client::Client>()?;
     Ok(())
 }

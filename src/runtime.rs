@@ -34,6 +34,11 @@ where
     F::Output: Send,
 {
     let mut fut = std::pin::pin!(fut);
+    // A Python handler running on one of our own worker threads may call back into framesock
+    // (a client inside a handler): block_on would refuse to nest, block_in_place allows it.
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Ok(py.detach(|| tokio::task::block_in_place(|| runtime().block_on(fut))));
+    }
     loop {
         // The timer must be made inside the runtime, hence the async block.
         let polled = py.detach(|| {

@@ -1,172 +1,77 @@
-//! The server side: `start_server`, one client and one exchange, as the seed's script does.
+//! `Server` (many clients, either protocol) and `start_server` (the seed's one exchange).
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use bytes::BytesMut;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use pyo3::types::{PyBytes, PyDict};
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::args;
 use crate::codec::{self, FrameCodec, WireError};
 use crate::errors::{Error, Result};
-use crate::json;
-use crate::net;
+use crate::net::{Address, Endpoint, Listener, Stream};
 use crate::runtime::{self, within};
+use crate::service::{self, Limits, Protocol, Responder, Service, Stats};
 
-/// The seed's reply, in the bytes its `json.dumps` writes.
-pub const SEED_REPLY: &[u8] = br#"{"key": "id", "val": 123}"#;
-
-/// How a handler receives the request payload.
-#[derive(Debug, Clone, Copy)]
-pub enum RequestAs {
-    /// `str`, decoded as UTF-8 with undecodable bytes replaced by U+FFFD.
-    Text,
-    /// The payload's `bytes`, untouched.
-    Bytes,
-    /// The payload parsed as JSON.
-    Json,
+/// The address as Python's `socket` gives it: `(host, port)` for IPv4,
+/// `(host, port, flowinfo, scope_id)` for IPv6, the path for a Unix socket.
+pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'py, PyAny>> {
+    use std::net::SocketAddr;
+    let object: Bound<'py, PyAny> = match addr {
+        Address::Inet(SocketAddr::V4(v4)) => (v4.ip().to_string(), v4.port())
+            .into_pyobject(py)?
+            .into_any(),
+        Address::Inet(SocketAddr::V6(v6)) => {
+            (v6.ip().to_string(), v6.port(), v6.flowinfo(), v6.scope_id())
+                .into_pyobject(py)?
+                .into_any()
+        }
+        Address::Unix(path) => path
+            .to_string_lossy()
+            .into_owned()
+            .into_pyobject(py)?
+            .into_any(),
+    };
+    Ok(object)
 }
 
-impl RequestAs {
-    fn parse(name: &str) -> PyResult<Self> {
-        match name {
-            "text" => Ok(RequestAs::Text),
-            "bytes" => Ok(RequestAs::Bytes),
-            "json" => Ok(RequestAs::Json),
-            other => Err(PyValueError::new_err(format!(
-                "request_as must be 'text', 'bytes' or 'json', not {other:?}"
-            ))),
-        }
-    }
-
-    /// The request payload as the handler wants it.
-    fn convert<'py>(self, py: Python<'py>, payload: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-        match self {
-            RequestAs::Text => Ok(request_text(py, payload).into_any()),
-            RequestAs::Bytes => Ok(PyBytes::new(py, payload).into_any()),
-            RequestAs::Json => json::loads(py, payload),
-        }
-    }
-}
-
-/// The payload as text; bytes that are not UTF-8 become U+FFFD (the raw bytes are kept apart).
-fn request_text<'py>(py: Python<'py>, payload: &[u8]) -> Bound<'py, PyString> {
-    PyString::new(py, &String::from_utf8_lossy(payload))
-}
-
-/// Where replies come from: one value fixed up front, or a Python callable per request.
-pub enum Responder {
-    /// A value encoded once, before the server starts.
-    Static { value: Py<PyAny>, json: Bytes },
-    /// `handler(request) -> value`, called with the GIL.
-    Handler {
-        handler: Py<PyAny>,
-        request_as: RequestAs,
-    },
-}
-
-impl Responder {
-    /// Checks `response` / `handler` and encodes a static response now, so a value that cannot
-    /// be sent fails before anything touches the network.
-    pub fn new(
-        py: Python<'_>,
-        response: Option<Bound<'_, PyAny>>,
-        handler: Option<Bound<'_, PyAny>>,
-        request_as: &str,
-    ) -> PyResult<Self> {
-        let request_as = RequestAs::parse(request_as)?;
-        match (response, handler) {
-            (Some(_), Some(_)) => Err(PyTypeError::new_err(
-                "pass either response or handler, not both",
-            )),
-            (None, Some(handler)) if !handler.is_callable() => Err(PyTypeError::new_err(format!(
-                "handler must be callable, not {}",
-                handler.get_type().name()?
-            ))),
-            (None, Some(handler)) => Ok(Responder::Handler {
-                handler: handler.unbind(),
-                request_as,
-            }),
-            (Some(value), None) => {
-                let json = Bytes::from(json::dumps(&value)?);
-                Ok(Responder::Static {
-                    value: value.unbind(),
-                    json,
-                })
-            }
-            (None, None) => Ok(Responder::Static {
-                value: json::loads(py, SEED_REPLY)?.unbind(),
-                json: Bytes::from_static(SEED_REPLY),
-            }),
-        }
-    }
-
-    /// The reply value and its JSON text for one request.
-    pub fn reply<'py>(
-        &self,
-        py: Python<'py>,
-        payload: &[u8],
-    ) -> PyResult<(Bound<'py, PyAny>, Bytes)> {
-        match self {
-            Responder::Static { value, json } => Ok((value.bind(py).clone(), json.clone())),
-            Responder::Handler {
-                handler,
-                request_as,
-            } => {
-                let request = request_as.convert(py, payload)?;
-                let value = handler.bind(py).call1((request,))?;
-                let json = Bytes::from(json::dumps(&value)?);
-                Ok((value, json))
-            }
-        }
-    }
+/// TCP `host:port`, or a Unix socket when `path` is given.
+pub fn endpoint(host: String, port: i64, path: Option<PathBuf>) -> PyResult<Endpoint> {
+    let port = args::port(port)?;
+    Ok(match path {
+        Some(path) => Endpoint::Unix(path),
+        None => Endpoint::Tcp { host, port },
+    })
 }
 
 /// Reads the one request frame of a classic exchange.
-pub async fn read_request<S>(stream: &mut S, max_frame: usize) -> Result<Bytes>
-where
-    S: AsyncRead + Unpin,
-{
+async fn read_request(stream: &mut Stream, max_frame: usize) -> Result<bytes::Bytes> {
     let mut buf = BytesMut::new();
-    codec::read_frame(stream, &mut buf, &mut FrameCodec::new(max_frame))
-        .await?
-        .ok_or(Error::Wire(WireError::ClosedBeforeMessage))
-}
-
-/// Sends a classic reply: the JSON text, then a close of our side to mark its end.
-pub async fn send_classic_reply<S>(stream: &mut S, json: &[u8]) -> Result<()>
-where
-    S: AsyncWrite + Unpin,
-{
-    stream.write_all(json).await.map_err(WireError::Io)?;
-    stream.shutdown().await.map_err(WireError::Io)?;
-    Ok(())
-}
-
-/// `(host, port)` for IPv4, `(host, port, flowinfo, scope_id)` for IPv6, as `socket` gives them.
-pub fn address_tuple<'py>(py: Python<'py>, addr: SocketAddr) -> PyResult<Bound<'py, PyAny>> {
-    match addr {
-        SocketAddr::V4(v4) => (v4.ip().to_string(), v4.port())
-            .into_pyobject(py)
-            .map(Bound::into_any),
-        SocketAddr::V6(v6) => (v6.ip().to_string(), v6.port(), v6.flowinfo(), v6.scope_id())
-            .into_pyobject(py)
-            .map(Bound::into_any),
-    }
+    let frame = codec::read_frame(stream, &mut buf, &mut FrameCodec::new(max_frame)).await?;
+    Ok(frame
+        .ok_or(Error::Wire(WireError::ClosedBeforeMessage))?
+        .payload)
 }
 
 /// Serves one client, one request, like the seed's server, and returns what was exchanged.
+///
+/// Unlike `Server`, whatever goes wrong is raised to the caller rather than logged: the caller
+/// asked for exactly this one exchange.
 #[pyfunction]
 #[pyo3(signature = (
     host = String::from("127.0.0.1"), port = 8000, response = None, *, handler = None,
     timeout = Some(20.0), max_frame = args::DEFAULT_MAX_LEN as i64, backlog = 5,
-    request_as = String::from("text"), ready = None,
+    request_as = String::from("text"), ready = None, path = None,
 ))]
 #[pyo3(
     text_signature = "(host='127.0.0.1', port=8000, response=None, *, handler=None, \
-    timeout=20.0, max_frame=16777216, backlog=5, request_as='text', ready=None)"
+    timeout=20.0, max_frame=16777216, backlog=5, request_as='text', ready=None, path=None)"
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -180,20 +85,18 @@ pub fn start_server<'py>(
     backlog: i64,
     request_as: String,
     ready: Option<Bound<'py, PyAny>>,
+    path: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let port = args::port(port)?;
+    let endpoint = endpoint(host, port, path)?;
     let timeout = args::timeout("timeout", timeout)?;
     let max_frame = args::byte_limit("max_frame", max_frame)?;
     let backlog = args::backlog(backlog)?;
     let responder = Responder::new(py, response, handler, &request_as)?;
 
-    let listener = runtime::wait(py, net::listen(&host, port, backlog))??;
-    let local = listener.local_addr().map_err(|err| Error::Os {
-        err,
-        doing: format!("listen on {host}:{port}"),
-    })?;
+    let listener = runtime::wait(py, Listener::bind(&endpoint, backlog))??;
+    let local = listener.local_address()?;
     if let Some(ready) = ready {
-        ready.call1((address_tuple(py, local)?,))?;
+        ready.call1((address_object(py, &local)?,))?;
     }
     let (mut stream, peer) = runtime::wait(py, async {
         listener.accept().await.map_err(|err| Error::Os {
@@ -212,21 +115,239 @@ pub fn start_server<'py>(
             read_request(&mut stream, max_frame),
         ),
     )??;
-    let (reply, json) = responder.reply(py, &request)?;
+    let (reply, json) = responder
+        .reply(py, &request)
+        .map_err(service::Failure::into_error)?;
     runtime::wait(
         py,
-        within(
-            timeout,
-            || format!("sending the reply to {peer}"),
-            send_classic_reply(&mut stream, &json),
-        ),
+        within(timeout, || format!("sending the reply to {peer}"), async {
+            stream.write_all(&json).await.map_err(WireError::Io)?;
+            stream.shutdown().await.map_err(WireError::Io)?;
+            Ok(())
+        }),
     )??;
 
     let exchange = PyDict::new(py);
-    exchange.set_item("peer", address_tuple(py, peer)?)?;
-    exchange.set_item("address", address_tuple(py, local)?)?;
-    exchange.set_item("request", request_text(py, &request))?;
+    exchange.set_item("peer", address_object(py, &peer)?)?;
+    exchange.set_item("address", address_object(py, &local)?)?;
+    exchange.set_item("request", service::request_text(py, &request))?;
     exchange.set_item("request_bytes", PyBytes::new(py, &request))?;
     exchange.set_item("reply", reply)?;
     Ok(exchange)
+}
+
+/// Seconds in-flight exchanges get to finish when the context manager or Ctrl-C shuts down.
+const EXIT_GRACE: f64 = 5.0;
+
+/// Where a server is in its life.
+enum Lifecycle {
+    /// Bound and listening (the OS queues connections), not yet accepting.
+    Bound(Listener),
+    /// The accept loop runs.
+    Serving(JoinHandle<()>),
+    /// Shut down; cannot start again.
+    Stopped,
+}
+
+/// A concurrent server: many clients at once, the I/O on all cores without the GIL.
+#[pyclass(frozen, module = "framesock")]
+pub struct Server {
+    service: Arc<Service>,
+    address: Address,
+    max_connections: usize,
+    lifecycle: Mutex<Lifecycle>,
+    /// Stops accepting and ends connections waiting between requests.
+    stop: CancellationToken,
+    /// Ends every connection outright, once the shutdown grace is over.
+    abort: CancellationToken,
+    /// Set once shutdown has finished; `serve_forever` returns then.
+    finished: CancellationToken,
+    connections: TaskTracker,
+}
+
+#[pymethods]
+impl Server {
+    #[new]
+    #[pyo3(signature = (
+        handler = None, host = String::from("127.0.0.1"), port = 8000, *, path = None,
+        response = None, protocol = String::from("classic"), timeout = Some(20.0),
+        idle_timeout = None, max_frame = args::DEFAULT_MAX_LEN as i64, max_connections = 1024,
+        backlog = 1024, request_as = String::from("text"),
+    ))]
+    #[pyo3(
+        text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
+        protocol='classic', timeout=20.0, idle_timeout=None, max_frame=16777216, \
+        max_connections=1024, backlog=1024, request_as='text')"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        handler: Option<Bound<'_, PyAny>>,
+        host: String,
+        port: i64,
+        path: Option<PathBuf>,
+        response: Option<Bound<'_, PyAny>>,
+        protocol: String,
+        timeout: Option<f64>,
+        idle_timeout: Option<f64>,
+        max_frame: i64,
+        max_connections: i64,
+        backlog: i64,
+        request_as: String,
+    ) -> PyResult<Self> {
+        let endpoint = endpoint(host, port, path)?;
+        let service = Service {
+            protocol: Protocol::parse(&protocol)?,
+            limits: Limits {
+                timeout: args::timeout("timeout", timeout)?,
+                idle_timeout: args::timeout("idle_timeout", idle_timeout)?,
+                max_frame: args::byte_limit("max_frame", max_frame)?,
+            },
+            responder: Responder::new(py, response, handler, &request_as)?,
+            stats: Stats::default(),
+        };
+        let max_connections = usize::try_from(max_connections)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| PyValueError::new_err("max_connections must be a positive integer"))?;
+        let backlog = args::backlog(backlog)?;
+        // Bind now, like socketserver: `address` is known and "address in use" raised here.
+        let listener = runtime::wait(py, Listener::bind(&endpoint, backlog))??;
+        let address = listener.local_address()?;
+        Ok(Server {
+            service: Arc::new(service),
+            address,
+            max_connections,
+            lifecycle: Mutex::new(Lifecycle::Bound(listener)),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            finished: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        })
+    }
+
+    /// The bound address: `(host, port)` (the real port when 0 was asked for) or the path.
+    #[getter]
+    fn address<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        address_object(py, &self.address)
+    }
+
+    /// Starts serving in the background and returns; calling it again does nothing.
+    fn start(&self) -> PyResult<()> {
+        let mut lifecycle = self.lifecycle.lock().expect("lifecycle lock");
+        match std::mem::replace(&mut *lifecycle, Lifecycle::Stopped) {
+            Lifecycle::Bound(listener) => {
+                let accept = service::accept_loop(
+                    self.service.clone(),
+                    listener,
+                    self.max_connections,
+                    self.stop.clone(),
+                    self.abort.clone(),
+                    self.connections.clone(),
+                );
+                *lifecycle = Lifecycle::Serving(runtime::runtime().spawn(accept));
+                Ok(())
+            }
+            serving @ Lifecycle::Serving(_) => {
+                *lifecycle = serving;
+                Ok(())
+            }
+            Lifecycle::Stopped => Err(PyRuntimeError::new_err("the server was shut down")),
+        }
+    }
+
+    /// Serves until `shutdown()` is called (from another thread or a handler); Ctrl-C shuts the
+    /// server down and raises KeyboardInterrupt.
+    fn serve_forever(&self, py: Python<'_>) -> PyResult<()> {
+        self.start()?;
+        let finished = self.finished.clone();
+        match runtime::wait(py, async move { finished.cancelled().await }) {
+            Ok(()) => Ok(()),
+            Err(interrupted) => {
+                self.shutdown(py, Some(EXIT_GRACE))?;
+                Err(interrupted)
+            }
+        }
+    }
+
+    /// Stops accepting at once, lets in-flight exchanges finish (at most `timeout` seconds,
+    /// then drops them) and closes every connection. From inside a handler it only begins the
+    /// shutdown, since it cannot wait for its own exchange.
+    #[pyo3(signature = (timeout = Some(5.0)))]
+    fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let grace = args::timeout("timeout", timeout)?;
+        self.stop.cancel();
+        let accept = match std::mem::replace(
+            &mut *self.lifecycle.lock().expect("lifecycle lock"),
+            Lifecycle::Stopped,
+        ) {
+            Lifecycle::Serving(accept) => Some(accept),
+            // Never started (the listener is dropped here) or already stopped.
+            _ => None,
+        };
+        let connections = self.connections.clone();
+        let abort = self.abort.clone();
+        let finished = self.finished.clone();
+        let wind_down = async move {
+            if let Some(accept) = accept {
+                let _ = accept.await;
+            }
+            connections.close();
+            let drained = match grace {
+                Some(grace) => tokio::time::timeout(grace, connections.wait())
+                    .await
+                    .is_ok(),
+                None => {
+                    connections.wait().await;
+                    true
+                }
+            };
+            if !drained {
+                abort.cancel();
+                connections.wait().await;
+            }
+            finished.cancel();
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Called on a runtime thread (from a handler): finish in the background.
+            runtime::runtime().spawn(wind_down);
+            return Ok(());
+        }
+        runtime::wait(py, wind_down)
+    }
+
+    /// Counters: connections accepted/active, requests, bytes in/out, errors by kind.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.service.stats.to_dict(py)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        slf.get().start()?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _exc_info: &Bound<'_, pyo3::types::PyTuple>,
+    ) -> PyResult<bool> {
+        self.shutdown(py, Some(EXIT_GRACE))?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<framesock.Server {} {:?}>",
+            self.address, self.service.protocol
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server dropped without shutdown must not leave connections served forever.
+        self.stop.cancel();
+        self.abort.cancel();
+    }
 }
