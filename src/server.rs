@@ -273,7 +273,7 @@ impl Server {
     /// Stops accepting at once, lets in-flight exchanges finish (at most `timeout` seconds,
     /// then drops them) and closes every connection. From inside a handler it only begins the
     /// shutdown, since it cannot wait for its own exchange.
-    #[pyo3(signature = (timeout = Some(5.0)))]
+    #[pyo3(signature = (timeout = Some(5.0)), text_signature = "(self, timeout=5.0)")]
     fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let grace = args::timeout("timeout", timeout)?;
         self.stop.cancel();

@@ -1,22 +1,31 @@
 """Type stubs for framesock's native engine (``framesock._framesock``)."""
 
 import json
-from typing import Any, Callable, Literal, Optional, Union
+from os import PathLike
+from types import TracebackType
+from typing import Any, Callable, Iterable, Literal, Optional, Union, final
 
 __version__: str
 __all__ = [
+    "Client",
     "ConnectionClosedError",
     "FrameTooLargeError",
     "FramesockError",
     "FramesockTimeoutError",
     "JSONDecodeError",
+    "RemoteError",
+    "Server",
     "__version__",
     "start_client",
     "start_server",
 ]
 
 _JSONValue = Any
-_Address = Union[tuple[str, int], tuple[str, int, int, int]]
+_Address = Union[tuple[str, int], tuple[str, int, int, int], str]
+_Path = Union[str, PathLike[str]]
+_Message = Union[str, bytes, bytearray, dict[str, Any], list[Any]]
+_Protocol = Literal["classic", "framed"]
+_RequestAs = Literal["text", "bytes", "json"]
 
 class FramesockError(Exception):
     """Base class of every error framesock raises itself."""
@@ -39,6 +48,17 @@ class ConnectionClosedError(FramesockError, ConnectionError):
 class FramesockTimeoutError(FramesockError, TimeoutError):
     """A network step took longer than its timeout; the message names the step."""
 
+class RemoteError(FramesockError):
+    """The server answered with an error reply (framed protocol).
+
+    ``kind`` says what failed on the server: ``"handler"`` (the handler raised), ``"encode"``
+    (its value is not JSON-serialisable), ``"bad_request"`` (``request_as="json"`` and the
+    request is not JSON) or ``"frame_too_large"``; ``remote_message`` is the server's text.
+    """
+
+    kind: str
+    remote_message: str
+
 def start_server(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -48,8 +68,9 @@ def start_server(
     timeout: Optional[float] = 20.0,
     max_frame: int = 16777216,
     backlog: int = 5,
-    request_as: Literal["text", "bytes", "json"] = "text",
+    request_as: _RequestAs = "text",
     ready: Optional[Callable[[_Address], object]] = None,
+    path: Optional[_Path] = None,
 ) -> dict[str, Any]:
     """Serve one client and one request, like the seed's server, then close and return.
 
@@ -70,6 +91,7 @@ def start_server(
         request_as: What ``handler`` receives: ``"text"`` (str, UTF-8 with invalid bytes
             replaced), ``"bytes"`` or ``"json"`` (the parsed value).
         ready: Called with the bound address once the server listens (useful with port 0).
+        path: Listen on this Unix domain socket path instead of ``host``/``port``.
 
     Returns:
         A dict with ``peer`` (the client's address), ``address`` (the bound address),
@@ -89,10 +111,11 @@ def start_server(
 def start_client(
     host: str = "127.0.0.1",
     port: int = 8000,
-    message: Union[str, bytes, bytearray, dict[str, Any], list[Any]] = "msg from client",
+    message: _Message = "msg from client",
     *,
     timeout: Optional[float] = 20.0,
     max_reply: int = 16777216,
+    path: Optional[_Path] = None,
 ) -> _JSONValue:
     """Send one request like the seed's client and return the decoded JSON reply.
 
@@ -108,6 +131,7 @@ def start_client(
         timeout: Seconds for each step: connecting, sending the request, receiving the whole
             reply. None waits forever.
         max_reply: Largest reply accepted, in bytes.
+        path: Connect to this Unix domain socket path instead of ``host``/``port``.
 
     Returns:
         The reply decoded from JSON: a dict for an object, else the matching Python value.
@@ -121,3 +145,153 @@ def start_client(
         TypeError: ``message`` of an unsupported type.
         ValueError: Argument values out of range.
     """
+
+@final
+class Server:
+    """A concurrent server: many clients at once, the I/O on every core without the GIL.
+
+    The socket is bound when the object is made (so ``address`` is known and "address in use"
+    is raised here); ``start()`` or ``serve_forever()`` begin accepting. A static ``response``
+    is served without ever taking the GIL; a ``handler`` is called with the GIL once per
+    request, on one of the engine's threads.
+
+    Failures cost one exchange or one connection, never the server: they are counted in
+    ``stats()``, logged on the ``framesock`` logger, and in the framed protocol answered with an
+    error reply (``RemoteError`` on the client) while the connection is still in step.
+    """
+
+    def __new__(
+        cls,
+        handler: Optional[Callable[[Any], _JSONValue]] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[_Path] = None,
+        response: Optional[_JSONValue] = None,
+        protocol: _Protocol = "classic",
+        timeout: Optional[float] = 20.0,
+        idle_timeout: Optional[float] = None,
+        max_frame: int = 16777216,
+        max_connections: int = 1024,
+        backlog: int = 1024,
+        request_as: _RequestAs = "text",
+    ) -> "Server":
+        """Bind the server.
+
+        Args:
+            handler: ``handler(request) -> value``; None serves ``response``.
+            host: Address to bind (IPv4 or IPv6).
+            port: TCP port; 0 lets the OS pick (read ``address``).
+            path: Bind this Unix domain socket path instead of ``host``/``port``.
+            response: Static reply value when there is no handler (None: the seed's reply).
+            protocol: ``"classic"`` (one request per connection, raw JSON reply ended by the
+                close) or ``"framed"`` (kept connections, framed replies, pipelining).
+            timeout: Seconds a request may take from its first byte to its last, and a reply
+                to be sent. None: no limit.
+            idle_timeout: Seconds a kept connection may stay silent between requests.
+            max_frame: Largest request payload, in bytes.
+            max_connections: Connections served at once; accepting waits while it is reached.
+            backlog: Listen backlog.
+            request_as: What the handler receives: ``"text"``, ``"bytes"`` or ``"json"``.
+
+        Raises:
+            OSError: The address cannot be bound.
+            TypeError: Both ``handler`` and ``response``, or a handler that is not callable.
+            ValueError: Argument values out of range, or a response that cannot be encoded.
+        """
+
+    @property
+    def address(self) -> _Address:
+        """The bound address: ``(host, port)`` (IPv6: 4-tuple) or the Unix socket path."""
+
+    def start(self) -> None:
+        """Start serving in the background and return; does nothing if already serving.
+
+        Raises:
+            RuntimeError: The server was shut down.
+        """
+
+    def serve_forever(self) -> None:
+        """Serve until ``shutdown()``; Ctrl-C shuts down and raises KeyboardInterrupt.
+
+        Raises:
+            RuntimeError: The server was shut down.
+        """
+
+    def shutdown(self, timeout: Optional[float] = 5.0) -> None:
+        """Stop accepting at once, let in-flight exchanges finish, close every connection.
+
+        Connections waiting between requests are closed at once; exchanges in progress get up
+        to ``timeout`` seconds, then are dropped. Safe from any thread; from inside a handler it
+        begins the shutdown and returns without waiting.
+        """
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``connections_accepted``, ``connections_active``, ``requests``,
+        ``bytes_in``, ``bytes_out``, ``idle_closed`` and ``errors`` by kind (``handler``,
+        ``encode``, ``bad_request``, ``frame_too_large``, ``timeout``, ``disconnected``, ``io``).
+        """
+
+    def __enter__(self) -> "Server":
+        """Start serving; the block's end shuts down."""
+
+    def __exit__(
+        self,
+        *exc_info: Union[type[BaseException], BaseException, TracebackType, None],
+    ) -> bool: ...
+
+@final
+class Client:
+    """A client; with ``protocol="framed"`` it keeps one connection and pipelines batches.
+
+    Thread-safe: calls from several threads take turns on the one connection. After a broken
+    connection the call raises, and the next request connects again.
+    """
+
+    def __new__(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[_Path] = None,
+        protocol: _Protocol = "classic",
+        timeout: Optional[float] = 20.0,
+        max_reply: int = 16777216,
+    ) -> "Client":
+        """Describe the server; nothing connects until the first request.
+
+        Args:
+            host: Server address.
+            port: Server port.
+            path: Connect to this Unix domain socket path instead.
+            protocol: ``"classic"`` (a connection per request) or ``"framed"`` (one kept
+                connection).
+            timeout: Seconds for connecting and for each reply to arrive. None: no limit.
+            max_reply: Largest reply accepted, in bytes.
+        """
+
+    def request(self, message: _Message) -> _JSONValue:
+        """Send one message and return the decoded reply.
+
+        Raises:
+            RemoteError: The server answered with an error reply.
+            ValueError: The client is closed.
+            (and everything ``start_client`` raises)
+        """
+
+    def request_many(self, messages: Iterable[_Message]) -> list[_JSONValue]:
+        """Send every message and return the replies in order.
+
+        In ``"framed"`` all frames are written while the replies are read (no deadlock however
+        large the batch) and the replies are converted under one GIL acquisition. If any reply
+        is an error reply, ``RemoteError`` is raised for the first one after all were read.
+        """
+
+    def close(self) -> None:
+        """Close the connection; later requests raise ValueError."""
+
+    def __enter__(self) -> "Client": ...
+    def __exit__(
+        self,
+        *exc_info: Union[type[BaseException], BaseException, TracebackType, None],
+    ) -> bool: ...

@@ -1,0 +1,358 @@
+"""Server and Client: many clients, both protocols, failures isolated, shutdown, limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import framesock
+from conftest import PeerThread, frame, raw_exchange
+
+
+def echo(request):
+    return {"echo": request}
+
+
+@pytest.fixture
+def serve():
+    """Factory: ``serve(handler, **kwargs)`` starts a Server on port 0; shut down after the test."""
+    started: list[framesock.Server] = []
+
+    def start(handler=echo, **kwargs):
+        kwargs.setdefault("port", 0)
+        server = framesock.Server(handler, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown(timeout=2.0)
+
+
+def read_reply_frame(sock: socket.socket) -> tuple[bool, bytes]:
+    """Reads one framed reply: (is_error, payload)."""
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    raw = struct.unpack(">I", header)[0]
+    length, is_error = raw & 0x7FFFFFFF, bool(raw & 0x80000000)
+    payload = b""
+    while len(payload) < length:
+        payload += sock.recv(length - len(payload))
+    return is_error, payload
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+def test_request_round_trip(serve, protocol):
+    server = serve(protocol=protocol)
+    with framesock.Client(*server.address, protocol=protocol) as client:
+        assert client.request("hi") == {"echo": "hi"}
+        assert client.request({"a": 1}) == {"echo": '{"a": 1}'}
+        assert client.request_many(["x", "y"]) == [{"echo": "x"}, {"echo": "y"}]
+
+
+def test_classic_server_speaks_the_seeds_wire(serve):
+    server = serve(None)
+    assert raw_exchange(server.address[1], frame(b"x")) == b'{"key": "id", "val": 123}'
+    assert framesock.start_client(*server.address) == {"key": "id", "val": 123}
+
+
+def test_static_response_and_json_requests(serve):
+    server = serve(None, response=[1, 2, 3], protocol="framed")
+    with framesock.Client(*server.address, protocol="framed") as client:
+        assert client.request("anything") == [1, 2, 3]
+    server = serve(lambda req: req["n"] * 2, protocol="framed", request_as="json")
+    with framesock.Client(*server.address, protocol="framed") as client:
+        assert client.request({"n": 21}) == 42
+
+
+def test_framed_wire_by_hand(serve):
+    server = serve(protocol="framed")
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(frame(b"a") + frame(b"b"))
+        assert read_reply_frame(sock) == (False, b'{"echo": "a"}')
+        assert read_reply_frame(sock) == (False, b'{"echo": "b"}')
+
+
+def test_two_hundred_clients_at_once(serve):
+    server = serve(lambda req: {"echo": req, "thread": threading.get_ident()}, protocol="framed")
+    errors: list[BaseException] = []
+
+    def client_work(n: int) -> None:
+        try:
+            with framesock.Client(*server.address, protocol="framed", timeout=30) as client:
+                for i in range(5):
+                    message = f"client {n} message {i}"
+                    assert client.request(message)["echo"] == message
+                replies = client.request_many([f"{n}/{i}" for i in range(20)])
+                assert [r["echo"] for r in replies] == [f"{n}/{i}" for i in range(20)]
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=client_work, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:3]
+    stats = server.stats()
+    assert stats["requests"] == 200 * 25
+    assert stats["connections_accepted"] == 200
+
+
+def test_classic_clients_at_once(serve):
+    server = serve(protocol="classic")
+    results = []
+    threads = [
+        PeerThread(lambda n=n: framesock.start_client(*server.address, message=str(n))) for n in range(100)
+    ]
+    for thread in threads:
+        thread.start()
+    for n, thread in enumerate(threads):
+        results.append(thread.outcome(30))
+    assert results == [{"echo": str(n)} for n in range(100)]
+
+
+def test_handler_that_raises_costs_one_exchange(serve, caplog):
+    def handler(request):
+        if request == "boom":
+            raise ValueError("boom requested")
+        return request
+
+    server = serve(handler, protocol="framed")
+    with framesock.Client(*server.address, protocol="framed") as client:
+        with caplog.at_level(logging.ERROR, logger="framesock"):
+            with pytest.raises(framesock.RemoteError, match="boom requested") as caught:
+                client.request("boom")
+        assert caught.value.kind == "handler"
+        assert client.request("fine") == "fine"  # same connection, still in step
+    assert server.stats()["errors"]["handler"] == 1
+    assert any("boom requested" in record.getMessage() for record in caplog.records)
+
+
+def test_handler_error_in_classic_closes_without_reply(serve, caplog):
+    server = serve(lambda request: 1 / 0)
+    with caplog.at_level(logging.CRITICAL, logger="framesock"):
+        with pytest.raises(framesock.ConnectionClosedError):
+            framesock.start_client(*server.address)
+    server_ok = serve(echo)
+    assert framesock.start_client(*server_ok.address, message="ok") == {"echo": "ok"}
+
+
+def test_unserialisable_reply_is_an_error_reply(serve, caplog):
+    server = serve(lambda request: {"bad": {1, 2}} if request == "bad" else request, protocol="framed")
+    with framesock.Client(*server.address, protocol="framed") as client:
+        with caplog.at_level(logging.CRITICAL, logger="framesock"):
+            with pytest.raises(framesock.RemoteError) as caught:
+                client.request("bad")
+        assert caught.value.kind == "encode"
+        assert client.request("good") == "good"
+        with caplog.at_level(logging.CRITICAL, logger="framesock"):
+            with pytest.raises(framesock.RemoteError, match=r"encode.*\n?.*"):
+                client.request_many(["good", "bad", "good"])
+        assert client.request("again") == "again"
+
+
+def test_oversized_frame_gets_an_error_reply_then_close(serve, caplog):
+    server = serve(protocol="framed", max_frame=100)
+    with caplog.at_level(logging.CRITICAL, logger="framesock"):
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"\xff\xff\xff\xff")
+            is_error, payload = read_reply_frame(sock)
+            assert is_error and json.loads(payload)["error"] == "frame_too_large"
+            assert sock.recv(10) == b""
+        with framesock.Client(*server.address, protocol="framed") as client:
+            assert client.request("still serving") == {"echo": "still serving"}
+    assert server.stats()["errors"]["frame_too_large"] == 1
+
+
+def test_stalled_and_vanishing_clients_cost_only_their_connection(serve, caplog):
+    server = serve(protocol="framed", timeout=0.3)
+    with caplog.at_level(logging.CRITICAL, logger="framesock"):
+        stalled = socket.create_connection(server.address, timeout=10)
+        stalled.sendall(frame(b"0123456789")[:6])
+        vanished = socket.create_connection(server.address, timeout=10)
+        vanished.sendall(frame(b"0123456789")[:6])
+        vanished.close()
+        with framesock.Client(*server.address, protocol="framed") as client:
+            assert client.request("ok") == {"echo": "ok"}
+        assert stalled.recv(10) == b""  # dropped after the timeout
+        stalled.close()
+    errors = server.stats()["errors"]
+    assert errors["timeout"] == 1 and errors["disconnected"] == 1
+
+
+def test_idle_timeout_closes_silent_connections(serve):
+    server = serve(protocol="framed", idle_timeout=0.2)
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(frame(b"a"))
+        assert read_reply_frame(sock) == (False, b'{"echo": "a"}')
+        assert sock.recv(10) == b""  # closed after 0.2 s of silence
+    assert server.stats()["idle_closed"] == 1
+
+
+def test_max_connections_is_honoured(serve):
+    server = serve(protocol="framed", max_connections=2)
+    first = framesock.Client(*server.address, protocol="framed")
+    second = framesock.Client(*server.address, protocol="framed")
+    assert first.request("1") and second.request("2")
+    third = framesock.Client(*server.address, protocol="framed", timeout=0.3)
+    with pytest.raises(framesock.FramesockTimeoutError):
+        third.request("3")  # connected (the OS backlog) but never accepted
+    assert server.stats()["connections_active"] == 2
+    first.close()
+    late = framesock.Client(*server.address, protocol="framed")
+    assert late.request("4") == {"echo": "4"}  # a slot freed up
+    for client in (second, third, late):
+        client.close()
+
+
+def test_shutdown_while_clients_are_mid_exchange(serve):
+    entered = threading.Event()
+
+    def slow(request):
+        entered.set()
+        time.sleep(0.3)
+        return request
+
+    server = serve(slow, protocol="framed")
+    idle = socket.create_connection(server.address, timeout=10)
+    idle.sendall(frame(b"first"))
+    assert read_reply_frame(idle) == (False, b'"first"')  # accepted, now between requests
+    entered.clear()
+    client = framesock.Client(*server.address, protocol="framed")
+    pending = PeerThread(lambda: client.request("in flight"))
+    pending.start()
+    assert entered.wait(5)
+    server.shutdown(timeout=5.0)
+    assert pending.outcome() == "in flight"  # the in-flight exchange finished
+    assert idle.recv(10) == b""  # connections between requests were closed
+    idle.close()
+    with pytest.raises(ConnectionRefusedError):
+        framesock.start_client(*server.address)
+    client.close()
+
+
+def test_shutdown_from_inside_a_handler(serve):
+    holder = {}
+
+    def handler(request):
+        holder["server"].shutdown()
+        return "bye"
+
+    server = serve(handler, protocol="framed")
+    holder["server"] = server
+    with framesock.Client(*server.address, protocol="framed") as client:
+        assert client.request("stop") == "bye"
+    done = PeerThread(server.serve_forever)
+    done.start()
+    with pytest.raises(RuntimeError, match="shut down"):
+        done.outcome()
+
+
+def test_serve_forever_returns_after_shutdown_from_another_thread():
+    server = framesock.Server(echo, port=0)
+    runner = PeerThread(server.serve_forever)
+    runner.start()
+    assert framesock.start_client(*server.address, message="x") == {"echo": "x"}
+    server.shutdown()
+    assert runner.outcome() is None
+
+
+def test_client_reconnects_after_a_broken_connection(serve):
+    server = serve(protocol="framed", idle_timeout=0.1)
+    with framesock.Client(*server.address, protocol="framed") as client:
+        assert client.request("one") == {"echo": "one"}
+        time.sleep(0.3)  # the server drops the idle connection
+        with pytest.raises((ConnectionError, framesock.ConnectionClosedError)):
+            client.request("two")
+        assert client.request("three") == {"echo": "three"}
+
+
+def test_closed_client_refuses_requests(serve):
+    server = serve(protocol="framed")
+    client = framesock.Client(*server.address, protocol="framed")
+    client.close()
+    with pytest.raises(ValueError, match="closed"):
+        client.request("x")
+
+
+def test_request_many_with_a_hundred_thousand_messages(serve):
+    server = serve(None, response="ok", protocol="framed")
+    with framesock.Client(*server.address, protocol="framed") as client:
+        replies = client.request_many(f"message {i}" for i in range(100_000))
+    assert len(replies) == 100_000 and set(replies) == {"ok"}
+
+
+def test_request_many_larger_than_socket_buffers(serve):
+    server = serve(protocol="framed")
+    big = "x" * 100_000
+    with framesock.Client(*server.address, protocol="framed") as client:
+        replies = client.request_many([big] * 200)  # 20 MB each way
+    assert all(reply == {"echo": big} for reply in replies)
+
+
+def test_ipv6(serve):
+    try:
+        server = serve(host="::1", protocol="framed")
+    except OSError as err:
+        pytest.skip(f"IPv6 loopback unavailable: {err}")
+    assert server.address[0] == "::1"
+    with framesock.Client("::1", server.address[1], protocol="framed") as client:
+        assert client.request("six") == {"echo": "six"}
+    classic = serve(host="::1")
+    assert framesock.start_client("::1", classic.address[1], "x") == {"echo": "x"}
+
+
+def test_unix_socket(serve, tmp_path):
+    path = str(tmp_path / "framesock.sock")
+    server = serve(path=path, protocol="framed")
+    assert server.address == path
+    with framesock.Client(path=path, protocol="framed") as client:
+        assert client.request("unix") == {"echo": "unix"}
+    serve(path=str(tmp_path / "classic.sock"))
+    assert framesock.start_client(path=str(tmp_path / "classic.sock"), message="c") == {"echo": "c"}
+    assert os.path.exists(path)
+
+
+def test_address_with_port_zero_is_the_real_port(serve):
+    server = serve()
+    host, port = server.address
+    assert host == "127.0.0.1" and port > 0
+
+
+def test_address_in_use():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        with pytest.raises(OSError, match="Address already in use"):
+            framesock.Server(echo, port=holder.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"protocol": "http"}, ValueError),
+        ({"max_connections": 0}, ValueError),
+        ({"idle_timeout": -1}, ValueError),
+        ({"response": 1}, TypeError),  # with the echo handler: both given
+    ],
+)
+def test_server_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        framesock.Server(echo, port=0, **kwargs)
+
+
+def test_client_bad_arguments():
+    with pytest.raises(ValueError):
+        framesock.Client(protocol="udp")
+    with pytest.raises(ValueError):
+        framesock.Client(port=-1)
