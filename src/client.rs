@@ -155,6 +155,8 @@ struct ClientState {
 /// A client that keeps its connection (framed protocol) and pipelines batches.
 #[pyclass(frozen, module = "framesock")]
 pub struct Client {
+    /// The client's own single-threaded runtime: its sockets are driven by the calling thread.
+    runtime: Option<tokio::runtime::Runtime>,
     endpoint: Endpoint,
     protocol: Protocol,
     timeout: Option<Duration>,
@@ -173,12 +175,21 @@ impl Client {
         Ok(state)
     }
 
+    /// Runs `fut` on the client's runtime without the GIL, Ctrl-C aware.
+    fn wait<F>(&self, py: Python<'_>, fut: F) -> PyResult<F::Output>
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        runtime::wait_on(py, self.runtime.as_ref().expect("present until drop"), fut)
+    }
+
     /// Sends encoded frames and returns the replies' frames; a failed exchange drops the
     /// connection, so the next request reconnects.
     fn exchange(&self, py: Python<'_>, frames: &[u8], count: usize) -> PyResult<Vec<Frame>> {
         let mut state = self.lock(py)?;
         let slot = &mut state.connection;
-        let outcome = runtime::wait(
+        let outcome = self.wait(
             py,
             framed_exchange(
                 slot,
@@ -217,7 +228,7 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         drop(self.lock(py)?); // only to refuse a closed client
         let frame: Bytes = codec::encode_frame(&message_payload(message)?).map_err(Error::from)?;
-        let reply = runtime::wait(
+        let reply = self.wait(
             py,
             classic_exchange(&self.endpoint, &frame, self.timeout, self.max_reply),
         )??;
@@ -246,6 +257,7 @@ impl Client {
         max_reply: i64,
     ) -> PyResult<Self> {
         Ok(Client {
+            runtime: Some(runtime::caller_runtime()?),
             endpoint: endpoint(host, port, path)?,
             protocol: Protocol::parse(&protocol)?,
             timeout: args::timeout("timeout", timeout)?,
@@ -320,6 +332,16 @@ impl Client {
 
     fn __repr__(&self) -> String {
         format!("<framesock.Client {} {:?}>", self.endpoint, self.protocol)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // The last reference may go inside a handler, on a runtime thread, where dropping a
+        // runtime normally (which blocks) is refused; shutting it down in the background is not.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

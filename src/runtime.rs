@@ -24,11 +24,29 @@ pub fn runtime() -> &'static Runtime {
     })
 }
 
-/// Runs `fut` to completion without holding the GIL, waking every 50 ms to check for signals.
+/// A runtime for one caller's thread: `block_on` drives the sockets on the calling thread
+/// itself, so a request and its reply cost no hand-offs between threads.
+pub fn caller_runtime() -> std::io::Result<Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs `fut` on the shared runtime; see [`wait_on`].
+pub fn wait<F>(py: Python<'_>, fut: F) -> PyResult<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    wait_on(py, runtime(), fut)
+}
+
+/// Runs `fut` to completion on `rt` without holding the GIL, waking every 50 ms to check for
+/// signals.
 ///
 /// When a signal handler raises (Ctrl-C gives `KeyboardInterrupt`), the future is dropped, which
 /// closes every socket it owns, and the exception is returned.
-pub fn wait<F>(py: Python<'_>, fut: F) -> PyResult<F::Output>
+pub fn wait_on<F>(py: Python<'_>, rt: &Runtime, fut: F) -> PyResult<F::Output>
 where
     F: Future + Send,
     F::Output: Send,
@@ -37,7 +55,7 @@ where
     // A Python handler running on one of our own worker threads may call back into framesock
     // (a client inside a handler): block_on would refuse to nest, block_in_place allows it.
     if tokio::runtime::Handle::try_current().is_ok() {
-        return Ok(py.detach(|| tokio::task::block_in_place(|| runtime().block_on(fut))));
+        return Ok(py.detach(|| tokio::task::block_in_place(|| rt.block_on(fut))));
     }
     loop {
         // The timer must be made inside the runtime, hence the async block.
