@@ -9,7 +9,7 @@ use parking_lot::{Mutex, MutexGuard};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio_util::codec::Encoder;
 
 use crate::args;
@@ -116,33 +116,59 @@ async fn framed_exchange(
         });
     }
     let conn = slot.as_mut().expect("connected above");
+    let write_failed = |e| Error::from(WireError::Io(e));
+    if count == 1 {
+        // One frame: the server replies only once it has read all of it, so writing first and
+        // then reading cannot deadlock, and needs no split of the stream.
+        conn.stream.write_all(frames).await.map_err(write_failed)?;
+        return read_replies(
+            &mut conn.stream,
+            &mut conn.input,
+            1,
+            endpoint,
+            timeout,
+            max_reply,
+        )
+        .await;
+    }
     let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
-    let input = &mut conn.input;
-    let write = async {
-        writer
-            .write_all(frames)
-            .await
-            .map_err(|e| Error::from(WireError::Io(e)))
-    };
-    let read = async {
-        let mut codec = FrameCodec::replies(max_reply);
-        let mut replies = Vec::with_capacity(count);
-        while replies.len() < count {
-            let frame = within(
-                timeout,
-                || format!("waiting for a reply from {endpoint}"),
-                async {
-                    codec::read_frame(&mut reader, input, &mut codec)
-                        .await
-                        .map_err(Error::from)
-                },
-            )
-            .await?;
-            replies.push(frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))?);
-        }
-        Ok(replies)
-    };
+    let write = async { writer.write_all(frames).await.map_err(write_failed) };
+    let read = read_replies(
+        &mut reader,
+        &mut conn.input,
+        count,
+        endpoint,
+        timeout,
+        max_reply,
+    );
     let ((), replies) = tokio::try_join!(write, read)?;
+    Ok(replies)
+}
+
+/// Reads `count` framed replies; `timeout` bounds the wait for each.
+async fn read_replies<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    input: &mut BytesMut,
+    count: usize,
+    endpoint: &Endpoint,
+    timeout: Option<Duration>,
+    max_reply: usize,
+) -> Result<Vec<Frame>> {
+    let mut codec = FrameCodec::replies(max_reply);
+    let mut replies = Vec::with_capacity(count);
+    while replies.len() < count {
+        let frame = within(
+            timeout,
+            || format!("waiting for a reply from {endpoint}"),
+            async {
+                codec::read_frame(reader, input, &mut codec)
+                    .await
+                    .map_err(Error::from)
+            },
+        )
+        .await?;
+        replies.push(frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))?);
+    }
     Ok(replies)
 }
 
@@ -168,7 +194,11 @@ impl Client {
     /// Locks the state without holding the GIL, so a thread waiting here never blocks the
     /// thread that holds the lock and needs the GIL to finish.
     fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, ClientState>> {
-        let state = py.detach(|| self.state.lock());
+        // Uncontended (the usual case): no need to let go of the GIL.
+        let state = match self.state.try_lock() {
+            Some(state) => state,
+            None => py.detach(|| self.state.lock()),
+        };
         if state.closed {
             return Err(PyValueError::new_err("the client is closed"));
         }

@@ -60,8 +60,7 @@ where
     loop {
         // The timer must be made inside the runtime, hence the async block.
         let polled = py.detach(|| {
-            runtime()
-                .block_on(async { tokio::time::timeout(SIGNAL_CHECK_INTERVAL, fut.as_mut()).await })
+            rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK_INTERVAL, fut.as_mut()).await })
         });
         match polled {
             Ok(output) => return Ok(output),

@@ -1,0 +1,237 @@
+//! framesock's benchmark helpers, with no Python and no JSON in them:
+//!
+//! - `server`: the native ceiling, a tokio server speaking framesock's wire (classic or framed)
+//!   that answers every request with fixed bytes;
+//! - `load`: the load generator, C connections doing exchanges as fast as replies come back,
+//!   printing one JSON line of results;
+//! - `bigframes`: one connection sending large frames, printing the throughput.
+//!
+//! Arguments are `--name value` pairs; see `usage()`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SEED_REPLY: &[u8] = br#"{"key": "id", "val": 123}"#;
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: fsbench server --protocol classic|framed [--reply-size N | --reply-file PATH]\n       \
+         fsbench load --port P --protocol classic|framed [--connections C] [--seconds S] [--payload N]\n       \
+         fsbench bigframes --port P [--size BYTES] [--count K]\n       \
+         (every command takes --threads 1 for a single-threaded runtime)"
+    );
+    std::process::exit(2)
+}
+
+fn options(args: &[String]) -> HashMap<String, String> {
+    args.chunks(2)
+        .map(|pair| match pair {
+            [name, value] if name.starts_with("--") => (name[2..].to_owned(), value.clone()),
+            _ => usage(),
+        })
+        .collect()
+}
+
+fn number(opts: &HashMap<String, String>, name: &str, default: u64) -> u64 {
+    opts.get(name).map_or(default, |v| v.parse().unwrap_or_else(|_| usage()))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else { usage() };
+    let opts = options(rest);
+    // --threads 1 runs everything on this thread: the fastest for a single connection.
+    let runtime = match opts.get("threads").map(String::as_str) {
+        Some("1") => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    }
+    .expect("runtime");
+    match command.as_str() {
+        "server" => runtime.block_on(server(&opts)),
+        "load" => runtime.block_on(load(&opts)),
+        "bigframes" => runtime.block_on(bigframes(&opts)),
+        _ => usage(),
+    }
+}
+
+/// A JSON string of `size` bytes (quotes included), or the seed's reply.
+fn reply_bytes(size: u64) -> Vec<u8> {
+    if size < 2 {
+        return SEED_REPLY.to_vec();
+    }
+    let mut reply = vec![b'x'; size as usize];
+    reply[0] = b'"';
+    reply[size as usize - 1] = b'"';
+    reply
+}
+
+async fn server(opts: &HashMap<String, String>) {
+    let framed = opts.get("protocol").map(String::as_str) == Some("framed");
+    let reply = match opts.get("reply-file") {
+        Some(path) => std::fs::read(path).expect("reply file"),
+        None => reply_bytes(number(opts, "reply-size", 0)),
+    };
+    let listener = TcpListener::bind(("127.0.0.1", number(opts, "port", 0) as u16)).await.expect("bind");
+    println!("PORT {}", listener.local_addr().expect("address").port());
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        stream.set_nodelay(true).ok();
+        let reply = reply.clone();
+        tokio::spawn(async move {
+            let _ = if framed { serve_framed(&mut stream, &reply).await } else { serve_classic(&mut stream, &reply).await };
+        });
+    }
+}
+
+async fn serve_classic(stream: &mut TcpStream, reply: &[u8]) -> std::io::Result<()> {
+    let len = stream.read_u32().await? as usize;
+    let mut payload = vec![0; len];
+    stream.read_exact(&mut payload).await?;
+    stream.write_all(reply).await?;
+    stream.shutdown().await
+}
+
+/// Answers every request buffered, then writes the replies together (as framesock does).
+async fn serve_framed(stream: &mut TcpStream, reply: &[u8]) -> std::io::Result<()> {
+    let mut framed_reply = (reply.len() as u32).to_be_bytes().to_vec();
+    framed_reply.extend_from_slice(reply);
+    let mut input: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut start = 0;
+    let mut output = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        while input.len() - start >= 4 {
+            let len = u32::from_be_bytes(input[start..start + 4].try_into().unwrap()) as usize;
+            if input.len() - start < 4 + len {
+                input.reserve(4 + len);
+                break;
+            }
+            start += 4 + len;
+            output.extend_from_slice(&framed_reply);
+        }
+        if !output.is_empty() {
+            stream.write_all(&output).await?;
+            output.clear();
+        }
+        input.drain(..start);
+        start = 0;
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        input.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn load(opts: &HashMap<String, String>) {
+    let port = number(opts, "port", 0) as u16;
+    let framed = opts.get("protocol").map(String::as_str) == Some("framed");
+    let connections = number(opts, "connections", 32);
+    let seconds: f64 = opts.get("seconds").map_or(3.0, |v| v.parse().unwrap_or_else(|_| usage()));
+    let warmup = Duration::from_secs_f64(number(opts, "warmup-ms", 300) as f64 / 1000.0);
+    let payload = b"msg from client".repeat(number(opts, "payload", 15) as usize / 15 + 1);
+    let payload = payload[..number(opts, "payload", 15) as usize].to_vec();
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+
+    let begin = Instant::now() + warmup;
+    let end = begin + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let frame = frame.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
+            let mut errors = 0u64;
+            let mut reply = Vec::with_capacity(4096);
+            let mut stream = None;
+            while Instant::now() < end {
+                let started = Instant::now();
+                let ok = if framed {
+                    if stream.is_none() {
+                        stream = TcpStream::connect(("127.0.0.1", port)).await.ok();
+                        if let Some(s) = &stream {
+                            s.set_nodelay(true).ok();
+                        }
+                    }
+                    match stream.as_mut() {
+                        Some(s) => framed_exchange(s, &frame, &mut reply).await.is_ok(),
+                        None => false,
+                    }
+                } else {
+                    classic_exchange(port, &frame, &mut reply).await.is_ok()
+                };
+                if !ok {
+                    errors += 1;
+                    stream = None;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                if started >= begin {
+                    latencies.push(started.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (latencies, task_errors) = task.await.expect("load task");
+        all.extend(latencies);
+        errors += task_errors;
+    }
+    all.sort_unstable();
+    let pick = |q: f64| if all.is_empty() { 0.0 } else { all[((all.len() - 1) as f64 * q) as usize] as f64 / 1000.0 };
+    println!(
+        "{{\"exchanges\": {}, \"seconds\": {seconds}, \"rate\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"errors\": {errors}}}",
+        all.len(),
+        all.len() as f64 / seconds,
+        pick(0.5),
+        pick(0.99)
+    );
+}
+
+async fn framed_exchange(stream: &mut TcpStream, frame: &[u8], reply: &mut Vec<u8>) -> std::io::Result<()> {
+    stream.write_all(frame).await?;
+    let len = (stream.read_u32().await? & 0x7fff_ffff) as usize;
+    reply.resize(len, 0);
+    stream.read_exact(reply).await?;
+    Ok(())
+}
+
+async fn classic_exchange(port: u16, frame: &[u8], reply: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(frame).await?;
+    reply.clear();
+    stream.read_to_end(reply).await?;
+    if reply.is_empty() {
+        return Err(std::io::Error::other("no reply"));
+    }
+    Ok(())
+}
+
+async fn bigframes(opts: &HashMap<String, String>) {
+    let port = number(opts, "port", 0) as u16;
+    let size = number(opts, "size", 64 << 20) as usize;
+    let count = number(opts, "count", 8);
+    let mut frame = (size as u32).to_be_bytes().to_vec();
+    frame.resize(4 + size, b'x');
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    stream.set_nodelay(true).ok();
+    let mut reply = Vec::new();
+    framed_exchange(&mut stream, &frame, &mut reply).await.expect("warm-up frame");
+    let started = Instant::now();
+    for _ in 0..count {
+        framed_exchange(&mut stream, &frame, &mut reply).await.expect("frame");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"frames\": {count}, \"seconds\": {seconds:.3}, \"gb_per_s\": {:.3}, \"rate\": {:.2}}}",
+        (size as f64 * count as f64) / seconds / 1e9,
+        count as f64 / seconds
+    );
+}

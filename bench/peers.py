@@ -1,0 +1,233 @@
+"""The servers framesock is measured against, written for the benchmark, plus framesock itself.
+
+Run one as ``python bench/peers.py NAME --protocol classic|framed --reply static|handler``;
+it prints ``PORT <n>`` once it listens on 127.0.0.1 and serves until it is killed.
+
+Every peer speaks framesock's wire: requests are 4-byte big-endian length + payload; replies are
+raw JSON ended by a close (classic) or framed the same way (framed). The "handler" reply calls
+the same Python function everywhere: ``handler(request_text) -> dict``, encoded with json.dumps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import socketserver
+import struct
+import sys
+import threading
+
+SEED_REPLY = json.dumps({"key": "id", "val": 123}).encode()
+
+
+def handler(request: str) -> dict:
+    """The work every peer does per request in the "handler" workloads."""
+    return {"echo": request, "length": len(request)}
+
+
+def static_reply(size: int) -> bytes:
+    """The seed's reply, or a JSON string of `size` bytes."""
+    if size < 2:
+        return SEED_REPLY
+    return b'"' + b"x" * (size - 2) + b'"'
+
+
+def announce(port: int) -> None:
+    print(f"PORT {port}", flush=True)
+
+
+def reply_for(options) -> callable:
+    """payload bytes -> reply JSON bytes."""
+    if options.reply == "static":
+        fixed = static_reply(options.reply_size)
+        return lambda payload: fixed
+    return lambda payload: json.dumps(handler(payload.decode("utf-8", "replace"))).encode()
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+# --- framesock ---------------------------------------------------------------------------------
+
+
+def run_framesock(options) -> None:
+    import framesock
+
+    if options.reply == "static":
+        server = framesock.Server(
+            None, port=0, response=json.loads(static_reply(options.reply_size)), protocol=options.protocol,
+            max_frame=2**31 - 1, max_connections=4096,
+        )
+    else:
+        server = framesock.Server(handler, port=0, protocol=options.protocol, max_connections=4096)
+    announce(server.address[1])
+    server.serve_forever()
+
+
+# --- the seed's loop, made correct: one client at a time ----------------------------------------
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < count:
+        chunk = sock.recv(min(count - len(chunks), 1 << 20))
+        if not chunk:
+            raise ConnectionError("peer left")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def run_seed_loop(options) -> None:
+    respond = reply_for(options)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    announce(listener.getsockname()[1])
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                length = int.from_bytes(recv_exactly(conn, 4), "big")
+                conn.sendall(respond(recv_exactly(conn, length)))
+            except OSError:
+                pass
+
+
+# --- socketserver.ThreadingTCPServer -------------------------------------------------------------
+
+
+def run_socketserver(options) -> None:
+    respond = reply_for(options)
+    framed = options.protocol == "framed"
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            sock = self.request
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                while True:
+                    length = int.from_bytes(recv_exactly(sock, 4), "big")
+                    reply = respond(recv_exactly(sock, length))
+                    if not framed:
+                        sock.sendall(reply)
+                        return
+                    sock.sendall(frame(reply))
+            except OSError:
+                pass
+
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+        request_queue_size = 1024
+
+    with Server(("127.0.0.1", 0), Handler) as server:
+        announce(server.server_address[1])
+        server.serve_forever()
+
+
+# --- asyncio streams (and uvloop, the same code on its loop) -------------------------------------
+
+
+def run_asyncio(options) -> None:
+    respond = reply_for(options)
+    framed = options.protocol == "framed"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(4)
+                payload = await reader.readexactly(int.from_bytes(header, "big"))
+                reply = respond(payload)
+                if not framed:
+                    writer.write(reply)
+                    await writer.drain()
+                    return
+                writer.write(frame(reply))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024, limit=2**31 - 1)
+        announce(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    if options.peer == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+# --- multiprocessing.connection: its send_bytes frames are 4-byte big-endian lengths too ---------
+
+
+def run_mpconn(options) -> None:
+    from multiprocessing.connection import Listener
+
+    respond = reply_for(options)
+    listener = Listener(("127.0.0.1", 0), backlog=1024)
+    announce(listener.address[1])
+
+    def serve(conn) -> None:
+        with conn:
+            try:
+                while True:
+                    conn.send_bytes(respond(conn.recv_bytes()))
+            except (EOFError, OSError):
+                pass
+
+    while True:
+        conn = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+# --- pyzmq REQ/REP: not framesock's wire, so only Python clients of its own can drive it ---------
+
+
+def run_zmq(options) -> None:
+    import zmq
+
+    respond = reply_for(options)
+    context = zmq.Context()
+    socket_ = context.socket(zmq.REP)
+    port = socket_.bind_to_random_port("tcp://127.0.0.1")
+    announce(port)
+    while True:
+        socket_.send(respond(socket_.recv()))
+
+
+PEERS = {
+    "framesock": run_framesock,
+    "seed-loop": run_seed_loop,
+    "socketserver": run_socketserver,
+    "asyncio": run_asyncio,
+    "uvloop": run_asyncio,
+    "mpconn": run_mpconn,
+    "zmq": run_zmq,
+}
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__)
+    cli.add_argument("peer", choices=sorted(PEERS))
+    cli.add_argument("--protocol", choices=["classic", "framed"], default="framed")
+    cli.add_argument("--reply", choices=["static", "handler"], default="static")
+    cli.add_argument("--reply-size", type=int, default=0)
+    options = cli.parse_args()
+    try:
+        PEERS[options.peer](options)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""framesock's benchmark: framesock and its peers on the same workloads, in one run.
+
+Prints one table (rate, p50/p99 latency, and framesock's rate divided by each peer's), checks
+the targets, and writes bench/RESULTS.md and bench/results.png. Servers run in their own
+processes; the concurrent workloads are driven by the Rust load generator (bench/native), so the
+client is never the bottleneck. This machine is shared and noisy: read the ratios, not the
+absolute numbers. BENCH_SECONDS sets the length of each measurement (default 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import framesock
+
+HERE = Path(__file__).resolve().parent
+FSBENCH = HERE / "native" / "target" / "release" / "fsbench"
+SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
+CONNECTIONS = 32
+
+
+@dataclass
+class Row:
+    workload: str
+    peer: str
+    rate: float  # per second, in `unit`
+    unit: str = "req/s"
+    p50_us: float | None = None
+    p99_us: float | None = None
+    note: str = ""
+
+
+ROWS: list[Row] = []
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def server(peer: str, protocol: str, reply: str = "static", reply_file: str | None = None, threads: int | None = None):
+    """Starts a peer server process and yields its port; stops it afterwards."""
+    if peer == "native":
+        command = [str(FSBENCH), "server", "--protocol", protocol]
+        if reply_file:
+            command += ["--reply-file", reply_file]
+        if threads:
+            command += ["--threads", str(threads)]
+    else:
+        command = [sys.executable, str(HERE / "peers.py"), peer, "--protocol", protocol, "--reply", reply]
+        if reply_file:
+            command += ["--reply-size", str(Path(reply_file).stat().st_size)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        line = proc.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"{peer} did not start: {line!r}")
+        port = int(line.split()[1])
+        time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def loadgen(*args: str) -> dict:
+    done = subprocess.run([str(FSBENCH), *args], capture_output=True, check=True, timeout=SECONDS * 10 + 60)
+    return json.loads(done.stdout)
+
+
+def load_row(workload: str, peer: str, port: int, protocol: str, connections: int = CONNECTIONS, threads: int | None = None) -> None:
+    args = ["load", "--port", str(port), "--protocol", protocol, "--connections", str(connections), "--seconds", str(SECONDS)]
+    if threads:
+        args += ["--threads", str(threads)]
+    result = loadgen(*args)
+    note = f"{result['errors']} errors" if result["errors"] else ""
+    ROWS.append(Row(workload, peer, result["rate"], "req/s", result["p50_us"], result["p99_us"], note))
+    say(f"  {workload} / {peer}: {result['rate']:.0f} req/s")
+
+
+def timed_row(workload: str, peer: str, call, unit: str = "req/s", per_call: int = 1) -> None:
+    """Calls `call` repeatedly for SECONDS (after a short warm-up), recording each call's time."""
+    warm_until = time.perf_counter() + min(0.3, SECONDS / 4)
+    while time.perf_counter() < warm_until:
+        call()
+    latencies = []
+    end = time.perf_counter() + SECONDS
+    while (now := time.perf_counter()) < end:
+        call()
+        latencies.append(time.perf_counter() - now)
+    latencies.sort()
+    total = sum(latencies)
+    rate = len(latencies) * per_call / total
+    p50 = latencies[len(latencies) // 2] * 1e6
+    p99 = latencies[int((len(latencies) - 1) * 0.99)] * 1e6
+    ROWS.append(Row(workload, peer, rate, unit, p50, p99))
+    say(f"  {workload} / {peer}: {rate:.0f} {unit}")
+
+
+# --- plain-socket Python clients for the Python-side rows ------------------------------------------
+
+
+class SocketClient:
+    """A careful framed client in pure Python: sendall, then read the whole reply frame."""
+
+    def __init__(self, port: int, decode=json.loads) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decode = decode
+
+    def recv_exactly(self, count: int) -> bytes:
+        buf = bytearray(count)
+        view = memoryview(buf)
+        got = 0
+        while got < count:
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("server left")
+            got += n
+        return bytes(buf)
+
+    def request(self, message: bytes):
+        self.sock.sendall(struct.pack(">I", len(message)) + message)
+        length = struct.unpack(">I", self.recv_exactly(4))[0] & 0x7FFFFFFF
+        return self.decode(self.recv_exactly(length))
+
+
+# --- the workloads ---------------------------------------------------------------------------------
+
+
+def classic_exchanges() -> None:
+    workload = f"classic exchanges, {CONNECTIONS} clients"
+    say(workload)
+    for peer in ["framesock", "native", "seed-loop", "socketserver", "asyncio", "uvloop"]:
+        with server(peer, "classic") as port:
+            load_row(workload, peer, port, "classic")
+
+
+def framed_concurrent(reply: str) -> None:
+    workload = f"framed, {CONNECTIONS} connections, " + ("static reply" if reply == "static" else "Python handler")
+    say(workload)
+    peers = ["framesock", "native", "socketserver", "asyncio", "uvloop", "mpconn"]
+    if reply == "handler":
+        peers.remove("native")  # the ceiling has no Python in it
+    for peer in peers:
+        with server(peer, "framed", reply) as port:
+            load_row(workload, peer, port, "framed")
+
+
+def one_connection_from_python() -> None:
+    workload = "framed round trips, one connection from Python"
+    say(workload)
+    with server("framesock", "framed") as port:
+        with framesock.Client("127.0.0.1", port, protocol="framed") as client:
+            timed_row(workload, "framesock", lambda: client.request("msg from client"))
+    with server("native", "framed", threads=1) as port:
+        load_row(workload, "native", port, "framed", connections=1, threads=1)
+        with framesock.Client("127.0.0.1", port, protocol="framed") as client:
+            timed_row(workload, "framesock client, native server", lambda: client.request("msg from client"))
+    with server("framesock", "framed") as port:
+        plain = SocketClient(port)
+        timed_row(workload, "socket + json.loads", lambda: plain.request(b"msg from client"))
+        plain.sock.close()
+    with server("mpconn", "framed") as port:
+        from multiprocessing.connection import Client as MPClient
+
+        conn = MPClient(("127.0.0.1", port))
+
+        def mp_round_trip():
+            conn.send_bytes(b"msg from client")
+            return json.loads(conn.recv_bytes())
+
+        timed_row(workload, "mpconn", mp_round_trip)
+        conn.close()
+    with server("zmq", "framed") as port:
+        import zmq
+
+        context = zmq.Context()
+        req = context.socket(zmq.REQ)
+        req.connect(f"tcp://127.0.0.1:{port}")
+
+        def zmq_round_trip():
+            req.send(b"msg from client")
+            return json.loads(req.recv())
+
+        timed_row(workload, "zmq", zmq_round_trip)
+        req.close(0)
+        context.term()
+
+
+def pipelined() -> None:
+    workload = "pipelined batches of 1000 (request_many)"
+    say(workload)
+    batch = ["msg from client"] * 1000
+    with server("framesock", "framed") as port:
+        with framesock.Client("127.0.0.1", port, protocol="framed") as client:
+            timed_row(workload, "framesock", lambda: client.request_many(batch), "msg/s", per_call=len(batch))
+
+            def loop():
+                for message in batch:
+                    client.request(message)
+
+            timed_row(workload, "request in a loop", loop, "msg/s", per_call=len(batch))
+
+
+def big_frames() -> None:
+    workload = "64 MiB frames, one connection"
+    say(workload)
+    for peer in ["framesock", "native", "asyncio", "uvloop", "socketserver"]:
+        with server(peer, "framed") as port:
+            result = loadgen("bigframes", "--port", str(port), "--size", str(64 << 20), "--count", "6")
+            ROWS.append(Row(workload, peer, result["gb_per_s"], "GB/s"))
+            say(f"  {workload} / {peer}: {result['gb_per_s']:.2f} GB/s")
+
+
+def reply_document(size: int) -> bytes:
+    """A realistic JSON reply of about `size` bytes: a list of small records."""
+    record = {"id": 12345, "name": "framesock", "tags": ["a", "b"], "score": 0.5, "ok": True}
+    one = len(json.dumps(record)) + 2
+    return json.dumps([dict(record, id=i) for i in range(max(1, size // one))]).encode()
+
+
+def reply_decoding() -> None:
+    import orjson
+
+    for size, label in [(1 << 10, "1 KiB"), (64 << 10, "64 KiB"), (1 << 20, "1 MiB"), (10 << 20, "10 MiB")]:
+        workload = f"reply decoding, {label} reply"
+        say(workload)
+        with tempfile.NamedTemporaryFile(suffix=".json") as doc:
+            doc.write(reply_document(size))
+            doc.flush()
+            with server("native", "framed", reply_file=doc.name) as port:
+                with framesock.Client("127.0.0.1", port, protocol="framed", max_reply=64 << 20) as client:
+                    timed_row(workload, "framesock", lambda: client.request("x"))
+                for name, decode in [("socket + json.loads", json.loads), ("socket + orjson.loads", orjson.loads)]:
+                    plain = SocketClient(port, decode)
+                    timed_row(workload, name, lambda: plain.request(b"x"))
+                    plain.sock.close()
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+TARGETS = [
+    # (workload, peer, minimum framesock/peer)
+    ("framed round trips, one connection from Python", "native", 0.95),
+    (f"framed, {CONNECTIONS} connections, static reply", "uvloop", 2.5),
+    (f"framed, {CONNECTIONS} connections, static reply", "native", 0.9),
+    (f"framed, {CONNECTIONS} connections, Python handler", "uvloop", 1.5),
+    (f"classic exchanges, {CONNECTIONS} clients", "native", 0.95),
+    ("pipelined batches of 1000 (request_many)", "request in a loop", 5.0),
+    ("64 MiB frames, one connection", "native", 0.9),
+    ("reply decoding, 1 KiB reply", "socket + orjson.loads", 1 / 1.2),
+    ("reply decoding, 64 KiB reply", "socket + orjson.loads", 1 / 1.2),
+    ("reply decoding, 1 MiB reply", "socket + orjson.loads", 1 / 1.2),
+    ("reply decoding, 10 MiB reply", "socket + orjson.loads", 1 / 1.2),
+]
+
+
+def framesock_rate(workload: str) -> float | None:
+    for row in ROWS:
+        if row.workload == workload and row.peer == "framesock":
+            return row.rate
+    return None
+
+
+def ratio(row: Row) -> str:
+    mine = framesock_rate(row.workload)
+    if mine is None or row.peer == "framesock" or not row.rate:
+        return ""
+    return f"{mine / row.rate:.2f}x"
+
+
+def fmt_latency(value: float | None) -> str:
+    return "" if value is None else f"{value:,.0f}"
+
+
+def table() -> str:
+    lines = [
+        "| workload | peer | rate | p50 µs | p99 µs | framesock ÷ peer |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in ROWS:
+        rate = f"{row.rate:,.2f} {row.unit}" if row.unit == "GB/s" else f"{row.rate:,.0f} {row.unit}"
+        note = f" ({row.note})" if row.note else ""
+        lines.append(
+            f"| {row.workload} | {row.peer}{note} | {rate} | {fmt_latency(row.p50_us)} | "
+            f"{fmt_latency(row.p99_us)} | {ratio(row)} |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines() -> list[str]:
+    lines = []
+    for workload, peer, minimum in TARGETS:
+        mine = framesock_rate(workload)
+        theirs = next((r.rate for r in ROWS if r.workload == workload and r.peer == peer), None)
+        if mine is None or not theirs:
+            lines.append(f"- {workload}: framesock ÷ {peer}: not measured")
+            continue
+        achieved = mine / theirs
+        verdict = "met" if achieved >= minimum else "**missed**"
+        lines.append(f"- {workload}: framesock ÷ {peer} = {achieved:.2f} (target ≥ {minimum:.2f}): {verdict}")
+    return lines
+
+
+def chart(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(row.workload for row in ROWS))
+    fig, axes = plt.subplots(len(workloads), 1, figsize=(9, 1.1 + 0.42 * len(ROWS)), squeeze=False)
+    for axis, workload in zip(axes[:, 0], workloads):
+        rows = [row for row in ROWS if row.workload == workload]
+        names = [row.peer for row in rows]
+        values = [row.rate for row in rows]
+        colors = ["#d95f02" if name.startswith("framesock") else "#7570b3" if name == "native" else "#999999" for name in names]
+        axis.barh(names, values, color=colors)
+        axis.invert_yaxis()
+        axis.set_title(f"{workload} ({rows[0].unit}, higher is better)", fontsize=9, loc="left")
+        axis.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    if not FSBENCH.exists():
+        sys.exit(f"build the load generator first: cargo build --release --manifest-path {HERE / 'native' / 'Cargo.toml'}")
+    only = set(sys.argv[1:])
+    steps = {
+        "classic": classic_exchanges,
+        "static": lambda: framed_concurrent("static"),
+        "handler": lambda: framed_concurrent("handler"),
+        "one": one_connection_from_python,
+        "pipelined": pipelined,
+        "big": big_frames,
+        "decode": reply_decoding,
+    }
+    for name, step in steps.items():
+        if not only or name in only:
+            step()
+    report = table()
+    targets = target_lines()
+    print(report)
+    print()
+    print("\n".join(targets))
+    if only:
+        return  # a partial run does not replace the recorded results
+    header = (
+        f"# framesock benchmark results\n\nMeasured by `make bench` on {time.strftime('%Y-%m-%d')}: "
+        f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
+        f"framesock {framesock.__version__}, {SECONDS:g} s per row. The machine is shared, so absolute "
+        "figures drift between runs; the ratios compare peers measured minutes apart in one run.\n\n"
+    )
+    (HERE / "RESULTS.md").write_text(header + report + "\n\n## Targets\n\n" + "\n".join(targets) + "\n\n![chart](results.png)\n")
+    chart(HERE / "results.png")
+    print(f"\nwrote {HERE / 'RESULTS.md'} and {HERE / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()
