@@ -18,10 +18,26 @@ pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .thread_name("framesock-io")
+            .on_thread_start(keep_python_thread_state)
             .enable_all()
             .build()
             .expect("framesock: cannot start the tokio runtime")
     })
+}
+
+/// Gives the worker thread a Python thread state that lives as long as the thread.
+///
+/// Without it every `Python::attach` for a handler call creates a thread state and the matching
+/// release destroys it again, which costs more than a small handler itself. With one kept
+/// (GIL released at once), attaching is only taking the GIL.
+fn keep_python_thread_state() {
+    // SAFETY: the runtime is only ever started from Python code, so the interpreter is
+    // initialised. PyGILState_Ensure makes this thread's state and takes the GIL; SaveThread
+    // releases the GIL and leaves the state (and its GILState count of 1) in place.
+    unsafe {
+        pyo3::ffi::PyGILState_Ensure();
+        pyo3::ffi::PyEval_SaveThread();
+    }
 }
 
 /// A runtime for one caller's thread: `block_on` drives the sockets on the calling thread
