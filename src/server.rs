@@ -317,7 +317,7 @@ impl Server {
     }
 
     /// Counters: connections accepted/active, requests, bytes in/out, errors by kind.
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.service.stats.to_dict(py)
     }
 

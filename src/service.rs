@@ -11,6 +11,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString};
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -197,14 +198,24 @@ impl Responder {
     }
 }
 
-/// Counters, updated without locks from every connection.
-#[derive(Default)]
+/// Counters, updated without locks from every connection; `stats()` hands them to Python
+/// through pythonize, field names as they are here.
+#[derive(Default, Serialize)]
 pub struct Stats {
+    #[serde(rename = "connections_accepted")]
     accepted: AtomicU64,
+    #[serde(rename = "connections_active")]
     active: AtomicU64,
     requests: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    idle_closed: AtomicU64,
+    errors: ErrorCounts,
+}
+
+/// Failed exchanges and connections, by kind.
+#[derive(Default, Serialize)]
+struct ErrorCounts {
     handler: AtomicU64,
     encode: AtomicU64,
     bad_request: AtomicU64,
@@ -212,7 +223,6 @@ pub struct Stats {
     timeout: AtomicU64,
     disconnected: AtomicU64,
     io: AtomicU64,
-    idle_closed: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -221,49 +231,28 @@ fn bump(counter: &AtomicU64, by: u64) {
 
 impl Stats {
     /// The counters as a dict: totals at the top level, errors by kind under "errors".
-    pub fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let out = PyDict::new(py);
-        out.set_item("connections_accepted", read(&self.accepted))?;
-        out.set_item("connections_active", read(&self.active))?;
-        out.set_item("requests", read(&self.requests))?;
-        out.set_item("bytes_in", read(&self.bytes_in))?;
-        out.set_item("bytes_out", read(&self.bytes_out))?;
-        out.set_item("idle_closed", read(&self.idle_closed))?;
-        let errors = PyDict::new(py);
-        for (name, counter) in [
-            ("handler", &self.handler),
-            ("encode", &self.encode),
-            ("bad_request", &self.bad_request),
-            ("frame_too_large", &self.frame_too_large),
-            ("timeout", &self.timeout),
-            ("disconnected", &self.disconnected),
-            ("io", &self.io),
-        ] {
-            errors.set_item(name, read(counter))?;
-        }
-        out.set_item("errors", errors)?;
-        Ok(out)
+    pub fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(pythonize::pythonize(py, self)?)
     }
 
     fn failure(&self, failure: &Failure) -> &AtomicU64 {
         match failure {
-            Failure::BadRequest(_) => &self.bad_request,
-            Failure::Handler(_) => &self.handler,
-            Failure::Encode(_) => &self.encode,
+            Failure::BadRequest(_) => &self.errors.bad_request,
+            Failure::Handler(_) => &self.errors.handler,
+            Failure::Encode(_) => &self.errors.encode,
         }
     }
 
     fn connection_error(&self, err: &Error) -> &AtomicU64 {
         match err {
             Error::Wire(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. }) => {
-                &self.frame_too_large
+                &self.errors.frame_too_large
             }
             Error::Wire(WireError::Truncated { .. } | WireError::ClosedBeforeMessage) => {
-                &self.disconnected
+                &self.errors.disconnected
             }
-            Error::Timeout(_) => &self.timeout,
-            _ => &self.io,
+            Error::Timeout(_) => &self.errors.timeout,
+            _ => &self.errors.io,
         }
     }
 }
@@ -576,7 +565,7 @@ pub async fn accept_loop(
             }
             Err(err) => {
                 // E.g. out of file descriptors: wait a little rather than spin on the error.
-                bump(&service.stats.io, 1);
+                bump(&service.stats.errors.io, 1);
                 log("warning", format!("accept failed: {err}"), None);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
