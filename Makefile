@@ -47,8 +47,11 @@ lint: build
 	$(PY) -m pip install --quiet --disable-pip-version-check mypy
 	$(PY) -m mypy.stubtest framesock._framesock
 
+# Not part of `make test`: a benchmark prints numbers, it does not pass or fail.
 bench: build
+	$(PY) -m pip install --quiet --disable-pip-version-check uvloop orjson pyzmq matplotlib
+	cargo build --release --quiet --manifest-path bench/native/Cargo.toml
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target bench/native/target
