@@ -59,10 +59,117 @@ async fn read_request(stream: &mut Stream, max_frame: usize) -> Result<bytes::By
         .payload)
 }
 
+/// What one classic exchange was: the result of `start_server`.
+pub struct Exchange {
+    peer: Address,
+    local: Address,
+    request: bytes::Bytes,
+    reply: Py<PyAny>,
+}
+
+impl<'py> IntoPyObject<'py> for Exchange {
+    type Target = PyDict;
+    type Output = Bound<'py, PyDict>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let exchange = PyDict::new(py);
+        exchange.set_item("peer", address_object(py, &self.peer)?)?;
+        exchange.set_item("address", address_object(py, &self.local)?)?;
+        exchange.set_item("request", service::request_text(py, &self.request))?;
+        exchange.set_item("request_bytes", PyBytes::new(py, &self.request))?;
+        exchange.set_item("reply", self.reply)?;
+        Ok(exchange)
+    }
+}
+
+/// Everything `start_server` was asked for, checked before anything touches the network.
+pub struct OneShot {
+    endpoint: Endpoint,
+    backlog: u32,
+    timeout: Option<std::time::Duration>,
+    max_frame: usize,
+    pub responder: Responder,
+    /// Called with the bound address once the socket listens.
+    pub ready: Option<Py<PyAny>>,
+}
+
+impl OneShot {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        py: Python<'_>,
+        host: String,
+        port: i64,
+        path: Option<PathBuf>,
+        response: Option<Bound<'_, PyAny>>,
+        handler: Option<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+        max_frame: i64,
+        backlog: i64,
+        request_as: &str,
+        ready: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        Ok(OneShot {
+            endpoint: endpoint(host, port, path)?,
+            backlog: args::backlog(backlog)?,
+            timeout: args::timeout("timeout", timeout)?,
+            max_frame: args::byte_limit("max_frame", max_frame)?,
+            responder: Responder::new(py, response, handler, request_as)?,
+            ready: ready.map(Bound::unbind),
+        })
+    }
+
+    /// Serves one client and one request, like the seed's server.
+    ///
+    /// Unlike `Server`, whatever goes wrong is raised to the caller rather than logged: the
+    /// caller asked for exactly this one exchange.
+    pub async fn serve(self) -> PyResult<Exchange> {
+        let OneShot {
+            endpoint,
+            backlog,
+            timeout,
+            max_frame,
+            responder,
+            ready,
+        } = self;
+        let listener = Listener::bind(&endpoint, backlog).await?;
+        let local = listener.local_address()?;
+        if let Some(ready) = ready {
+            Python::attach(|py| ready.call1(py, (address_object(py, &local)?,)).map(drop))?;
+        }
+        let (mut stream, peer) = listener.accept().await.map_err(|err| Error::Os {
+            err,
+            doing: format!("accept on {local}"),
+        })?;
+        // One client only, as the seed: later connection attempts are refused, not queued forever.
+        drop(listener);
+
+        let request = within(
+            timeout,
+            || format!("waiting for the request from {peer}"),
+            read_request(&mut stream, max_frame),
+        )
+        .await?;
+        let (reply, json) = responder
+            .respond(&request)
+            .await
+            .map_err(service::Failure::into_error)?;
+        within(timeout, || format!("sending the reply to {peer}"), async {
+            stream.write_all(&json).await.map_err(WireError::Io)?;
+            stream.shutdown().await.map_err(WireError::Io)?;
+            Ok(())
+        })
+        .await?;
+        Ok(Exchange {
+            peer,
+            local,
+            request,
+            reply,
+        })
+    }
+}
+
 /// Serves one client, one request, like the seed's server, and returns what was exchanged.
-///
-/// Unlike `Server`, whatever goes wrong is raised to the caller rather than logged: the caller
-/// asked for exactly this one exchange.
 #[pyfunction]
 #[pyo3(signature = (
     host = String::from("127.0.0.1"), port = 8000, response = None, *, handler = None,
@@ -87,53 +194,20 @@ pub fn start_server<'py>(
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let endpoint = endpoint(host, port, path)?;
-    let timeout = args::timeout("timeout", timeout)?;
-    let max_frame = args::byte_limit("max_frame", max_frame)?;
-    let backlog = args::backlog(backlog)?;
-    let responder = Responder::new(py, response, handler, &request_as)?;
-
-    let listener = runtime::wait(py, Listener::bind(&endpoint, backlog))??;
-    let local = listener.local_address()?;
-    if let Some(ready) = ready {
-        ready.call1((address_object(py, &local)?,))?;
-    }
-    let (mut stream, peer) = runtime::wait(py, async {
-        listener.accept().await.map_err(|err| Error::Os {
-            err,
-            doing: format!("accept on {local}"),
-        })
-    })??;
-    // One client only, as the seed: later connection attempts are refused, not queued forever.
-    drop(listener);
-
-    let request = runtime::wait(
+    let one_shot = OneShot::new(
         py,
-        within(
-            timeout,
-            || format!("waiting for the request from {peer}"),
-            read_request(&mut stream, max_frame),
-        ),
-    )??;
-    let (reply, json) = responder
-        .reply(py, &request)
-        .map_err(service::Failure::into_error)?;
-    runtime::wait(
-        py,
-        within(timeout, || format!("sending the reply to {peer}"), async {
-            stream.write_all(&json).await.map_err(WireError::Io)?;
-            stream.shutdown().await.map_err(WireError::Io)?;
-            Ok(())
-        }),
-    )??;
-
-    let exchange = PyDict::new(py);
-    exchange.set_item("peer", address_object(py, &peer)?)?;
-    exchange.set_item("address", address_object(py, &local)?)?;
-    exchange.set_item("request", service::request_text(py, &request))?;
-    exchange.set_item("request_bytes", PyBytes::new(py, &request))?;
-    exchange.set_item("reply", reply)?;
-    Ok(exchange)
+        host,
+        port,
+        path,
+        response,
+        handler,
+        timeout,
+        max_frame,
+        backlog,
+        &request_as,
+        ready,
+    )?;
+    runtime::wait(py, one_shot.serve())??.into_pyobject(py)
 }
 
 /// Seconds in-flight exchanges get to finish when the context manager or Ctrl-C shuts down.

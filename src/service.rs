@@ -2,8 +2,10 @@
 //! counters. Requests are read and replies written on the tokio runtime without the GIL; the GIL is
 //! taken only to call a Python handler (a static response never takes it).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -11,6 +13,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3_async_runtimes::TaskLocals;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -116,11 +119,19 @@ impl Failure {
 pub enum Responder {
     /// A value encoded once, before serving starts.
     Static { value: Py<PyAny>, json: Bytes },
-    /// `handler(request) -> value`, called with the GIL.
+    /// `handler(request) -> value`, called with the GIL; if it returns an awaitable (a
+    /// coroutine handler under framesock.aio), that is awaited on `event_loop`.
     Handler {
         handler: Py<PyAny>,
         request_as: RequestAs,
+        event_loop: OnceLock<TaskLocals>,
     },
+}
+
+/// What calling the handler gave: a value, or an awaitable running on the event loop.
+enum Called {
+    Value(Py<PyAny>, Bytes),
+    Pending(Pin<Box<dyn Future<Output = PyResult<Py<PyAny>>> + Send>>),
 }
 
 impl Responder {
@@ -145,6 +156,7 @@ impl Responder {
             (None, Some(handler)) => Ok(Responder::Handler {
                 handler: handler.unbind(),
                 request_as,
+                event_loop: OnceLock::new(),
             }),
             (Some(value), None) => {
                 let json = Bytes::from(json::dumps(&value)?);
@@ -160,42 +172,81 @@ impl Responder {
         }
     }
 
-    /// The reply value and its JSON text for one request (the GIL is held).
-    pub fn reply<'py>(
+    /// Lets the handler return awaitables, which then run on this event loop (framesock.aio).
+    /// The first loop set stays.
+    pub fn set_event_loop(&self, locals: TaskLocals) {
+        if let Responder::Handler { event_loop, .. } = self {
+            let _ = event_loop.set(locals);
+        }
+    }
+
+    /// The reply value and its JSON text for one request; takes the GIL only to call the
+    /// handler and encode its value, and awaits an async handler without holding it.
+    pub async fn respond(
         &self,
-        py: Python<'py>,
         payload: &[u8],
-    ) -> std::result::Result<(Bound<'py, PyAny>, Bytes), Failure> {
-        match self {
-            Responder::Static { value, json } => Ok((value.bind(py).clone(), json.clone())),
-            Responder::Handler {
-                handler,
-                request_as,
-            } => {
-                let request = match request_as {
-                    RequestAs::Text => request_text(py, payload).into_any(),
-                    RequestAs::Bytes => PyBytes::new(py, payload).into_any(),
-                    RequestAs::Json => json::loads(py, payload).map_err(Failure::BadRequest)?,
+    ) -> std::result::Result<(Py<PyAny>, Bytes), Failure> {
+        let Responder::Handler {
+            handler,
+            request_as,
+            event_loop,
+        } = self
+        else {
+            let Responder::Static { value, json } = self else {
+                unreachable!()
+            };
+            return Ok((Python::attach(|py| value.clone_ref(py)), json.clone()));
+        };
+        let called = Python::attach(|py| -> std::result::Result<Called, Failure> {
+            let request = match request_as {
+                RequestAs::Text => request_text(py, payload).into_any(),
+                RequestAs::Bytes => PyBytes::new(py, payload).into_any(),
+                RequestAs::Json => json::loads(py, payload).map_err(Failure::BadRequest)?,
+            };
+            let value = handler
+                .bind(py)
+                .call1((request,))
+                .map_err(Failure::Handler)?;
+            if is_awaitable(&value) {
+                let Some(locals) = event_loop.get() else {
+                    return Err(Failure::Handler(pyo3::exceptions::PyTypeError::new_err(
+                        "the handler returned an awaitable; async handlers need framesock.aio.Server",
+                    )));
                 };
-                let value = handler
-                    .bind(py)
-                    .call1((request,))
+                let pending = pyo3_async_runtimes::into_future_with_locals(locals, value)
                     .map_err(Failure::Handler)?;
-                let json = json::dumps(&value).map_err(Failure::Encode)?;
-                Ok((value, Bytes::from(json)))
+                return Ok(Called::Pending(Box::pin(pending)));
+            }
+            let json = json::dumps(&value).map_err(Failure::Encode)?;
+            Ok(Called::Value(value.unbind(), Bytes::from(json)))
+        })?;
+        match called {
+            Called::Value(value, json) => Ok((value, json)),
+            Called::Pending(pending) => {
+                let value = pending.await.map_err(Failure::Handler)?;
+                Python::attach(|py| {
+                    let json = json::dumps(value.bind(py)).map_err(Failure::Encode)?;
+                    Ok((value, Bytes::from(json)))
+                })
             }
         }
     }
 
-    /// Just the JSON text of the reply; takes the GIL only for a handler.
-    fn reply_json(&self, payload: &[u8]) -> std::result::Result<Bytes, Failure> {
+    /// Just the JSON text of the reply; a static reply never takes the GIL.
+    async fn respond_json(&self, payload: &[u8]) -> std::result::Result<Bytes, Failure> {
         match self {
             Responder::Static { json, .. } => Ok(json.clone()),
-            Responder::Handler { .. } => {
-                Python::attach(|py| self.reply(py, payload).map(|(_, json)| json))
-            }
+            Responder::Handler { .. } => self.respond(payload).await.map(|(_, json)| json),
         }
     }
+}
+
+/// Whether `value` is something to `await` (a coroutine, a future, ...), as asyncio decides.
+fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
+    !(value.is_instance_of::<PyDict>() || value.is_instance_of::<pyo3::types::PyList>())
+        && value
+            .hasattr(pyo3::intern!(value.py(), "__await__"))
+            .unwrap_or(false)
 }
 
 /// Counters, updated without locks from every connection; `stats()` hands them to Python
@@ -416,7 +467,7 @@ impl Service {
             &self.stats.bytes_in,
             (codec::HEADER_LEN + request.payload.len()) as u64,
         );
-        match self.responder.reply_json(&request.payload) {
+        match self.responder.respond_json(&request.payload).await {
             Ok(json) => {
                 within(timeout, || format!("sending the reply to {peer}"), async {
                     stream.write_all(&json).await.map_err(WireError::Io)?;
@@ -461,7 +512,7 @@ impl Service {
                 };
                 request_deadline = None;
                 bump(&self.stats.requests, 1);
-                let (json, is_error) = match self.responder.reply_json(&frame.payload) {
+                let (json, is_error) = match self.responder.respond_json(&frame.payload).await {
                     Ok(json) => (json.to_vec(), false),
                     Err(failure) => (self.exchange_failed(failure, peer), true),
                 };
