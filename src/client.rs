@@ -40,7 +40,7 @@ pub fn message_payload(message: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 }
 
 /// Appends `message` as a request frame to `frames`.
-fn put_request(message: &Bound<'_, PyAny>, frames: &mut BytesMut) -> PyResult<()> {
+pub fn put_request(message: &Bound<'_, PyAny>, frames: &mut BytesMut) -> PyResult<()> {
     let payload = message_payload(message)?;
     FrameCodec::new(codec::MAX_PAYLOAD)
         .encode(&payload, frames)

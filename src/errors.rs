@@ -45,6 +45,49 @@ impl fmt::Display for Error {
     }
 }
 
+/// A copy of an I/O error (io::Error is not Clone): same errno, or same kind and text.
+fn copy_io(err: &io::Error) -> io::Error {
+    match err.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(err.kind(), err.to_string()),
+    }
+}
+
+impl Error {
+    /// An equal error, for telling one failure to several waiters.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Wire(wire) => Error::Wire(match wire {
+                WireError::FrameTooLarge { declared, limit } => WireError::FrameTooLarge {
+                    declared: *declared,
+                    limit: *limit,
+                },
+                WireError::ReplyTooLarge { limit } => WireError::ReplyTooLarge { limit: *limit },
+                WireError::Truncated {
+                    part,
+                    received,
+                    expected,
+                } => WireError::Truncated {
+                    part: *part,
+                    received: *received,
+                    expected: *expected,
+                },
+                WireError::ClosedBeforeMessage => WireError::ClosedBeforeMessage,
+                WireError::Io(err) => WireError::Io(copy_io(err)),
+            }),
+            Error::Timeout(text) => Error::Timeout(text.clone()),
+            Error::Os { err, doing } => Error::Os {
+                err: copy_io(err),
+                doing: doing.clone(),
+            },
+            Error::Resolve { host, err } => Error::Resolve {
+                host: host.clone(),
+                err: copy_io(err),
+            },
+        }
+    }
+}
+
 impl From<WireError> for Error {
     fn from(err: WireError) -> Self {
         Error::Wire(err)

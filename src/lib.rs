@@ -1,5 +1,6 @@
 //! framesock's engine: length-prefixed JSON messages over TCP, driven from Python.
 
+mod aio;
 mod args;
 mod client;
 pub mod codec;
@@ -21,5 +22,7 @@ fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::start_client, m)?)?;
     m.add_class::<server::Server>()?;
     m.add_class::<client::Client>()?;
+    m.add_class::<aio::AsyncClient>()?;
+    m.add_function(wrap_pyfunction!(aio::start_server_async, m)?)?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::aio;
 use crate::args;
 use crate::codec::{self, FrameCodec, WireError};
 use crate::errors::{Error, Result};
@@ -349,45 +350,42 @@ impl Server {
     /// shutdown, since it cannot wait for its own exchange.
     #[pyo3(signature = (timeout = Some(5.0)), text_signature = "(self, timeout=5.0)")]
     fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
-        let grace = args::timeout("timeout", timeout)?;
-        self.stop.cancel();
-        let accept = match std::mem::replace(
-            &mut *self.lifecycle.lock().expect("lifecycle lock"),
-            Lifecycle::Stopped,
-        ) {
-            Lifecycle::Serving(accept) => Some(accept),
-            // Never started (the listener is dropped here) or already stopped.
-            _ => None,
-        };
-        let connections = self.connections.clone();
-        let abort = self.abort.clone();
-        let finished = self.finished.clone();
-        let wind_down = async move {
-            if let Some(accept) = accept {
-                let _ = accept.await;
-            }
-            connections.close();
-            let drained = match grace {
-                Some(grace) => tokio::time::timeout(grace, connections.wait())
-                    .await
-                    .is_ok(),
-                None => {
-                    connections.wait().await;
-                    true
-                }
-            };
-            if !drained {
-                abort.cancel();
-                connections.wait().await;
-            }
-            finished.cancel();
-        };
+        let wind_down = self.begin_shutdown(args::timeout("timeout", timeout)?);
         if tokio::runtime::Handle::try_current().is_ok() {
             // Called on a runtime thread (from a handler): finish in the background.
             runtime::runtime().spawn(wind_down);
             return Ok(());
         }
         runtime::wait(py, wind_down)
+    }
+
+    /// framesock.aio: `shutdown` as an awaitable.
+    fn _shutdown_async<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let wind_down = self.begin_shutdown(args::timeout("timeout", timeout)?);
+        aio::awaitable(py, async move {
+            wind_down.await;
+            Ok(())
+        })
+    }
+
+    /// framesock.aio: an awaitable that completes once shutdown has finished.
+    fn _finished<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let finished = self.finished.clone();
+        aio::awaitable(py, async move {
+            finished.cancelled().await;
+            Ok(())
+        })
+    }
+
+    /// framesock.aio: handlers that return awaitables run on the running event loop.
+    fn _use_event_loop(&self, py: Python<'_>) -> PyResult<()> {
+        let locals = pyo3_async_runtimes::tokio::get_current_locals(py)?;
+        self.service.responder.set_event_loop(locals);
+        Ok(())
     }
 
     /// Counters: connections accepted/active, requests, bytes in/out, errors by kind.
@@ -415,6 +413,49 @@ impl Server {
             "<framesock.Server {} {:?}>",
             self.address, self.service.protocol
         )
+    }
+}
+
+impl Server {
+    /// Stops accepting and waiting connections now; the returned future lets exchanges in
+    /// progress finish for up to `grace`, drops the rest, and marks the server finished.
+    fn begin_shutdown(
+        &self,
+        grace: Option<std::time::Duration>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.stop.cancel();
+        let previous = std::mem::replace(
+            &mut *self.lifecycle.lock().expect("lifecycle lock"),
+            Lifecycle::Stopped,
+        );
+        // Never started (the listener is dropped here) or already stopped: no accept loop.
+        let accept = match previous {
+            Lifecycle::Serving(accept) => Some(accept),
+            _ => None,
+        };
+        let connections = self.connections.clone();
+        let abort = self.abort.clone();
+        let finished = self.finished.clone();
+        async move {
+            if let Some(accept) = accept {
+                let _ = accept.await;
+            }
+            connections.close();
+            let drained = match grace {
+                Some(grace) => tokio::time::timeout(grace, connections.wait())
+                    .await
+                    .is_ok(),
+                None => {
+                    connections.wait().await;
+                    true
+                }
+            };
+            if !drained {
+                abort.cancel();
+                connections.wait().await;
+            }
+            finished.cancel();
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -232,6 +233,11 @@ impl Responder {
         }
     }
 
+    /// Whether handlers' awaitables run on an event loop, so several can be awaited at once.
+    fn awaits_on_event_loop(&self) -> bool {
+        matches!(self, Responder::Handler { event_loop, .. } if event_loop.get().is_some())
+    }
+
     /// Just the JSON text of the reply; a static reply never takes the GIL.
     async fn respond_json(&self, payload: &[u8]) -> std::result::Result<Bytes, Failure> {
         match self {
@@ -328,6 +334,9 @@ fn log(level: &str, message: String, error: Option<&PyErr>) {
             .call_method(level, (message,), Some(&kwargs));
     });
 }
+
+/// The most buffered requests of one connection answered before their replies are written.
+const MAX_BATCH: usize = 256;
 
 /// Limits that apply to every connection.
 pub struct Limits {
@@ -498,28 +507,54 @@ impl Service {
         // When the request now arriving must be complete (its first byte started the clock).
         let mut request_deadline: Option<Instant> = None;
         loop {
-            loop {
-                let frame = match codec.decode(&mut input) {
-                    Ok(Some(frame)) => frame,
+            // Every request already buffered (up to a bound), answered in order.
+            let mut batch = Vec::new();
+            let mut refused = None;
+            while batch.len() < MAX_BATCH {
+                match codec.decode(&mut input) {
+                    Ok(Some(frame)) => batch.push(frame),
                     Ok(None) => break,
                     Err(err) => {
-                        // The stream cannot be resynchronised after a refused header: say why, close.
-                        let reply = error_reply("frame_too_large", &err.to_string());
-                        codec::put_reply(&reply, true, &mut output)?;
-                        let _ = stream.write_all(&output).await;
-                        return Err(err.into());
+                        refused = Some(err);
+                        break;
                     }
-                };
+                }
+            }
+            if !batch.is_empty() {
                 request_deadline = None;
-                bump(&self.stats.requests, 1);
-                let (json, is_error) = match self.responder.respond_json(&frame.payload).await {
-                    Ok(json) => (json.to_vec(), false),
-                    Err(failure) => (self.exchange_failed(failure, peer), true),
+                bump(&self.stats.requests, batch.len() as u64);
+            }
+            let replies = if batch.len() > 1 && self.responder.awaits_on_event_loop() {
+                // Async handlers of pipelined requests run concurrently; join_all keeps order.
+                join_all(
+                    batch
+                        .iter()
+                        .map(|frame| self.responder.respond_json(&frame.payload)),
+                )
+                .await
+            } else {
+                let mut replies = Vec::with_capacity(batch.len());
+                for frame in &batch {
+                    replies.push(self.responder.respond_json(&frame.payload).await);
+                }
+                replies
+            };
+            for reply in replies {
+                let (json, is_error) = match reply {
+                    Ok(json) => (json, false),
+                    Err(failure) => (Bytes::from(self.exchange_failed(failure, peer)), true),
                 };
                 if codec::put_reply(&json, is_error, &mut output).is_err() {
                     let reply = error_reply("encode", "reply is too large for a frame");
                     codec::put_reply(&reply, true, &mut output)?;
                 }
+            }
+            if let Some(err) = refused {
+                // The stream cannot be resynchronised after a refused header: say why, close.
+                let reply = error_reply("frame_too_large", &err.to_string());
+                codec::put_reply(&reply, true, &mut output)?;
+                let _ = stream.write_all(&output).await;
+                return Err(err.into());
             }
             if !output.is_empty() {
                 within(
@@ -535,6 +570,9 @@ impl Service {
                 .await?;
                 bump(&self.stats.bytes_out, output.len() as u64);
                 output.clear();
+            }
+            if batch.len() == MAX_BATCH {
+                continue; // more requests may be buffered already
             }
             if input.is_empty() {
                 match self

@@ -1,0 +1,191 @@
+"""framesock for asyncio: the blocking API's names and arguments, as coroutines.
+
+The network I/O runs in framesock's Rust engine, off the event loop; each call hands the loop an
+awaitable that completes when the engine is done, so the loop never blocks on the network.
+Cancelling a task (or ``asyncio.wait_for`` timing out) stops the engine's side of the call.
+
+    import asyncio
+    from framesock import aio
+
+    async def handler(request):
+        await asyncio.sleep(0)          # coroutine handlers run on this event loop
+        return {"echo": request}
+
+    async def main():
+        async with aio.Server(handler, port=0, protocol="framed") as server:
+            async with aio.Client(*server.address, protocol="framed") as client:
+                print(await client.request("hello"))
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Callable, Iterable, Optional, Union
+
+from framesock import _framesock
+
+__all__ = ["Client", "Server", "start_client", "start_server"]
+
+_MAX_LEN = 16 * 1024 * 1024
+_Message = Union[str, bytes, bytearray, dict, list]
+_Path = Union[str, "os.PathLike[str]"]
+
+
+async def start_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    response: Any = None,
+    *,
+    handler: Optional[Callable[[Any], Any]] = None,
+    timeout: Optional[float] = 20.0,
+    max_frame: int = _MAX_LEN,
+    backlog: int = 5,
+    request_as: str = "text",
+    ready: Optional[Callable[[Any], object]] = None,
+    path: Optional[_Path] = None,
+) -> dict:
+    """Serve one client and one request, like ``framesock.start_server``.
+
+    ``handler`` may be a plain function or a coroutine function (run on this event loop);
+    ``ready(address)`` is called on this event loop once the socket listens.
+    """
+    return await _framesock.start_server_async(
+        host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path
+    )
+
+
+async def start_client(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    message: _Message = "msg from client",
+    *,
+    timeout: Optional[float] = 20.0,
+    max_reply: int = _MAX_LEN,
+    path: Optional[_Path] = None,
+) -> Any:
+    """Send one request like ``framesock.start_client`` and return the decoded reply."""
+    client = Client(host, port, path=path, timeout=timeout, max_reply=max_reply)
+    return await client.request(message)
+
+
+class Client:
+    """``framesock.Client`` for asyncio.
+
+    With ``protocol="framed"`` every request of this client shares one connection and
+    concurrent ``request()`` calls are pipelined on it: each is written as soon as it is made
+    and the replies come back in order. A cancelled request leaves the connection usable (its
+    reply is read and dropped), except when it is cancelled halfway through writing a large
+    message: then the connection is closed and the next request opens a new one.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[_Path] = None,
+        protocol: str = "classic",
+        timeout: Optional[float] = 20.0,
+        max_reply: int = _MAX_LEN,
+    ) -> None:
+        self._engine = _framesock.AsyncClient(host, port, path, protocol, timeout, max_reply)
+
+    async def request(self, message: _Message) -> Any:
+        """Send one message and return the decoded reply (``RemoteError`` for an error reply)."""
+        return await self._engine.request(message)
+
+    async def request_many(self, messages: Iterable[_Message]) -> list:
+        """Send every message and return the replies in order (pipelined in ``"framed"``)."""
+        return await self._engine.request_many(messages)
+
+    async def close(self) -> None:
+        """Close the connection; later requests raise ValueError."""
+        self._engine.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class Server:
+    """``framesock.Server`` for asyncio.
+
+    The socket is bound when the object is made. ``handler`` may be a plain function (called
+    on framesock's I/O threads, as with the blocking ``Server``) or a coroutine function: its
+    coroutines run on the event loop that called ``start()``, many requests' at once.
+    """
+
+    def __init__(
+        self,
+        handler: Optional[Callable[[Any], Any]] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[_Path] = None,
+        response: Any = None,
+        protocol: str = "classic",
+        timeout: Optional[float] = 20.0,
+        idle_timeout: Optional[float] = None,
+        max_frame: int = _MAX_LEN,
+        max_connections: int = 1024,
+        backlog: int = 1024,
+        request_as: str = "text",
+    ) -> None:
+        self._server = _framesock.Server(
+            handler,
+            host,
+            port,
+            path=path,
+            response=response,
+            protocol=protocol,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            max_frame=max_frame,
+            max_connections=max_connections,
+            backlog=backlog,
+            request_as=request_as,
+        )
+
+    @property
+    def address(self) -> Any:
+        """The bound address: ``(host, port)`` (the real port with port 0) or the Unix path."""
+        return self._server.address
+
+    async def start(self) -> None:
+        """Start serving in the background; coroutine handlers run on the running loop."""
+        self._server._use_event_loop()
+        self._server.start()
+
+    async def serve_forever(self) -> None:
+        """Serve until ``shutdown()``; cancelling the task shuts the server down."""
+        await self.start()
+        try:
+            await self._server._finished()
+        except asyncio.CancelledError:
+            await asyncio.shield(self.shutdown())
+            raise
+
+    async def shutdown(self, timeout: Optional[float] = 5.0) -> None:
+        """Stop accepting, let exchanges in progress finish (up to ``timeout``), close all.
+
+        From inside a handler, start it without awaiting it
+        (``asyncio.get_running_loop().create_task(server.shutdown())``): awaiting would wait for
+        the handler's own exchange.
+        """
+        await self._server._shutdown_async(timeout)
+
+    def stats(self) -> dict:
+        """The same counters as ``framesock.Server.stats()``."""
+        return self._server.stats()
+
+    async def __aenter__(self) -> "Server":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
