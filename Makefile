@@ -16,7 +16,7 @@ all: build
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "maturin>=1.9,<2" "pytest>=8" "pytest-timeout>=2.3"
+	$(PY) -m pip install --quiet --disable-pip-version-check "maturin>=1.9,<2" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" uvloop
 	touch $@
 
 venv: $(VENV)/.deps

@@ -356,3 +356,13 @@ def test_client_bad_arguments():
         framesock.Client(protocol="udp")
     with pytest.raises(ValueError):
         framesock.Client(port=-1)
+
+
+def test_more_buffered_requests_than_one_batch(serve):
+    # 600 requests arrive in one write: the server answers them in batches and must not stall
+    # between batches with complete requests still buffered.
+    server = serve(protocol="framed")
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(b"".join(frame(str(i).encode()) for i in range(600)))
+        for i in range(600):
+            assert read_reply_frame(sock) == (False, json.dumps({"echo": str(i)}).encode())

@@ -3,10 +3,11 @@
 import json
 from os import PathLike
 from types import TracebackType
-from typing import Any, Callable, Iterable, Literal, Optional, Union, final
+from typing import Any, Awaitable, Callable, Iterable, Literal, Optional, Union, final
 
 __version__: str
 __all__ = [
+    "AsyncClient",
     "Client",
     "ConnectionClosedError",
     "FrameTooLargeError",
@@ -18,6 +19,7 @@ __all__ = [
     "__version__",
     "start_client",
     "start_server",
+    "start_server_async",
 ]
 
 _JSONValue = Any
@@ -226,6 +228,12 @@ class Server:
         begins the shutdown and returns without waiting.
         """
 
+    def _shutdown_async(self, timeout: Optional[float]) -> Awaitable[None]:
+        """framesock.aio: ``shutdown`` as an awaitable."""
+    def _finished(self) -> Awaitable[None]:
+        """framesock.aio: completes once shutdown has finished."""
+    def _use_event_loop(self) -> None:
+        """framesock.aio: awaitables returned by the handler run on the running loop."""
     def stats(self) -> dict[str, Any]:
         """Counters: ``connections_accepted``, ``connections_active``, ``requests``,
         ``bytes_in``, ``bytes_out``, ``idle_closed`` and ``errors`` by kind (``handler``,
@@ -295,3 +303,39 @@ class Client:
         self,
         *exc_info: Union[type[BaseException], BaseException, TracebackType, None],
     ) -> bool: ...
+
+# The engine of framesock.aio (python/framesock/aio.py holds the documented API).
+
+def start_server_async(
+    host: str,
+    port: int,
+    response: Optional[_JSONValue],
+    handler: Optional[Callable[[Any], Any]],
+    timeout: Optional[float],
+    max_frame: int,
+    backlog: int,
+    request_as: _RequestAs,
+    ready: Optional[Callable[[_Address], object]],
+    path: Optional[_Path],
+) -> Awaitable[dict[str, Any]]:
+    """``start_server`` as an awaitable for the running event loop (see ``framesock.aio``)."""
+
+@final
+class AsyncClient:
+    """The engine of ``framesock.aio.Client``: every method returns an awaitable."""
+
+    def __new__(
+        cls,
+        host: str,
+        port: int,
+        path: Optional[_Path],
+        protocol: _Protocol,
+        timeout: Optional[float],
+        max_reply: int,
+    ) -> "AsyncClient": ...
+    def request(self, message: _Message) -> Awaitable[_JSONValue]:
+        """An awaitable for the reply to one message."""
+    def request_many(self, messages: Iterable[_Message]) -> Awaitable[list[_JSONValue]]:
+        """An awaitable for the replies to every message."""
+    def close(self) -> None:
+        """Close the connection; later requests raise ValueError."""

@@ -1,0 +1,304 @@
+"""framesock.aio: the same behaviour for asyncio programs, on the default loop and on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import pytest
+
+import framesock
+from framesock import aio
+from conftest import frame, raw_exchange
+
+
+def send_and_leave(port: int, data: bytes) -> None:
+    """A hostile peer: sends `data` and closes at once."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+
+
+async def echo(request):
+    await asyncio.sleep(0)
+    return {"echo": request}
+
+
+@pytest.fixture
+async def serve():
+    """Factory: ``await serve(handler, **kwargs)`` starts an aio.Server on port 0."""
+    started: list[aio.Server] = []
+
+    async def start(handler=echo, **kwargs):
+        kwargs.setdefault("port", 0)
+        server = aio.Server(handler, **kwargs)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.shutdown(timeout=2.0)
+
+
+async def test_start_server_and_start_client():
+    loop = asyncio.get_running_loop()
+    listening = loop.create_future()
+    serving = asyncio.create_task(aio.start_server(port=0, handler=echo, ready=listening.set_result))
+    address = await asyncio.wait_for(listening, 10)
+    assert await aio.start_client(*address[:2], message="hi") == {"echo": "hi"}
+    exchange = await serving
+    assert exchange["request"] == "hi" and exchange["reply"] == {"echo": "hi"}
+
+
+async def test_start_server_defaults_match_the_seed():
+    loop = asyncio.get_running_loop()
+    listening = loop.create_future()
+    serving = asyncio.create_task(aio.start_server(port=0, ready=listening.set_result))
+    address = await listening
+    reply = await asyncio.to_thread(raw_exchange, address[1], frame(b"msg from client"))
+    assert reply == b'{"key": "id", "val": 123}'
+    assert (await serving)["request_bytes"] == b"msg from client"
+
+
+async def test_start_server_errors_are_raised():
+    loop = asyncio.get_running_loop()
+    listening = loop.create_future()
+    serving = asyncio.create_task(aio.start_server(port=0, ready=listening.set_result))
+    address = await listening
+    await asyncio.to_thread(send_and_leave, address[1], b"\xff\xff\xff\xff")
+    with pytest.raises(framesock.FrameTooLargeError):
+        await asyncio.wait_for(serving, 10)
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+async def test_round_trips(serve, protocol):
+    server = await serve(protocol=protocol)
+    async with aio.Client(*server.address, protocol=protocol) as client:
+        assert await client.request("hi") == {"echo": "hi"}
+        assert await client.request_many(["a", "b"]) == [{"echo": "a"}, {"echo": "b"}]
+        assert await client.request_many([]) == []
+
+
+async def test_plain_function_handler_and_static_response(serve):
+    server = await serve(lambda request: request.upper(), protocol="framed")
+    async with aio.Client(*server.address, protocol="framed") as client:
+        assert await client.request("abc") == "ABC"
+    server = await serve(None, response={"fixed": 1})
+    assert await aio.start_client(*server.address) == {"fixed": 1}
+
+
+async def test_blocking_and_async_sides_interoperate(serve):
+    server = await serve(protocol="framed")
+    reply = await asyncio.to_thread(
+        lambda: framesock.Client(*server.address, protocol="framed").request("from a thread")
+    )
+    assert reply == {"echo": "from a thread"}
+    with framesock.Server(lambda r: r, port=0, protocol="framed") as blocking:
+        async with aio.Client(*blocking.address, protocol="framed") as client:
+            assert await client.request("x") == "x"
+
+
+async def test_a_thousand_concurrent_requests_on_one_loop(serve):
+    async def slow_echo(request):
+        await asyncio.sleep(0.01)
+        return {"echo": request}
+
+    server = await serve(slow_echo, protocol="framed")
+    async with aio.Client(*server.address, protocol="framed") as client:
+        replies = await asyncio.gather(*(client.request(f"m{i}") for i in range(1000)))
+    assert replies == [{"echo": f"m{i}"} for i in range(1000)]
+    assert server.stats()["requests"] == 1000
+
+
+async def test_handler_runs_concurrently_on_the_loop(serve):
+    both_started = asyncio.Event()
+    started = []
+
+    async def handler(request):
+        started.append(request)
+        if len(started) == 2:
+            both_started.set()
+        await asyncio.wait_for(both_started.wait(), 5)  # deadlocks unless both run at once
+        return request
+
+    server = await serve(handler, protocol="framed")
+    a = aio.Client(*server.address, protocol="framed")
+    b = aio.Client(*server.address, protocol="framed")
+    assert await asyncio.gather(a.request("a"), b.request("b")) == ["a", "b"]
+
+
+async def test_handler_error_then_success(serve, caplog):
+    async def handler(request):
+        if request == "boom":
+            raise ValueError("async boom")
+        return request
+
+    server = await serve(handler, protocol="framed")
+    async with aio.Client(*server.address, protocol="framed") as client:
+        with caplog.at_level(logging.CRITICAL, logger="framesock"):
+            with pytest.raises(framesock.RemoteError, match="async boom"):
+                await client.request("boom")
+        assert await client.request("fine") == "fine"
+    assert server.stats()["errors"]["handler"] == 1
+
+
+async def test_loop_is_not_blocked_while_waiting(serve):
+    async def slow(request):
+        await asyncio.sleep(0.3)
+        return request
+
+    server = await serve(slow, protocol="framed")
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    async with aio.Client(*server.address, protocol="framed") as client:
+        assert await client.request("x") == "x"
+    ticking.cancel()
+    assert ticks >= 10
+
+
+async def test_cancelling_a_request_leaves_the_client_usable(serve):
+    release = asyncio.Event()
+
+    async def handler(request):
+        if request == "stuck":
+            await release.wait()
+        return request
+
+    server = await serve(handler, protocol="framed")
+    async with aio.Client(*server.address, protocol="framed") as client:
+        task = asyncio.create_task(client.request("stuck"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        assert await client.request("next") == "next"  # the stale reply was read and dropped
+
+
+async def test_wait_for_times_out_and_client_recovers(serve):
+    async def handler(request):
+        if request == "slow":
+            await asyncio.sleep(1)
+        return request
+
+    server = await serve(handler, protocol="framed")
+    async with aio.Client(*server.address, protocol="framed") as client:
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.request("slow"), 0.1)
+        assert time.monotonic() - started < 0.9
+        assert await client.request("quick") == "quick"
+
+
+async def test_client_timeout_raises_timeout_error(serve):
+    async def handler(request):
+        await asyncio.sleep(2)
+        return request
+
+    server = await serve(handler, protocol="framed")
+    async with aio.Client(*server.address, protocol="framed", timeout=0.2) as client:
+        with pytest.raises(framesock.FramesockTimeoutError):
+            await client.request("x")
+
+
+async def test_cancelling_serve_forever_shuts_down():
+    server = aio.Server(echo, port=0, protocol="framed")
+    task = asyncio.create_task(server.serve_forever())
+    async with aio.Client(*server.address, protocol="framed") as client:
+        assert await client.request("up") == {"echo": "up"}
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    with pytest.raises(ConnectionRefusedError):
+        await aio.start_client(*server.address)
+
+
+async def test_serve_forever_returns_after_shutdown():
+    server = aio.Server(echo, port=0)
+    task = asyncio.create_task(server.serve_forever())
+    await asyncio.sleep(0.05)
+    await server.shutdown()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_shutdown_under_load(serve):
+    async def handler(request):
+        await asyncio.sleep(0.005)
+        return request
+
+    server = await serve(handler, protocol="framed")
+    clients = [aio.Client(*server.address, protocol="framed") for _ in range(20)]
+
+    async def hammer(client):
+        done = 0
+        try:
+            while True:
+                await client.request("x")
+                done += 1
+        except (ConnectionError, framesock.FramesockError, OSError):
+            return done
+
+    tasks = [asyncio.create_task(hammer(client)) for client in clients]
+    await asyncio.sleep(0.3)
+    await asyncio.wait_for(server.shutdown(timeout=2.0), 5)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert all(done > 0 for done in results)
+
+
+async def test_hostile_peer_costs_only_its_connection(serve, caplog):
+    server = await serve(protocol="framed")
+    with caplog.at_level(logging.CRITICAL, logger="framesock"):
+        await asyncio.to_thread(send_and_leave, server.address[1], b"\x00\x00\x00\x10half")
+        await asyncio.sleep(0.2)  # let the server notice
+    async with aio.Client(*server.address, protocol="framed") as client:
+        assert await client.request("ok") == {"echo": "ok"}
+    assert server.stats()["errors"]["disconnected"] == 1
+
+
+async def test_unix_socket(serve, tmp_path):
+    path = str(tmp_path / "aio.sock")
+    await serve(path=path, protocol="framed")
+    async with aio.Client(path=path, protocol="framed") as client:
+        assert await client.request("u") == {"echo": "u"}
+
+
+async def test_closed_client_refuses():
+    client = aio.Client(port=9, protocol="framed")
+    await client.close()
+    with pytest.raises(ValueError, match="closed"):
+        await client.request("x")
+
+
+async def test_bad_arguments():
+    with pytest.raises(ValueError):
+        aio.Client(port=70000)
+    with pytest.raises(ValueError):
+        aio.Server(echo, port=0, protocol="udp")
+    with pytest.raises(TypeError):
+        await aio.start_client(port=9, message=3.5)
+
+
+def test_works_on_uvloop():
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        async with aio.Server(echo, port=0, protocol="framed") as server:
+            async with aio.Client(*server.address, protocol="framed") as client:
+                replies = await asyncio.gather(*(client.request(str(i)) for i in range(100)))
+                assert replies == [{"echo": str(i)} for i in range(100)]
+                task = asyncio.create_task(client.request("x"))
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert await client.request("y") == {"echo": "y"}
+
+    uvloop.run(main())
