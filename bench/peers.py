@@ -27,6 +27,11 @@ def handler(request: str) -> dict:
     return {"echo": request, "length": len(request)}
 
 
+async def async_handler(request: str) -> dict:
+    """The same work as a coroutine, for the async-handler workloads."""
+    return handler(request)
+
+
 def static_reply(size: int) -> bytes:
     """The seed's reply, or a JSON string of `size` bytes."""
     if size < 2:
@@ -65,6 +70,22 @@ def run_framesock(options) -> None:
         server = framesock.Server(handler, port=0, protocol=options.protocol, max_connections=4096)
     announce(server.address[1])
     server.serve_forever()
+
+
+def run_framesock_aio(options) -> None:
+    from framesock import aio
+
+    async def main() -> None:
+        server = aio.Server(async_handler, port=0, protocol=options.protocol, max_connections=4096)
+        announce(server.address[1])
+        await server.serve_forever()
+
+    if options.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 # --- the seed's loop, made correct: one client at a time ----------------------------------------
@@ -142,7 +163,10 @@ def run_asyncio(options) -> None:
             while True:
                 header = await reader.readexactly(4)
                 payload = await reader.readexactly(int.from_bytes(header, "big"))
-                reply = respond(payload)
+                if options.reply == "async":
+                    reply = json.dumps(await async_handler(payload.decode("utf-8", "replace"))).encode()
+                else:
+                    reply = respond(payload)
                 if not framed:
                     writer.write(reply)
                     await writer.drain()
@@ -159,7 +183,7 @@ def run_asyncio(options) -> None:
         announce(server.sockets[0].getsockname()[1])
         await server.serve_forever()
 
-    if options.peer == "uvloop":
+    if options.peer == "uvloop" or options.loop == "uvloop":
         import uvloop
 
         uvloop.run(main())
@@ -207,6 +231,7 @@ def run_zmq(options) -> None:
 
 PEERS = {
     "framesock": run_framesock,
+    "framesock-aio": run_framesock_aio,
     "seed-loop": run_seed_loop,
     "socketserver": run_socketserver,
     "asyncio": run_asyncio,
@@ -220,7 +245,8 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__)
     cli.add_argument("peer", choices=sorted(PEERS))
     cli.add_argument("--protocol", choices=["classic", "framed"], default="framed")
-    cli.add_argument("--reply", choices=["static", "handler"], default="static")
+    cli.add_argument("--reply", choices=["static", "handler", "async"], default="static")
+    cli.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="framesock-aio's event loop")
     cli.add_argument("--reply-size", type=int, default=0)
     options = cli.parse_args()
     try:

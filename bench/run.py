@@ -9,6 +9,7 @@ absolute numbers. BENCH_SECONDS sets the length of each measurement (default 2).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -49,7 +50,14 @@ def say(text: str) -> None:
 
 
 @contextlib.contextmanager
-def server(peer: str, protocol: str, reply: str = "static", reply_file: str | None = None, threads: int | None = None):
+def server(
+    peer: str,
+    protocol: str,
+    reply: str = "static",
+    reply_file: str | None = None,
+    threads: int | None = None,
+    loop: str = "asyncio",
+):
     """Starts a peer server process and yields its port; stops it afterwards."""
     if peer == "native":
         command = [str(FSBENCH), "server", "--protocol", protocol]
@@ -58,7 +66,7 @@ def server(peer: str, protocol: str, reply: str = "static", reply_file: str | No
         if threads:
             command += ["--threads", str(threads)]
     else:
-        command = [sys.executable, str(HERE / "peers.py"), peer, "--protocol", protocol, "--reply", reply]
+        command = [sys.executable, str(HERE / "peers.py"), peer, "--protocol", protocol, "--reply", reply, "--loop", loop]
         if reply_file:
             command += ["--reply-size", str(Path(reply_file).stat().st_size)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -203,6 +211,69 @@ def one_connection_from_python() -> None:
         context.term()
 
 
+def async_handlers() -> None:
+    workload = f"framed, {CONNECTIONS} connections, async handler"
+    say(workload)
+    for label, peer, loop in [
+        ("framesock aio.Server", "framesock-aio", "asyncio"),
+        ("framesock aio.Server on uvloop", "framesock-aio", "uvloop"),
+        ("asyncio", "asyncio", "asyncio"),
+        ("uvloop", "uvloop", "asyncio"),
+    ]:
+        with server(peer, "framed", "async", loop=loop) as port:
+            load_row(workload, label, port, "framed")
+
+
+class StreamsClient:
+    """asyncio streams doing what aio.Client does: one framed request, one reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(self, message: bytes):
+        self.writer.write(struct.pack(">I", len(message)) + message)
+        header = await self.reader.readexactly(4)
+        return json.loads(await self.reader.readexactly(struct.unpack(">I", header)[0] & 0x7FFFFFFF))
+
+
+def aio_clients() -> None:
+    import uvloop
+    from framesock import aio
+
+    workload = "aio round trips, one connection"
+    say(workload)
+
+    async def measure(label: str, request) -> None:
+        for _ in range(200):
+            await request()
+        latencies = []
+        end = time.perf_counter() + SECONDS
+        while (now := time.perf_counter()) < end:
+            await request()
+            latencies.append(time.perf_counter() - now)
+        latencies.sort()
+        ROWS.append(
+            Row(workload, label, len(latencies) / sum(latencies), "req/s",
+                latencies[len(latencies) // 2] * 1e6, latencies[int((len(latencies) - 1) * 0.99)] * 1e6)
+        )
+        say(f"  {workload} / {label}: {ROWS[-1].rate:.0f} req/s")
+
+    async def framesock_side(label: str, port: int) -> None:
+        async with aio.Client("127.0.0.1", port, protocol="framed") as client:
+            await measure(label, lambda: client.request("msg from client"))
+
+    async def streams_side(label: str, port: int) -> None:
+        client = StreamsClient(*await asyncio.open_connection("127.0.0.1", port))
+        await measure(label, lambda: client.request(b"msg from client"))
+        client.writer.close()
+
+    with server("framesock", "framed") as port:
+        asyncio.run(framesock_side("framesock aio.Client", port))
+        uvloop.run(framesock_side("framesock aio.Client on uvloop", port))
+        asyncio.run(streams_side("asyncio streams", port))
+        uvloop.run(streams_side("uvloop streams", port))
+
+
 def pipelined() -> None:
     workload = "pipelined batches of 1000 (request_many)"
     say(workload)
@@ -258,6 +329,8 @@ def reply_decoding() -> None:
 TARGETS = [
     # (workload, peer, minimum framesock/peer)
     ("framed round trips, one connection from Python", "native", 0.95),
+    ("aio round trips, one connection", "asyncio streams", 1.3),
+    (f"framed, {CONNECTIONS} connections, async handler", "uvloop", 1.5),
     (f"framed, {CONNECTIONS} connections, static reply", "uvloop", 2.5),
     (f"framed, {CONNECTIONS} connections, static reply", "native", 0.9),
     (f"framed, {CONNECTIONS} connections, Python handler", "uvloop", 1.5),
@@ -272,15 +345,16 @@ TARGETS = [
 
 
 def framesock_rate(workload: str) -> float | None:
+    """The rate of the workload's first framesock row (the one the peers are compared with)."""
     for row in ROWS:
-        if row.workload == workload and row.peer == "framesock":
+        if row.workload == workload and row.peer.startswith("framesock"):
             return row.rate
     return None
 
 
 def ratio(row: Row) -> str:
     mine = framesock_rate(row.workload)
-    if mine is None or row.peer == "framesock" or not row.rate:
+    if mine is None or row.peer.startswith("framesock") or not row.rate:
         return ""
     return f"{mine / row.rate:.2f}x"
 
@@ -348,6 +422,8 @@ def main() -> None:
         "static": lambda: framed_concurrent("static"),
         "handler": lambda: framed_concurrent("handler"),
         "one": one_connection_from_python,
+        "aio-server": async_handlers,
+        "aio-client": aio_clients,
         "pipelined": pipelined,
         "big": big_frames,
         "decode": reply_decoding,
