@@ -13,11 +13,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
 use crate::args;
+use crate::bridge::{Job, LoopBridge};
 use crate::client::{classic_exchange, message_payload, put_request};
 use crate::codec::{self, Frame, FrameCodec, WireError};
 use crate::errors::{self, Error, Result};
@@ -38,7 +40,7 @@ where
     pyo3_async_runtimes::tokio::future_into_py(py, fut)
 }
 
-/// Reply frames, decoded when asyncio takes the result (the GIL is held then anyway).
+/// Reply frames, decoded on the event loop's thread (the GIL is held there anyway).
 struct Replies {
     frames: Vec<Frame>,
     /// `request` gives a value, `request_many` a list.
@@ -62,19 +64,6 @@ impl<'py> IntoPyObject<'py> for Replies {
             return Ok(values.pop().expect("one reply"));
         }
         Ok(PyList::new(py, values)?.into_any())
-    }
-}
-
-/// A classic reply's JSON text, decoded when asyncio takes the result.
-struct ClassicReply(Vec<u8>);
-
-impl<'py> IntoPyObject<'py> for ClassicReply {
-    type Target = PyAny;
-    type Output = Bound<'py, PyAny>;
-    type Error = PyErr;
-
-    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        json::loads(py, &self.0)
     }
 }
 
@@ -256,11 +245,16 @@ impl Shared {
 }
 
 /// The engine of `framesock.aio.Client`.
+///
+/// Each call returns an asyncio future made on the running loop; the exchange runs as a tokio
+/// task and its replies come back through the loop's [`LoopBridge`], where they are decoded
+/// (the GIL is held there anyway). Cancelling the future aborts the task.
 #[pyclass(frozen, module = "framesock._framesock", name = "AsyncClient")]
 pub struct AsyncClient {
     protocol: Protocol,
     shared: Arc<Shared>,
     closed: AtomicBool,
+    bridge: Mutex<Option<Arc<LoopBridge>>>,
 }
 
 impl AsyncClient {
@@ -271,6 +265,57 @@ impl AsyncClient {
         Ok(())
     }
 
+    /// The bridge to the running loop (a client used from a new loop gets a new one).
+    fn bridge(&self, py: Python<'_>) -> PyResult<Arc<LoopBridge>> {
+        static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let running = GET_RUNNING_LOOP
+            .import(py, "asyncio", "get_running_loop")?
+            .call0()?;
+        let mut slot = self.bridge.lock().expect("bridge lock");
+        if let Some(bridge) = slot.as_ref() {
+            if bridge.event_loop(py).is(&running) {
+                return Ok(bridge.clone());
+            }
+            bridge.push(Job::Close);
+        }
+        let bridge = LoopBridge::new(&running)?;
+        *slot = Some(bridge.clone());
+        Ok(bridge)
+    }
+
+    /// Runs `work` on the runtime and returns an asyncio future for `finish(result)`.
+    fn submit<'py, W, T>(
+        &self,
+        py: Python<'py>,
+        work: W,
+        finish: fn(Python<'_>, T) -> PyResult<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>>
+    where
+        W: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let bridge = self.bridge(py)?;
+        let future = bridge
+            .event_loop(py)
+            .call_method0(pyo3::intern!(py, "create_future"))?;
+        let target = future.clone().unbind();
+        let task = runtime::runtime().spawn(async move {
+            let outcome = work.await;
+            bridge.push(Job::Resolve {
+                future: target,
+                outcome: Box::new(move |py| match outcome {
+                    Ok(value) => finish(py, value),
+                    Err(err) => Err(err.into()),
+                }),
+            });
+        });
+        let abort = AbortIfCancelled {
+            task: task.abort_handle(),
+        };
+        future.call_method1(pyo3::intern!(py, "add_done_callback"), (abort,))?;
+        Ok(future)
+    }
+
     fn classic<'py>(
         &self,
         py: Python<'py>,
@@ -278,12 +323,26 @@ impl AsyncClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         let frame = codec::encode_frame(&message_payload(message)?).map_err(Error::from)?;
         let shared = self.shared.clone();
-        awaitable(py, async move {
-            let reply =
-                classic_exchange(&shared.endpoint, &frame, shared.timeout, shared.max_reply)
-                    .await?;
-            Ok(ClassicReply(reply))
-        })
+        let work = async move {
+            classic_exchange(&shared.endpoint, &frame, shared.timeout, shared.max_reply).await
+        };
+        self.submit(py, work, |py, reply| Ok(json::loads(py, &reply)?.unbind()))
+    }
+}
+
+/// A future's done-callback that aborts its tokio task if the future was cancelled.
+#[pyclass(frozen)]
+struct AbortIfCancelled {
+    task: tokio::task::AbortHandle,
+}
+
+#[pymethods]
+impl AbortIfCancelled {
+    fn __call__(&self, future: &Bound<'_, PyAny>) -> PyResult<()> {
+        if future.call_method0("cancelled")?.is_truthy()? {
+            self.task.abort();
+        }
+        Ok(())
     }
 }
 
@@ -309,6 +368,7 @@ impl AsyncClient {
                 next_id: AtomicU64::new(0),
             }),
             closed: AtomicBool::new(false),
+            bridge: Mutex::new(None),
         })
     }
 
@@ -325,9 +385,9 @@ impl AsyncClient {
         let mut frames = BytesMut::new();
         put_request(message, &mut frames)?;
         let shared = self.shared.clone();
-        awaitable(py, async move {
-            let frames = shared.exchange(frames.freeze(), 1).await?;
-            Ok(Replies { frames, one: true })
+        let work = async move { shared.exchange(frames.freeze(), 1).await };
+        self.submit(py, work, |py, frames| {
+            Ok(Replies { frames, one: true }.into_pyobject(py)?.unbind())
         })
     }
 
@@ -347,10 +407,10 @@ impl AsyncClient {
                 })
                 .collect::<PyResult<Vec<Bytes>>>()?;
             let shared = self.shared.clone();
-            return awaitable(py, async move {
+            let work = async move {
                 let mut replies = Vec::with_capacity(frames.len());
                 for frame in frames {
-                    replies.push(ClassicReply(
+                    replies.push(
                         classic_exchange(
                             &shared.endpoint,
                             &frame,
@@ -358,9 +418,16 @@ impl AsyncClient {
                             shared.max_reply,
                         )
                         .await?,
-                    ));
+                    );
                 }
                 Ok(replies)
+            };
+            return self.submit(py, work, |py, replies| {
+                let values = replies
+                    .iter()
+                    .map(|reply| json::loads(py, reply))
+                    .collect::<PyResult<Vec<_>>>()?;
+                Ok(PyList::new(py, values)?.into_any().unbind())
             });
         }
         let mut frames = BytesMut::new();
@@ -369,19 +436,23 @@ impl AsyncClient {
         }
         let count = messages.len();
         let shared = self.shared.clone();
-        awaitable(py, async move {
-            let frames = if count == 0 {
-                Vec::new()
-            } else {
-                shared.exchange(frames.freeze(), count).await?
-            };
-            Ok(Replies { frames, one: false })
+        let work = async move {
+            if count == 0 {
+                return Ok(Vec::new());
+            }
+            shared.exchange(frames.freeze(), count).await
+        };
+        self.submit(py, work, |py, frames| {
+            Ok(Replies { frames, one: false }.into_pyobject(py)?.unbind())
         })
     }
 
     /// Closes the connection; requests still waiting fail, later ones raise ValueError.
     fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        if let Some(bridge) = self.bridge.lock().expect("bridge lock").take() {
+            bridge.push(Job::Close);
+        }
         let shared = self.shared.clone();
         // The lock may be held by a request mid-write; let that finish, then drop the connection.
         runtime::runtime().spawn(async move {
@@ -439,7 +510,7 @@ pub fn start_server_async<'py>(
         &request_as,
         ready,
     )?;
-    one_shot.responder.set_event_loop(locals);
+    one_shot.responder.use_running_loop(py)?;
     awaitable(py, one_shot.serve())
 }
 

@@ -2,6 +2,7 @@
 
 mod aio;
 mod args;
+mod bridge;
 mod client;
 pub mod codec;
 mod errors;

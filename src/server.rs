@@ -125,6 +125,12 @@ impl OneShot {
     /// Unlike `Server`, whatever goes wrong is raised to the caller rather than logged: the
     /// caller asked for exactly this one exchange.
     pub async fn serve(self) -> PyResult<Exchange> {
+        let exchange = self.exchange().await;
+        self.responder.release_loop();
+        exchange
+    }
+
+    async fn exchange(&self) -> PyResult<Exchange> {
         let OneShot {
             endpoint,
             backlog,
@@ -133,7 +139,8 @@ impl OneShot {
             responder,
             ready,
         } = self;
-        let listener = Listener::bind(&endpoint, backlog).await?;
+        let (backlog, timeout, max_frame) = (*backlog, *timeout, *max_frame);
+        let listener = Listener::bind(endpoint, backlog).await?;
         let local = listener.local_address()?;
         if let Some(ready) = ready {
             Python::attach(|py| ready.call1(py, (address_object(py, &local)?,)).map(drop))?;
@@ -381,11 +388,10 @@ impl Server {
         })
     }
 
-    /// framesock.aio: handlers that return awaitables run on the running event loop.
+    /// framesock.aio: coroutine handlers (and awaitables handlers return) run on the running
+    /// event loop.
     fn _use_event_loop(&self, py: Python<'_>) -> PyResult<()> {
-        let locals = pyo3_async_runtimes::tokio::get_current_locals(py)?;
-        self.service.responder.set_event_loop(locals);
-        Ok(())
+        self.service.responder.use_running_loop(py)
     }
 
     /// Counters: connections accepted/active, requests, bytes in/out, errors by kind.
@@ -436,6 +442,7 @@ impl Server {
         let connections = self.connections.clone();
         let abort = self.abort.clone();
         let finished = self.finished.clone();
+        let service = self.service.clone();
         async move {
             if let Some(accept) = accept {
                 let _ = accept.await;
@@ -454,6 +461,7 @@ impl Server {
                 abort.cancel();
                 connections.wait().await;
             }
+            service.responder.release_loop();
             finished.cancel();
         }
     }

@@ -2,8 +2,6 @@
 //! counters. Requests are read and replies written on the tokio runtime without the GIL; the GIL is
 //! taken only to call a Python handler (a static response never takes it).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -14,15 +12,15 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString};
-use pyo3_async_runtimes::TaskLocals;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bridge::{Job, LoopBridge};
 use crate::codec::{self, FrameCodec, WireError};
 use crate::errors::{Error, Result};
 use crate::json;
@@ -120,19 +118,44 @@ impl Failure {
 pub enum Responder {
     /// A value encoded once, before serving starts.
     Static { value: Py<PyAny>, json: Bytes },
-    /// `handler(request) -> value`, called with the GIL; if it returns an awaitable (a
-    /// coroutine handler under framesock.aio), that is awaited on `event_loop`.
+    /// `handler(request) -> value`, called with the GIL. Under framesock.aio (`event_loop`
+    /// set), a coroutine function is called on the event loop and what any handler returns
+    /// that is awaitable is awaited there.
     Handler {
         handler: Py<PyAny>,
         request_as: RequestAs,
-        event_loop: OnceLock<TaskLocals>,
+        event_loop: OnceLock<LoopRoute>,
     },
 }
 
-/// What calling the handler gave: a value, or an awaitable running on the event loop.
-enum Called {
-    Value(Py<PyAny>, Bytes),
-    Pending(Pin<Box<dyn Future<Output = PyResult<Py<PyAny>>> + Send>>),
+/// How a handler reaches its event loop.
+pub struct LoopRoute {
+    bridge: Arc<LoopBridge>,
+    /// The handler is a coroutine function: call it on the loop itself.
+    call_on_loop: bool,
+}
+
+/// The request payload as the handler wants it, and the handler called with it.
+pub fn call_handler<'py>(
+    py: Python<'py>,
+    handler: &Bound<'py, PyAny>,
+    request_as: RequestAs,
+    payload: &[u8],
+) -> std::result::Result<Bound<'py, PyAny>, Failure> {
+    let request = match request_as {
+        RequestAs::Text => request_text(py, payload).into_any(),
+        RequestAs::Bytes => PyBytes::new(py, payload).into_any(),
+        RequestAs::Json => json::loads(py, payload).map_err(Failure::BadRequest)?,
+    };
+    handler.call1((request,)).map_err(Failure::Handler)
+}
+
+/// Whether `value` is something to `await` (a coroutine, a future, ...).
+pub fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
+    !(value.is_instance_of::<PyDict>() || value.is_instance_of::<pyo3::types::PyList>())
+        && value
+            .hasattr(pyo3::intern!(value.py(), "__await__"))
+            .unwrap_or(false)
 }
 
 impl Responder {
@@ -173,16 +196,47 @@ impl Responder {
         }
     }
 
-    /// Lets the handler return awaitables, which then run on this event loop (framesock.aio).
-    /// The first loop set stays.
-    pub fn set_event_loop(&self, locals: TaskLocals) {
+    /// framesock.aio: ties the handler to the running event loop (call on the loop). The first
+    /// loop set stays.
+    pub fn use_running_loop(&self, py: Python<'_>) -> PyResult<()> {
+        let Responder::Handler {
+            handler,
+            event_loop,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if event_loop.get().is_some() {
+            return Ok(());
+        }
+        let running = py.import("asyncio")?.call_method0("get_running_loop")?;
+        let call_on_loop = py
+            .import("inspect")?
+            .call_method1("iscoroutinefunction", (handler.bind(py),))?
+            .is_truthy()?;
+        let route = LoopRoute {
+            bridge: LoopBridge::new(&running)?,
+            call_on_loop,
+        };
+        if let Err(unused) = event_loop.set(route) {
+            unused.bridge.push(Job::Close);
+        }
+        Ok(())
+    }
+
+    /// framesock.aio: stops watching the event loop (from any thread; the loop does the rest).
+    pub fn release_loop(&self) {
         if let Responder::Handler { event_loop, .. } = self {
-            let _ = event_loop.set(locals);
+            if let Some(route) = event_loop.get() {
+                route.bridge.push(Job::Close);
+            }
         }
     }
 
-    /// The reply value and its JSON text for one request; takes the GIL only to call the
-    /// handler and encode its value, and awaits an async handler without holding it.
+    /// The reply value and its JSON text for one request. A handler is called with the GIL (on
+    /// the event loop for a coroutine function under framesock.aio); an awaitable it returns is
+    /// awaited on the event loop while this task waits without the GIL.
     pub async fn respond(
         &self,
         payload: &[u8],
@@ -198,39 +252,46 @@ impl Responder {
             };
             return Ok((Python::attach(|py| value.clone_ref(py)), json.clone()));
         };
-        let called = Python::attach(|py| -> std::result::Result<Called, Failure> {
-            let request = match request_as {
-                RequestAs::Text => request_text(py, payload).into_any(),
-                RequestAs::Bytes => PyBytes::new(py, payload).into_any(),
-                RequestAs::Json => json::loads(py, payload).map_err(Failure::BadRequest)?,
-            };
-            let value = handler
-                .bind(py)
-                .call1((request,))
-                .map_err(Failure::Handler)?;
-            if is_awaitable(&value) {
-                let Some(locals) = event_loop.get() else {
-                    return Err(Failure::Handler(pyo3::exceptions::PyTypeError::new_err(
-                        "the handler returned an awaitable; async handlers need framesock.aio.Server",
-                    )));
-                };
-                let pending = pyo3_async_runtimes::into_future_with_locals(locals, value)
-                    .map_err(Failure::Handler)?;
-                return Ok(Called::Pending(Box::pin(pending)));
+        let route = event_loop.get();
+        let (reply, replied) = oneshot::channel();
+        match route {
+            Some(route) if route.call_on_loop => {
+                let handler = Python::attach(|py| handler.clone_ref(py));
+                let payload = Bytes::copy_from_slice(payload);
+                route.bridge.push(Job::Call {
+                    handler,
+                    request_as: *request_as,
+                    payload,
+                    reply,
+                });
             }
-            let json = json::dumps(&value).map_err(Failure::Encode)?;
-            Ok(Called::Value(value.unbind(), Bytes::from(json)))
-        })?;
-        match called {
-            Called::Value(value, json) => Ok((value, json)),
-            Called::Pending(pending) => {
-                let value = pending.await.map_err(Failure::Handler)?;
-                Python::attach(|py| {
-                    let json = json::dumps(value.bind(py)).map_err(Failure::Encode)?;
-                    Ok((value, Bytes::from(json)))
-                })
+            _ => {
+                let called = Python::attach(|py| {
+                    let value = call_handler(py, handler.bind(py), *request_as, payload)?;
+                    if !is_awaitable(&value) {
+                        let json = json::dumps(&value).map_err(Failure::Encode)?;
+                        return Ok(Some((value.unbind(), Bytes::from(json))));
+                    }
+                    match route {
+                        Some(route) => {
+                            route.bridge.push(Job::Await { awaitable: value.unbind(), reply });
+                            Ok(None)
+                        }
+                        None => Err(Failure::Handler(pyo3::exceptions::PyTypeError::new_err(
+                            "the handler returned an awaitable; async handlers need framesock.aio.Server",
+                        ))),
+                    }
+                })?;
+                if let Some(done) = called {
+                    return Ok(done);
+                }
             }
         }
+        replied.await.unwrap_or_else(|_| {
+            Err(Failure::Handler(pyo3::exceptions::PyRuntimeError::new_err(
+                "the event loop stopped before the handler finished",
+            )))
+        })
     }
 
     /// Whether handlers' awaitables run on an event loop, so several can be awaited at once.
@@ -245,14 +306,6 @@ impl Responder {
             Responder::Handler { .. } => self.respond(payload).await.map(|(_, json)| json),
         }
     }
-}
-
-/// Whether `value` is something to `await` (a coroutine, a future, ...), as asyncio decides.
-fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
-    !(value.is_instance_of::<PyDict>() || value.is_instance_of::<pyo3::types::PyList>())
-        && value
-            .hasattr(pyo3::intern!(value.py(), "__await__"))
-            .unwrap_or(false)
 }
 
 /// Counters, updated without locks from every connection; `stats()` hands them to Python

@@ -302,3 +302,26 @@ def test_works_on_uvloop():
                 assert await client.request("y") == {"echo": "y"}
 
     uvloop.run(main())
+
+
+async def test_coroutine_handlers_run_as_tasks(serve):
+    # Each handler runs in a Task of its own, on this loop: asyncio.timeout() works, and context
+    # variables set by one request do not leak into the next.
+    import contextvars
+
+    seen = contextvars.ContextVar("seen", default=None)
+    loop = asyncio.get_running_loop()
+
+    async def handler(request):
+        assert asyncio.get_running_loop() is loop
+        assert asyncio.current_task() is not None
+        leaked = seen.get()
+        seen.set(request)
+        async with asyncio.timeout(1):
+            await asyncio.sleep(0)
+        return {"leaked": leaked}
+
+    server = await serve(handler, protocol="framed")
+    async with aio.Client(*server.address, protocol="framed") as client:
+        assert await client.request("one") == {"leaked": None}
+        assert await client.request("two") == {"leaked": None}
