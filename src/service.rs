@@ -253,9 +253,9 @@ impl Responder {
             return Ok((Python::attach(|py| value.clone_ref(py)), json.clone()));
         };
         let route = event_loop.get();
-        let (reply, replied) = oneshot::channel();
-        match route {
+        let replied = match route {
             Some(route) if route.call_on_loop => {
+                let (reply, replied) = oneshot::channel();
                 let handler = Python::attach(|py| handler.clone_ref(py));
                 let payload = Bytes::copy_from_slice(payload);
                 route.bridge.push(Job::Call {
@@ -264,29 +264,32 @@ impl Responder {
                     payload,
                     reply,
                 });
+                replied
             }
             _ => {
                 let called = Python::attach(|py| {
                     let value = call_handler(py, handler.bind(py), *request_as, payload)?;
                     if !is_awaitable(&value) {
                         let json = json::dumps(&value).map_err(Failure::Encode)?;
-                        return Ok(Some((value.unbind(), Bytes::from(json))));
+                        return Ok(Ok((value.unbind(), Bytes::from(json))));
                     }
                     match route {
                         Some(route) => {
+                            let (reply, replied) = oneshot::channel();
                             route.bridge.push(Job::Await { awaitable: value.unbind(), reply });
-                            Ok(None)
+                            Ok(Err(replied))
                         }
                         None => Err(Failure::Handler(pyo3::exceptions::PyTypeError::new_err(
                             "the handler returned an awaitable; async handlers need framesock.aio.Server",
                         ))),
                     }
                 })?;
-                if let Some(done) = called {
-                    return Ok(done);
+                match called {
+                    Ok(done) => return Ok(done),
+                    Err(replied) => replied,
                 }
             }
-        }
+        };
         replied.await.unwrap_or_else(|_| {
             Err(Failure::Handler(pyo3::exceptions::PyRuntimeError::new_err(
                 "the event loop stopped before the handler finished",
