@@ -6,17 +6,16 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::args;
 use crate::bridge::{Job, LoopBridge};
@@ -24,7 +23,7 @@ use crate::client::{classic_exchange, message_payload, put_request};
 use crate::codec::{self, Frame, FrameCodec, WireError};
 use crate::errors::{self, Error, Result};
 use crate::json;
-use crate::net::{self, Endpoint, Stream};
+use crate::net::{self, Endpoint, ReadPart, WritePart};
 use crate::runtime::{self, within};
 use crate::server::{endpoint, OneShot};
 use crate::service::Protocol;
@@ -67,79 +66,220 @@ impl<'py> IntoPyObject<'py> for Replies {
     }
 }
 
-type ReplySender = oneshot::Sender<std::result::Result<Frame, Arc<Error>>>;
-
-/// Who waits for the next replies, in the order their requests were written.
-#[derive(Default)]
-struct Waiters {
-    queue: VecDeque<ReplySender>,
-    /// Set when the connection has failed; later requests must not wait on it.
-    failed: Option<Arc<Error>>,
+/// A request waiting for its replies: the asyncio future to complete, and the loop it is on.
+struct Target {
+    future: Py<PyAny>,
+    bridge: Arc<LoopBridge>,
+    wanted: usize,
+    frames: Vec<Frame>,
+    /// `request` resolves to a value, `request_many` to a list.
+    one: bool,
+    queued_at: Instant,
 }
 
-/// A framed connection shared by every request of one client: requests are written in turn and
-/// their replies, read by one task, are handed out in order. Many requests can be in flight.
-struct Pipeline {
-    id: u64,
-    writer: WriteHalf<Stream>,
-    waiters: Arc<Mutex<Waiters>>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        // Ends the reader; the waiters it held are dropped and so learn the connection is gone.
-        self.reader.abort();
+impl Target {
+    /// Completes the future (on its loop, where the replies are decoded).
+    fn resolve(self, outcome: Result<Vec<Frame>>) {
+        let Target {
+            future,
+            bridge,
+            one,
+            ..
+        } = self;
+        bridge.push(Job::Resolve {
+            future,
+            outcome: Box::new(move |py| match outcome {
+                Ok(frames) => Ok(Replies { frames, one }.into_pyobject(py)?.unbind()),
+                Err(err) => Err(err.into()),
+            }),
+        });
     }
 }
 
-/// Reads replies and gives each to the oldest waiter; on failure tells every waiter.
-async fn hand_out_replies(
-    mut reader: ReadHalf<Stream>,
-    waiters: Arc<Mutex<Waiters>>,
-    max_reply: usize,
-) {
-    let mut input = BytesMut::new();
-    let mut codec = FrameCodec::replies(max_reply);
-    let failure = loop {
-        match codec::read_frame(&mut reader, &mut input, &mut codec).await {
-            Ok(Some(frame)) => {
-                let waiter = waiters.lock().expect("waiters lock").queue.pop_front();
-                match waiter {
-                    // A waiter that was cancelled has gone; its reply is simply dropped.
-                    Some(waiter) => drop(waiter.send(Ok(frame))),
+/// What a framed connection of an asyncio client holds between calls.
+#[derive(Default)]
+struct ConnState {
+    /// Requests written (or queued to be), oldest first: replies come back in this order.
+    targets: VecDeque<Target>,
+    /// Bytes the socket would not take yet, written by a flush task in order.
+    backlog: VecDeque<Bytes>,
+    flushing: bool,
+    failed: Option<Arc<Error>>,
+}
+
+/// A framed connection shared by every request of one asyncio client.
+///
+/// Requests are written straight from the event loop's thread (`try_write` never waits) unless
+/// earlier bytes are still queued, and one reader task hands the replies out in order. So a
+/// request costs no hand-off to another thread on its way out, many can be in flight, and a
+/// cancelled request never leaves half a frame behind: its reply is read and dropped.
+struct Conn {
+    write: WritePart,
+    state: Mutex<ConnState>,
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Conn {
+    /// Queues `target` for the replies and writes `frames`.
+    fn send(self: &Arc<Self>, frames: Bytes, target: Target) {
+        let mut state = self.state.lock().expect("connection lock");
+        if let Some(failure) = &state.failed {
+            let failure = failure.duplicate();
+            drop(state);
+            return target.resolve(Err(failure));
+        }
+        state.targets.push_back(target);
+        if state.flushing {
+            state.backlog.push_back(frames);
+            return;
+        }
+        let written = match self.write.try_write(&frames) {
+            Ok(written) => written,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(err) => {
+                drop(state);
+                return self.fail(WireError::Io(err).into());
+            }
+        };
+        if written < frames.len() {
+            state.backlog.push_back(frames.slice(written..));
+            state.flushing = true;
+            runtime::runtime().spawn(self.clone().flush());
+        }
+    }
+
+    /// Writes the backlog as the socket takes it.
+    async fn flush(self: Arc<Self>) {
+        loop {
+            let chunk = {
+                let mut state = self.state.lock().expect("connection lock");
+                match state.backlog.front() {
+                    _ if state.failed.is_some() => return,
+                    Some(chunk) => chunk.clone(),
                     None => {
-                        break Error::Wire(WireError::Io(std::io::Error::other(
-                            "the server sent a reply nobody asked for",
-                        )))
+                        state.flushing = false;
+                        return;
                     }
+                }
+            };
+            let written = match self
+                .write
+                .writable()
+                .await
+                .and_then(|()| self.write.try_write(&chunk))
+            {
+                Ok(written) => written,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(err) => return self.fail(WireError::Io(err).into()),
+            };
+            let mut state = self.state.lock().expect("connection lock");
+            if let Some(front) = state.backlog.front_mut() {
+                if written >= front.len() {
+                    state.backlog.pop_front();
+                } else {
+                    front.advance(written);
+                }
+            }
+        }
+    }
+
+    /// Ends the connection: every waiting request fails with `failure`.
+    fn fail(&self, failure: Error) {
+        let failure = Arc::new(failure);
+        let targets = {
+            let mut state = self.state.lock().expect("connection lock");
+            if state.failed.is_some() {
+                return;
+            }
+            state.failed = Some(failure.clone());
+            state.backlog.clear();
+            std::mem::take(&mut state.targets)
+        };
+        for target in targets {
+            target.resolve(Err(failure.duplicate()));
+        }
+        if let Some(reader) = self.reader.lock().expect("reader lock").take() {
+            reader.abort();
+        }
+    }
+
+    fn is_failed(&self) -> bool {
+        self.state.lock().expect("connection lock").failed.is_some()
+    }
+}
+
+/// Reads replies and completes the oldest request with them; `timeout` bounds the wait for
+/// each reply while requests are waiting.
+async fn read_replies(conn: Arc<Conn>, mut read: ReadPart, shared: Arc<Shared>) {
+    let mut input = BytesMut::new();
+    let mut codec = FrameCodec::replies(shared.max_reply);
+    let mut last_reply = Instant::now();
+    let failure = loop {
+        // While idle, wake every `timeout` anyway to look at requests queued since.
+        let due = shared.timeout.map(|limit| {
+            let state = conn.state.lock().expect("connection lock");
+            match state.targets.front() {
+                Some(front) => front.queued_at.max(last_reply) + limit,
+                None => Instant::now() + limit,
+            }
+        });
+        let frame = tokio::select! {
+            frame = codec::read_frame(&mut read, &mut input, &mut codec) => frame,
+            () = sleep_until(due) => {
+                let state = conn.state.lock().expect("connection lock");
+                let overdue = state.targets.front().is_some_and(|front| {
+                    Instant::now() >= front.queued_at.max(last_reply) + shared.timeout.unwrap_or_default()
+                });
+                if overdue {
+                    break Error::Timeout(format!(
+                        "timed out after {} s waiting for a reply from {}",
+                        shared.timeout.unwrap_or_default().as_secs_f64(),
+                        shared.endpoint
+                    ));
+                }
+                continue;
+            }
+        };
+        last_reply = Instant::now();
+        match frame {
+            Ok(Some(frame)) => {
+                let mut state = conn.state.lock().expect("connection lock");
+                let Some(front) = state.targets.front_mut() else {
+                    break Error::Wire(WireError::Io(std::io::Error::other(
+                        "the server sent a reply nobody asked for",
+                    )));
+                };
+                front.frames.push(frame);
+                if front.frames.len() == front.wanted {
+                    let mut done = state.targets.pop_front().expect("front exists");
+                    drop(state);
+                    let frames = std::mem::take(&mut done.frames);
+                    done.resolve(Ok(frames));
                 }
             }
             Ok(None) => break Error::Wire(WireError::ClosedBeforeMessage),
             Err(err) => break err.into(),
         }
     };
-    let failure = Arc::new(failure);
-    let mut waiters = waiters.lock().expect("waiters lock");
-    waiters.failed = Some(failure.clone());
-    for waiter in waiters.queue.drain(..) {
-        let _ = waiter.send(Err(failure.clone()));
+    conn.fail(failure);
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }
 
-/// Clears the connection slot if dropped while armed: a write cut short (cancelled or failed)
-/// leaves half a frame on the wire, so that connection cannot be used again.
-struct ResetUnlessDone<'a> {
-    slot: &'a mut Option<Pipeline>,
-    armed: bool,
-}
-
-impl Drop for ResetUnlessDone<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            *self.slot = None;
-        }
-    }
+/// The framed connection of an asyncio client, as far as it has got.
+#[derive(Default)]
+enum Slot {
+    #[default]
+    Empty,
+    /// Connecting; these requests go out once connected.
+    Connecting(Vec<(Bytes, Target)>),
+    Ready(Arc<Conn>),
 }
 
 /// What every request of an asyncio client shares.
@@ -147,99 +287,83 @@ struct Shared {
     endpoint: Endpoint,
     timeout: Option<Duration>,
     max_reply: usize,
-    pipeline: tokio::sync::Mutex<Option<Pipeline>>,
-    next_id: AtomicU64,
+    slot: Mutex<Slot>,
 }
 
 impl Shared {
-    async fn connect(&self) -> Result<Pipeline> {
-        let stream = within(
+    /// Sends a request on the connection, connecting first (in the background) if needed.
+    fn send(self: &Arc<Self>, frames: Bytes, target: Target) {
+        let mut slot = self.slot.lock().expect("slot lock");
+        match &mut *slot {
+            Slot::Ready(conn) if !conn.is_failed() => {
+                let conn = conn.clone();
+                drop(slot);
+                conn.send(frames, target);
+            }
+            Slot::Connecting(queued) => queued.push((frames, target)),
+            _ => {
+                *slot = Slot::Connecting(vec![(frames, target)]);
+                runtime::runtime().spawn(self.clone().connect());
+            }
+        }
+    }
+
+    async fn connect(self: Arc<Self>) {
+        let connected = within(
             self.timeout,
             || format!("connecting to {}", self.endpoint),
             net::connect(&self.endpoint),
         )
-        .await?;
-        let (reader, writer) = tokio::io::split(stream);
-        let waiters = Arc::new(Mutex::new(Waiters::default()));
-        let reader =
-            runtime::runtime().spawn(hand_out_replies(reader, waiters.clone(), self.max_reply));
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Ok(Pipeline {
-            id,
-            writer,
-            waiters,
-            reader,
-        })
-    }
-
-    /// Writes `count` encoded request frames and waits for their replies.
-    async fn exchange(&self, frames: Bytes, count: usize) -> Result<Vec<Frame>> {
-        let (receivers, id) = {
-            let mut slot = self.pipeline.lock().await;
-            let failed = slot
-                .as_ref()
-                .is_some_and(|p| p.waiters.lock().expect("waiters lock").failed.is_some());
-            if slot.is_none() || failed {
-                *slot = Some(self.connect().await?);
-            }
-            let pipeline = slot.as_mut().expect("connected above");
-            let id = pipeline.id;
-            let receivers = {
-                let mut waiters = pipeline.waiters.lock().expect("waiters lock");
-                if let Some(failure) = &waiters.failed {
-                    return Err(failure.duplicate());
-                }
-                (0..count)
-                    .map(|_| {
-                        let (sender, receiver) = oneshot::channel();
-                        waiters.queue.push_back(sender);
-                        receiver
-                    })
-                    .collect::<Vec<_>>()
-            };
-            let mut guard = ResetUnlessDone {
-                slot: &mut slot,
-                armed: true,
-            };
-            let pipeline = guard.slot.as_mut().expect("connected above");
-            pipeline
-                .writer
-                .write_all(&frames)
-                .await
-                .map_err(WireError::Io)?;
-            guard.armed = false;
-            (receivers, id)
+        .await;
+        // Taking the queue and installing the connection happen under one lock, so a request
+        // made meanwhile is either in the queue or sent on the new connection, never lost.
+        let mut slot = self.slot.lock().expect("slot lock");
+        let queued = match std::mem::take(&mut *slot) {
+            Slot::Connecting(queued) => queued,
+            // Closed meanwhile (its requests were failed then): the new socket just closes.
+            _ => return,
         };
-        let mut replies = Vec::with_capacity(count);
-        for receiver in receivers {
-            let reply = match self.timeout {
-                Some(limit) => match tokio::time::timeout(limit, receiver).await {
-                    Ok(reply) => reply,
-                    Err(_elapsed) => {
-                        self.reset(id).await;
-                        return Err(Error::Timeout(format!(
-                            "timed out after {} s waiting for a reply from {}",
-                            limit.as_secs_f64(),
-                            self.endpoint
-                        )));
-                    }
-                },
-                None => receiver.await,
-            };
-            match reply {
-                Ok(Ok(frame)) => replies.push(frame),
-                Ok(Err(failure)) => return Err(failure.duplicate()),
-                Err(_dropped) => return Err(Error::Wire(WireError::ClosedBeforeMessage)),
+        let stream = match connected {
+            Ok(stream) => stream,
+            Err(failure) => {
+                drop(slot);
+                for (_, target) in queued {
+                    target.resolve(Err(failure.duplicate()));
+                }
+                return;
             }
+        };
+        let (read, write) = stream.into_split();
+        let conn = Arc::new(Conn {
+            write,
+            state: Mutex::default(),
+            reader: Mutex::new(None),
+        });
+        let reader = runtime::runtime().spawn(read_replies(conn.clone(), read, self.clone()));
+        *conn.reader.lock().expect("reader lock") = Some(reader.abort_handle());
+        *slot = Slot::Ready(conn.clone());
+        // In the order they were made, before any request that comes after.
+        for (frames, target) in queued {
+            conn.send(frames, target);
         }
-        Ok(replies)
     }
 
-    /// Drops connection `id` if it is still the current one (a stuck server: start afresh).
-    async fn reset(&self, id: u64) {
-        let mut slot = self.pipeline.lock().await;
-        if slot.as_ref().is_some_and(|p| p.id == id) {
-            *slot = None;
+    /// Drops the connection; waiting requests fail as aborted.
+    fn close(&self) {
+        let closed = || {
+            Error::Wire(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the client was closed",
+            )))
+        };
+        match std::mem::take(&mut *self.slot.lock().expect("slot lock")) {
+            Slot::Ready(conn) => conn.fail(closed()),
+            Slot::Connecting(queued) => {
+                for (_, target) in queued {
+                    target.resolve(Err(closed()));
+                }
+            }
+            Slot::Empty => {}
         }
     }
 }
@@ -316,6 +440,31 @@ impl AsyncClient {
         Ok(future)
     }
 
+    /// Sends encoded request frames on the shared connection; returns the future for the
+    /// replies (a value if `one`, else a list).
+    fn framed<'py>(
+        &self,
+        py: Python<'py>,
+        frames: Bytes,
+        wanted: usize,
+        one: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let bridge = self.bridge(py)?;
+        let future = bridge
+            .event_loop(py)
+            .call_method0(pyo3::intern!(py, "create_future"))?;
+        let target = Target {
+            future: future.clone().unbind(),
+            bridge,
+            wanted,
+            frames: Vec::with_capacity(wanted.min(1024)),
+            one,
+            queued_at: Instant::now(),
+        };
+        self.shared.send(frames, target);
+        Ok(future)
+    }
+
     fn classic<'py>(
         &self,
         py: Python<'py>,
@@ -364,8 +513,7 @@ impl AsyncClient {
                 endpoint: endpoint(host, port, path)?,
                 timeout: args::timeout("timeout", timeout)?,
                 max_reply: args::byte_limit("max_reply", max_reply)?,
-                pipeline: tokio::sync::Mutex::new(None),
-                next_id: AtomicU64::new(0),
+                slot: Mutex::default(),
             }),
             closed: AtomicBool::new(false),
             bridge: Mutex::new(None),
@@ -384,11 +532,7 @@ impl AsyncClient {
         }
         let mut frames = BytesMut::new();
         put_request(message, &mut frames)?;
-        let shared = self.shared.clone();
-        let work = async move { shared.exchange(frames.freeze(), 1).await };
-        self.submit(py, work, |py, frames| {
-            Ok(Replies { frames, one: true }.into_pyobject(py)?.unbind())
-        })
+        self.framed(py, frames.freeze(), 1, true)
     }
 
     /// An awaitable for the replies to every message (framed: pipelined on one connection).
@@ -434,17 +578,15 @@ impl AsyncClient {
         for message in &messages {
             put_request(message, &mut frames)?;
         }
-        let count = messages.len();
-        let shared = self.shared.clone();
-        let work = async move {
-            if count == 0 {
-                return Ok(Vec::new());
-            }
-            shared.exchange(frames.freeze(), count).await
-        };
-        self.submit(py, work, |py, frames| {
-            Ok(Replies { frames, one: false }.into_pyobject(py)?.unbind())
-        })
+        if messages.is_empty() {
+            let future = self
+                .bridge(py)?
+                .event_loop(py)
+                .call_method0("create_future")?;
+            future.call_method1("set_result", (PyList::empty(py),))?;
+            return Ok(future);
+        }
+        self.framed(py, frames.freeze(), messages.len(), false)
     }
 
     /// Closes the connection; requests still waiting fail, later ones raise ValueError.
@@ -453,11 +595,7 @@ impl AsyncClient {
         if let Some(bridge) = self.bridge.lock().expect("bridge lock").take() {
             bridge.push(Job::Close);
         }
-        let shared = self.shared.clone();
-        // The lock may be held by a request mid-write; let that finish, then drop the connection.
-        runtime::runtime().spawn(async move {
-            shared.pipeline.lock().await.take();
-        });
+        self.shared.close();
     }
 }
 

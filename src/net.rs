@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+use tokio::net::{tcp, unix, TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 
 use crate::errors::{Error, Result};
 
@@ -218,6 +218,66 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Stream {
+    /// Splits the connection into a read half and a write half that can be used apart.
+    pub fn into_split(self) -> (ReadPart, WritePart) {
+        match self {
+            Stream::Tcp(s) => {
+                let (read, write) = s.into_split();
+                (ReadPart::Tcp(read), WritePart::Tcp(write))
+            }
+            Stream::Unix(s) => {
+                let (read, write) = s.into_split();
+                (ReadPart::Unix(read), WritePart::Unix(write))
+            }
+        }
+    }
+}
+
+/// The read half of a split connection.
+pub enum ReadPart {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+}
+
+impl AsyncRead for ReadPart {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadPart::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ReadPart::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+/// The write half of a split connection: `try_write` works from any thread (it never waits),
+/// `writable` waits on the runtime.
+pub enum WritePart {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+}
+
+impl WritePart {
+    /// Writes what the socket takes now; `WouldBlock` if it takes nothing.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            WritePart::Tcp(s) => s.try_write(buf),
+            WritePart::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    /// Waits until the socket may take more.
+    pub async fn writable(&self) -> io::Result<()> {
+        match self {
+            WritePart::Tcp(s) => s.writable().await,
+            WritePart::Unix(s) => s.writable().await,
         }
     }
 }
