@@ -325,3 +325,53 @@ async def test_coroutine_handlers_run_as_tasks(serve):
     async with aio.Client(*server.address, protocol="framed") as client:
         assert await client.request("one") == {"leaked": None}
         assert await client.request("two") == {"leaked": None}
+
+
+async def test_client_reconnects_after_the_server_drops_it(serve):
+    # The client's reader sees an idle connection close, so the next request opens a new one.
+    server = await serve(protocol="framed", idle_timeout=0.1)
+    async with aio.Client(*server.address, protocol="framed") as client:
+        assert await client.request("one") == {"echo": "one"}
+        await asyncio.sleep(0.4)  # the server closes the idle connection
+        assert await client.request("two") == {"echo": "two"}
+    assert server.stats()["connections_accepted"] == 2
+
+
+async def test_requests_in_flight_fail_when_the_connection_breaks(serve, caplog):
+    async def handler(request):
+        await asyncio.sleep(0.5)
+        return request
+
+    server = await serve(handler, protocol="framed", idle_timeout=5)
+    async with aio.Client(*server.address, protocol="framed") as client:
+        waiting = asyncio.create_task(client.request("x"))
+        await asyncio.sleep(0.1)
+        with caplog.at_level(logging.CRITICAL, logger="framesock"):
+            await server.shutdown(timeout=0.05)  # drops the exchange in progress
+        with pytest.raises((ConnectionError, framesock.FramesockError)):
+            await asyncio.wait_for(waiting, 5)
+
+
+async def test_close_fails_waiting_requests(serve):
+    release = asyncio.Event()
+
+    async def handler(request):
+        await release.wait()
+        return request
+
+    server = await serve(handler, protocol="framed")
+    client = aio.Client(*server.address, protocol="framed")
+    waiting = asyncio.create_task(client.request("x"))
+    await asyncio.sleep(0.1)
+    await client.close()
+    with pytest.raises(ConnectionAbortedError):
+        await asyncio.wait_for(waiting, 5)
+    release.set()
+
+
+async def test_large_messages_written_in_the_background(serve):
+    server = await serve(protocol="framed")
+    big = "y" * 3_000_000  # more than the socket takes in one write
+    async with aio.Client(*server.address, protocol="framed") as client:
+        replies = await asyncio.gather(*(client.request(big) for _ in range(3)), client.request("small"))
+    assert replies[:3] == [{"echo": big}] * 3 and replies[3] == {"echo": "small"}
