@@ -25,7 +25,7 @@ use crate::errors::{self, Error, Result};
 use crate::json;
 use crate::net::{self, Endpoint, ReadPart, WritePart};
 use crate::runtime::{self, within};
-use crate::server::{endpoint, OneShot};
+use crate::server::{endpoint, one_shot_server};
 use crate::service::Protocol;
 
 /// Hands `fut` to asyncio as an awaitable, on framesock's runtime.
@@ -620,7 +620,7 @@ pub fn start_server_async<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let locals = pyo3_async_runtimes::tokio::get_current_locals(py)?;
     // `ready` runs on the event loop, not on the I/O thread that learns the address.
-    let ready = match ready {
+    let ready: Option<Bound<'py, PyAny>> = match ready {
         Some(ready) => {
             let event_loop = locals.event_loop(py);
             let call_soon = event_loop.getattr("call_soon_threadsafe")?;
@@ -635,7 +635,7 @@ pub fn start_server_async<'py>(
         }
         None => None,
     };
-    let one_shot = OneShot::new(
+    let server = one_shot_server(
         py,
         host,
         port,
@@ -646,10 +646,9 @@ pub fn start_server_async<'py>(
         max_frame,
         backlog,
         &request_as,
-        ready,
     )?;
-    one_shot.responder.use_running_loop(py)?;
-    awaitable(py, one_shot.serve())
+    server._use_event_loop(py)?;
+    awaitable(py, server.serve_one(ready.map(Bound::unbind))?)
 }
 
 /// `call_soon(target, *args)`: runs `target` on the event loop.

@@ -84,97 +84,81 @@ impl<'py> IntoPyObject<'py> for Exchange {
     }
 }
 
-/// Everything `start_server` was asked for, checked before anything touches the network.
-pub struct OneShot {
-    endpoint: Endpoint,
-    backlog: u32,
-    timeout: Option<std::time::Duration>,
-    max_frame: usize,
-    pub responder: Responder,
-    /// Called with the bound address once the socket listens.
-    pub ready: Option<Py<PyAny>>,
+/// The one exchange of `start_server` on `listener`: accept one client, read one request,
+/// reply, close. Unlike a serving `Server`, whatever goes wrong is raised to the caller rather
+/// than logged: the caller asked for exactly this one exchange.
+async fn serve_one(
+    service: &Service,
+    listener: Listener,
+    local: Address,
+    ready: Option<Py<PyAny>>,
+) -> PyResult<Exchange> {
+    let Limits {
+        timeout, max_frame, ..
+    } = service.limits;
+    if let Some(ready) = ready {
+        Python::attach(|py| ready.call1(py, (address_object(py, &local)?,)).map(drop))?;
+    }
+    let (mut stream, peer) = listener.accept().await.map_err(|err| Error::Os {
+        err,
+        doing: format!("accept on {local}"),
+    })?;
+    // One client only, as the seed: later connection attempts are refused, not queued forever.
+    drop(listener);
+
+    let request = within(
+        timeout,
+        || format!("waiting for the request from {peer}"),
+        read_request(&mut stream, max_frame),
+    )
+    .await?;
+    let (reply, json) = service
+        .responder
+        .respond(&request)
+        .await
+        .map_err(service::Failure::into_error)?;
+    within(timeout, || format!("sending the reply to {peer}"), async {
+        stream.write_all(&json).await.map_err(WireError::Io)?;
+        stream.shutdown().await.map_err(WireError::Io)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Exchange {
+        peer,
+        local,
+        request,
+        reply,
+    })
 }
 
-impl OneShot {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        py: Python<'_>,
-        host: String,
-        port: i64,
-        path: Option<PathBuf>,
-        response: Option<Bound<'_, PyAny>>,
-        handler: Option<Bound<'_, PyAny>>,
-        timeout: Option<f64>,
-        max_frame: i64,
-        backlog: i64,
-        request_as: &str,
-        ready: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        Ok(OneShot {
-            endpoint: endpoint(host, port, path)?,
-            backlog: args::backlog(backlog)?,
+/// The `Server` behind `start_server` (and `framesock.aio.start_server`): classic, one
+/// connection, bound now; its arguments are checked before anything touches the network.
+#[allow(clippy::too_many_arguments)]
+pub fn one_shot_server(
+    py: Python<'_>,
+    host: String,
+    port: i64,
+    path: Option<PathBuf>,
+    response: Option<Bound<'_, PyAny>>,
+    handler: Option<Bound<'_, PyAny>>,
+    timeout: Option<f64>,
+    max_frame: i64,
+    backlog: i64,
+    request_as: &str,
+) -> PyResult<Server> {
+    let endpoint = endpoint(host, port, path)?;
+    let backlog = args::backlog(backlog)?;
+    let service = Service {
+        protocol: Protocol::Classic,
+        limits: Limits {
             timeout: args::timeout("timeout", timeout)?,
+            idle_timeout: None,
             max_frame: args::byte_limit("max_frame", max_frame)?,
-            responder: Responder::new(py, response, handler, request_as)?,
-            ready: ready.map(Bound::unbind),
-        })
-    }
-
-    /// Serves one client and one request, like the seed's server.
-    ///
-    /// Unlike `Server`, whatever goes wrong is raised to the caller rather than logged: the
-    /// caller asked for exactly this one exchange.
-    pub async fn serve(self) -> PyResult<Exchange> {
-        let exchange = self.exchange().await;
-        self.responder.release_loop();
-        exchange
-    }
-
-    async fn exchange(&self) -> PyResult<Exchange> {
-        let OneShot {
-            endpoint,
-            backlog,
-            timeout,
-            max_frame,
-            responder,
-            ready,
-        } = self;
-        let (backlog, timeout, max_frame) = (*backlog, *timeout, *max_frame);
-        let listener = Listener::bind(endpoint, backlog).await?;
-        let local = listener.local_address()?;
-        if let Some(ready) = ready {
-            Python::attach(|py| ready.call1(py, (address_object(py, &local)?,)).map(drop))?;
-        }
-        let (mut stream, peer) = listener.accept().await.map_err(|err| Error::Os {
-            err,
-            doing: format!("accept on {local}"),
-        })?;
-        // One client only, as the seed: later connection attempts are refused, not queued forever.
-        drop(listener);
-
-        let request = within(
-            timeout,
-            || format!("waiting for the request from {peer}"),
-            read_request(&mut stream, max_frame),
-        )
-        .await?;
-        let (reply, json) = responder
-            .respond(&request)
-            .await
-            .map_err(service::Failure::into_error)?;
-        within(timeout, || format!("sending the reply to {peer}"), async {
-            stream.write_all(&json).await.map_err(WireError::Io)?;
-            stream.shutdown().await.map_err(WireError::Io)?;
-            Ok(())
-        })
-        .await?;
-        Ok(Exchange {
-            peer,
-            local,
-            request,
-            reply,
-        })
-    }
+        },
+        responder: Responder::new(py, response, handler, request_as)?,
+        stats: Stats::default(),
+    };
+    Server::bind(py, &endpoint, service, 1, backlog)
 }
 
 /// Serves one client, one request, like the seed's server, and returns what was exchanged.
@@ -202,7 +186,7 @@ pub fn start_server<'py>(
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let one_shot = OneShot::new(
+    let server = one_shot_server(
         py,
         host,
         port,
@@ -213,9 +197,8 @@ pub fn start_server<'py>(
         max_frame,
         backlog,
         &request_as,
-        ready,
     )?;
-    runtime::wait(py, one_shot.serve())??.into_pyobject(py)
+    runtime::wait(py, server.serve_one(ready.map(Bound::unbind))?)??.into_pyobject(py)
 }
 
 /// Seconds in-flight exchanges get to finish when the context manager or Ctrl-C shuts down.
@@ -293,19 +276,7 @@ impl Server {
             .filter(|&n| n > 0)
             .ok_or_else(|| PyValueError::new_err("max_connections must be a positive integer"))?;
         let backlog = args::backlog(backlog)?;
-        // Bind now, like socketserver: `address` is known and "address in use" raised here.
-        let listener = runtime::wait(py, Listener::bind(&endpoint, backlog))??;
-        let address = listener.local_address()?;
-        Ok(Server {
-            service: Arc::new(service),
-            address,
-            max_connections,
-            lifecycle: Mutex::new(Lifecycle::Bound(listener)),
-            stop: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            finished: CancellationToken::new(),
-            connections: TaskTracker::new(),
-        })
+        Server::bind(py, &endpoint, service, max_connections, backlog)
     }
 
     /// The bound address: `(host, port)` (the real port when 0 was asked for) or the path.
@@ -390,7 +361,7 @@ impl Server {
 
     /// framesock.aio: coroutine handlers (and awaitables handlers return) run on the running
     /// event loop.
-    fn _use_event_loop(&self, py: Python<'_>) -> PyResult<()> {
+    pub fn _use_event_loop(&self, py: Python<'_>) -> PyResult<()> {
         self.service.responder.use_running_loop(py)
     }
 
@@ -423,6 +394,51 @@ impl Server {
 }
 
 impl Server {
+    /// Binds now, like socketserver: `address` is known and "address in use" raised here.
+    fn bind(
+        py: Python<'_>,
+        endpoint: &Endpoint,
+        service: Service,
+        max_connections: usize,
+        backlog: u32,
+    ) -> PyResult<Server> {
+        let listener = runtime::wait(py, Listener::bind(endpoint, backlog))??;
+        let address = listener.local_address()?;
+        Ok(Server {
+            service: Arc::new(service),
+            address,
+            max_connections,
+            lifecycle: Mutex::new(Lifecycle::Bound(listener)),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            finished: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        })
+    }
+
+    /// `start_server`'s one exchange on this server's socket, as a future to wait on.
+    pub fn serve_one(
+        &self,
+        ready: Option<Py<PyAny>>,
+    ) -> PyResult<impl std::future::Future<Output = PyResult<Exchange>> + Send + 'static> {
+        let previous = std::mem::replace(
+            &mut *self.lifecycle.lock().expect("lifecycle lock"),
+            Lifecycle::Stopped,
+        );
+        let Lifecycle::Bound(listener) = previous else {
+            return Err(PyRuntimeError::new_err(
+                "the server is already serving or was shut down",
+            ));
+        };
+        let service = self.service.clone();
+        let local = self.address.clone();
+        Ok(async move {
+            let exchange = serve_one(&service, listener, local, ready).await;
+            service.responder.release_loop();
+            exchange
+        })
+    }
+
     /// Stops accepting and waiting connections now; the returned future lets exchanges in
     /// progress finish for up to `grace`, drops the rest, and marks the server finished.
     fn begin_shutdown(

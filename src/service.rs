@@ -276,12 +276,21 @@ impl Responder {
                     match route {
                         Some(route) => {
                             let (reply, replied) = oneshot::channel();
-                            route.bridge.push(Job::Await { awaitable: value.unbind(), reply });
+                            route.bridge.push(Job::Await {
+                                awaitable: value.unbind(),
+                                reply,
+                            });
                             Ok(Err(replied))
                         }
-                        None => Err(Failure::Handler(pyo3::exceptions::PyTypeError::new_err(
-                            "the handler returned an awaitable; async handlers need framesock.aio.Server",
-                        ))),
+                        None => {
+                            // Nothing will await it: close it, so Python does not warn later.
+                            if value.hasattr("close").unwrap_or(false) {
+                                let _ = value.call_method0("close");
+                            }
+                            Err(Failure::Handler(pyo3::exceptions::PyTypeError::new_err(
+                                "the handler returned an awaitable; async handlers need framesock.aio.Server",
+                            )))
+                        }
                     }
                 })?;
                 match called {

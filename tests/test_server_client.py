@@ -366,3 +366,14 @@ def test_more_buffered_requests_than_one_batch(serve):
         sock.sendall(b"".join(frame(str(i).encode()) for i in range(600)))
         for i in range(600):
             assert read_reply_frame(sock) == (False, json.dumps({"echo": str(i)}).encode())
+
+
+def test_coroutine_handler_on_the_blocking_server_is_a_clear_error(serve, caplog):
+    async def handler(request):
+        return request
+
+    server = serve(handler, protocol="framed")
+    with framesock.Client(*server.address, protocol="framed") as client:
+        with caplog.at_level(logging.CRITICAL, logger="framesock"):
+            with pytest.raises(framesock.RemoteError, match="framesock.aio.Server"):
+                client.request("x")
