@@ -375,3 +375,55 @@ async def test_large_messages_written_in_the_background(serve):
     async with aio.Client(*server.address, protocol="framed") as client:
         replies = await asyncio.gather(*(client.request(big) for _ in range(3)), client.request("small"))
     assert replies[:3] == [{"echo": big}] * 3 and replies[3] == {"echo": "small"}
+
+
+def read_request_frame(conn: socket.socket) -> bytes:
+    header = conn.recv(4, socket.MSG_WAITALL)
+    return conn.recv(int.from_bytes(header, "big"), socket.MSG_WAITALL)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "reply", "error"),
+    [
+        ("classic", b'{"broken": ', framesock.JSONDecodeError),
+        ("classic", b"", framesock.ConnectionClosedError),
+        ("framed", b"\x00\x00\x00\x04[1, ", framesock.JSONDecodeError),
+        ("framed", b"\x7f\xff\xff\xff", framesock.FrameTooLargeError),
+        ("framed", b"\x00\x00\x00\x10half", framesock.ConnectionClosedError),
+    ],
+    ids=["classic-broken-json", "classic-no-reply", "framed-broken-json", "framed-too-large", "framed-half"],
+)
+async def test_hostile_servers_give_the_documented_errors(raw_server, protocol, reply, error):
+    def behave(conn):
+        read_request_frame(conn)
+        conn.sendall(reply)
+
+    server = raw_server(behave)
+    async with aio.Client("127.0.0.1", server.port, protocol=protocol, max_reply=1 << 20) as client:
+        with pytest.raises(error):
+            await asyncio.wait_for(client.request("x"), 10)
+
+
+async def test_error_reply_and_connection_refused(serve, caplog):
+    server = await serve(lambda request: 1 / 0, protocol="framed")
+    async with aio.Client(*server.address, protocol="framed") as client:
+        with caplog.at_level(logging.CRITICAL, logger="framesock"):
+            with pytest.raises(framesock.RemoteError) as caught:
+                await client.request("x")
+    assert caught.value.kind == "handler"
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            await aio.Client("127.0.0.1", port, protocol="framed").request("x")
+        with pytest.raises(ConnectionRefusedError):
+            await aio.start_client("127.0.0.1", port)
+
+
+async def test_ipv6(serve):
+    try:
+        server = await serve(host="::1", protocol="framed")
+    except OSError as err:
+        pytest.skip(f"IPv6 loopback unavailable: {err}")
+    async with aio.Client("::1", server.address[1], protocol="framed") as client:
+        assert await client.request("six") == {"echo": "six"}
