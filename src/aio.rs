@@ -1,8 +1,11 @@
 //! framesock.aio's engine: the same client and server for asyncio programs.
 //!
-//! Every network wait runs on the tokio runtime; a call hands asyncio a future (through
-//! pyo3-async-runtimes) that completes on the event loop, so the loop never blocks on the
-//! network. Cancelling that future drops the Rust side, which closes what it must.
+//! Every network wait runs on the tokio runtime and each call hands asyncio a future that
+//! completes on the event loop, so the loop never blocks on the network. Client results come
+//! back through the loop's [`LoopBridge`]; the server's lifecycle calls and `start_server` use
+//! pyo3-async-runtimes' awaitables. Cancelling a classic request or a lifecycle call drops its
+//! Rust side; a cancelled framed request is still written whole and its reply dropped, so the
+//! shared connection stays in step.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
