@@ -14,7 +14,7 @@ PY_LIBDIR = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_config_var("
 
 all: build
 
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "maturin>=1.9,<2" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" uvloop
 	touch $@
