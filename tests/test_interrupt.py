@@ -108,3 +108,30 @@ def test_declared_length_does_not_allocate():
     message, grown_mib = done.stdout.decode().strip().splitlines()
     assert "1000 of 4294967294 payload bytes" in message
     assert int(grown_mib) < 32
+
+
+def test_sigint_ends_serve_forever_and_shuts_down():
+    script = WRAPPER.format(
+        body=textwrap.indent(
+            textwrap.dedent(
+                """
+                import framesock
+                server = framesock.Server(port=0, protocol="framed")
+                print("waiting", server.address[1], flush=True)
+                server.serve_forever()
+                """
+            ),
+            "    ",
+        )
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 42, err.decode()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)

@@ -377,3 +377,25 @@ def test_coroutine_handler_on_the_blocking_server_is_a_clear_error(serve, caplog
         with caplog.at_level(logging.CRITICAL, logger="framesock"):
             with pytest.raises(framesock.RemoteError, match="framesock.aio.Server"):
                 client.request("x")
+
+
+def test_one_client_shared_by_threads(serve):
+    # Calls from several threads take turns on the one connection; each gets its own reply.
+    server = serve(protocol="framed")
+    client = framesock.Client(*server.address, protocol="framed")
+    mismatches = []
+
+    def work(n):
+        for i in range(200):
+            message = f"{n}:{i}"
+            if client.request(message) != {"echo": message}:
+                mismatches.append(message)
+
+    threads = [PeerThread(lambda n=n: work(n)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.outcome(60)
+    client.close()
+    assert mismatches == []
+    assert server.stats()["connections_accepted"] == 1
