@@ -400,6 +400,22 @@ fn log(level: &str, message: String, error: Option<&PyErr>) {
     });
 }
 
+/// Counts a connection as active for as long as it lives, also when shutdown drops its task.
+struct ActiveConnection<'a>(&'a AtomicU64);
+
+impl<'a> ActiveConnection<'a> {
+    fn count(active: &'a AtomicU64) -> Self {
+        bump(active, 1);
+        ActiveConnection(active)
+    }
+}
+
+impl Drop for ActiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The most buffered requests of one connection answered before their replies are written.
 const MAX_BATCH: usize = 256;
 
@@ -467,7 +483,7 @@ impl Service {
         stop: CancellationToken,
     ) {
         bump(&self.stats.accepted, 1);
-        bump(&self.stats.active, 1);
+        let _active = ActiveConnection::count(&self.stats.active);
         let outcome = match self.protocol {
             Protocol::Classic => self.serve_classic(&mut stream, &peer, &stop).await,
             Protocol::Framed => self.serve_framed(&mut stream, &peer, &stop).await,
@@ -475,7 +491,6 @@ impl Service {
         if let Err(err) = outcome {
             self.connection_failed(&err, &peer);
         }
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Waits for the first bytes of a request and returns how many came; `Ok(None)` if shutdown
