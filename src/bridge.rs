@@ -10,6 +10,7 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -33,17 +34,63 @@ pub enum Job {
         handler: Py<PyAny>,
         request_as: RequestAs,
         payload: Bytes,
-        reply: ReplySender,
+        handoff: Handoff,
     },
     /// Await an awaitable made elsewhere and send back the reply.
     Await {
         awaitable: Py<PyAny>,
-        reply: ReplySender,
+        handoff: Handoff,
     },
+    /// Cancel the Task of a handler whose reply nobody waits for any more.
+    Cancel(Arc<TaskSlot>),
     /// Complete an asyncio future (unless it was cancelled meanwhile).
     Resolve { future: Py<PyAny>, outcome: Outcome },
     /// Stop watching the wake-up socket: nothing will be sent here again.
     Close,
+}
+
+/// The Task running one handler, once there is one, and whether its reply is still wanted.
+#[derive(Default)]
+pub struct TaskSlot {
+    task: Mutex<Option<Py<PyAny>>>,
+    abandoned: AtomicBool,
+}
+
+/// The loop's side of a handler call: where the reply goes, and the Task slot.
+pub struct Handoff {
+    reply: ReplySender,
+    slot: Arc<TaskSlot>,
+}
+
+/// The I/O side of a handler call: awaits the reply; dropped early (its connection was
+/// dropped), it cancels the handler's Task.
+pub struct Waiting {
+    replied: oneshot::Receiver<Result<(Py<PyAny>, Bytes), Failure>>,
+    slot: Arc<TaskSlot>,
+    bridge: Arc<LoopBridge>,
+    done: bool,
+}
+
+impl Waiting {
+    /// The handler's value and JSON text, or why there is none.
+    pub async fn reply(mut self) -> Result<(Py<PyAny>, Bytes), Failure> {
+        let outcome = (&mut self.replied).await;
+        self.done = true;
+        outcome.unwrap_or_else(|_| {
+            Err(Failure::Handler(pyo3::exceptions::PyRuntimeError::new_err(
+                "the event loop stopped before the handler finished",
+            )))
+        })
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.done {
+            self.slot.abandoned.store(true, Ordering::Relaxed);
+            self.bridge.push(Job::Cancel(self.slot.clone()));
+        }
+    }
 }
 
 /// A queue of jobs for one event loop.
@@ -92,6 +139,19 @@ impl LoopBridge {
         }
     }
 
+    /// A handler call's two ends: the loop's, sent in a job, and the waiting I/O task's.
+    pub fn handoff(self: &Arc<Self>) -> (Handoff, Waiting) {
+        let (reply, replied) = oneshot::channel();
+        let slot = Arc::new(TaskSlot::default());
+        let waiting = Waiting {
+            replied,
+            slot: slot.clone(),
+            bridge: self.clone(),
+            done: false,
+        };
+        (Handoff { reply, slot }, waiting)
+    }
+
     /// Runs every queued job (on the loop's thread, from its reader callback).
     fn drain(&self, py: Python<'_>) {
         let mut sink = [0u8; 64];
@@ -108,13 +168,20 @@ impl LoopBridge {
                 handler,
                 request_as,
                 payload,
-                reply,
+                handoff,
             } => match call_handler(py, handler.bind(py), request_as, &payload) {
-                Ok(value) if is_awaitable(&value) => self.schedule(py, value, reply),
-                Ok(value) => send_reply(value, reply),
-                Err(failure) => drop(reply.send(Err(failure))),
+                Ok(value) if is_awaitable(&value) => self.schedule(py, value, handoff),
+                Ok(value) => send_reply(value, handoff.reply),
+                Err(failure) => drop(handoff.reply.send(Err(failure))),
             },
-            Job::Await { awaitable, reply } => self.schedule(py, awaitable.into_bound(py), reply),
+            Job::Await { awaitable, handoff } => {
+                self.schedule(py, awaitable.into_bound(py), handoff)
+            }
+            Job::Cancel(slot) => {
+                if let Some(task) = slot.task.lock().expect("task lock").take() {
+                    let _ = task.bind(py).call_method0("cancel");
+                }
+            }
             Job::Resolve { future, outcome } => {
                 let future = future.bind(py);
                 // A cancelled future has already told its awaiter; the outcome is not needed.
@@ -145,7 +212,8 @@ impl LoopBridge {
     /// copy of the context and a current task (`asyncio.timeout()` needs one). On Python 3.12+
     /// the Task starts eagerly, so a handler that finishes without waiting costs no extra loop
     /// iteration.
-    fn schedule(&self, py: Python<'_>, awaitable: Bound<'_, PyAny>, reply: ReplySender) {
+    fn schedule(&self, py: Python<'_>, awaitable: Bound<'_, PyAny>, handoff: Handoff) {
+        let Handoff { reply, slot } = handoff;
         let event_loop = self.event_loop.bind(py);
         let task = if awaitable.is_instance(coroutine_type(py)).unwrap_or(false) {
             new_task(py, event_loop, &awaitable)
@@ -159,7 +227,14 @@ impl LoopBridge {
                     reply: Mutex::new(Some(reply)),
                 },
             )?;
-            task.call_method1(pyo3::intern!(py, "add_done_callback"), (when_done,))
+            task.call_method1(pyo3::intern!(py, "add_done_callback"), (when_done,))?;
+            // Its connection may have been dropped already; else keep it for a later Cancel.
+            if slot.abandoned.load(Ordering::Relaxed) {
+                task.call_method0("cancel")?;
+            } else {
+                *slot.task.lock().expect("task lock") = Some(task.unbind());
+            }
+            Ok(())
         });
         if let Err(err) = scheduled {
             // The reply sender went with the callback, so the waiting exchange fails as the

@@ -14,7 +14,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -253,18 +253,18 @@ impl Responder {
             return Ok((Python::attach(|py| value.clone_ref(py)), json.clone()));
         };
         let route = event_loop.get();
-        let replied = match route {
+        let waiting = match route {
             Some(route) if route.call_on_loop => {
-                let (reply, replied) = oneshot::channel();
+                let (handoff, waiting) = route.bridge.handoff();
                 let handler = Python::attach(|py| handler.clone_ref(py));
                 let payload = Bytes::copy_from_slice(payload);
                 route.bridge.push(Job::Call {
                     handler,
                     request_as: *request_as,
                     payload,
-                    reply,
+                    handoff,
                 });
-                replied
+                waiting
             }
             _ => {
                 let called = Python::attach(|py| {
@@ -275,12 +275,12 @@ impl Responder {
                     }
                     match route {
                         Some(route) => {
-                            let (reply, replied) = oneshot::channel();
+                            let (handoff, waiting) = route.bridge.handoff();
                             route.bridge.push(Job::Await {
                                 awaitable: value.unbind(),
-                                reply,
+                                handoff,
                             });
-                            Ok(Err(replied))
+                            Ok(Err(waiting))
                         }
                         None => {
                             // Nothing will await it: close it, so Python does not warn later.
@@ -295,15 +295,11 @@ impl Responder {
                 })?;
                 match called {
                     Ok(done) => return Ok(done),
-                    Err(replied) => replied,
+                    Err(waiting) => waiting,
                 }
             }
         };
-        replied.await.unwrap_or_else(|_| {
-            Err(Failure::Handler(pyo3::exceptions::PyRuntimeError::new_err(
-                "the event loop stopped before the handler finished",
-            )))
-        })
+        waiting.reply().await
     }
 
     /// Whether handlers' awaitables run on an event loop, so several can be awaited at once.

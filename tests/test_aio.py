@@ -427,3 +427,26 @@ async def test_ipv6(serve):
         pytest.skip(f"IPv6 loopback unavailable: {err}")
     async with aio.Client("::1", server.address[1], protocol="framed") as client:
         assert await client.request("six") == {"echo": "six"}
+
+
+async def test_shutdown_cancels_coroutine_handlers_it_drops(serve, caplog):
+    cancelled = asyncio.Event()
+
+    async def handler(request):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return request
+
+    server = await serve(handler, protocol="framed")
+    client = aio.Client(*server.address, protocol="framed")
+    waiting = asyncio.create_task(client.request("x"))
+    await asyncio.sleep(0.2)
+    with caplog.at_level(logging.CRITICAL, logger="framesock"):
+        await server.shutdown(timeout=0.1)
+    await asyncio.wait_for(cancelled.wait(), 5)
+    with pytest.raises((ConnectionError, framesock.FramesockError)):
+        await asyncio.wait_for(waiting, 5)
+    await client.close()
