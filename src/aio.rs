@@ -20,15 +20,14 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
 use tokio::time::Instant;
 
-use crate::args;
 use crate::bridge::{Job, LoopBridge};
-use crate::client::{classic_exchange, message_payload, put_request};
+use crate::client::{classic_exchange, message_payload, put_request, reply_value, ClientConfig};
 use crate::codec::{self, Frame, FrameCodec, WireError};
-use crate::errors::{self, Error, Result};
+use crate::errors::{Error, Result};
 use crate::json;
 use crate::net::{self, Endpoint, ReadPart, WritePart};
 use crate::runtime::{self, within};
-use crate::server::{endpoint, one_shot_server};
+use crate::server::one_shot_server;
 use crate::service::Protocol;
 
 /// Hands `fut` to asyncio as an awaitable, on framesock's runtime.
@@ -55,15 +54,13 @@ impl<'py> IntoPyObject<'py> for Replies {
     type Error = PyErr;
 
     fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let mut values = Vec::with_capacity(self.frames.len());
-        for frame in &self.frames {
-            if frame.is_error {
-                return Err(errors::remote_error(py, &frame.payload));
-            }
-            values.push(json::loads(py, &frame.payload)?);
-        }
+        let values = self
+            .frames
+            .iter()
+            .map(|frame| reply_value(py, frame))
+            .collect::<PyResult<Vec<_>>>()?;
         if self.one {
-            return Ok(values.pop().expect("one reply"));
+            return Ok(values.into_iter().next().expect("one reply"));
         }
         Ok(PyList::new(py, values)?.into_any())
     }
@@ -510,12 +507,18 @@ impl AsyncClient {
         timeout: Option<f64>,
         max_reply: i64,
     ) -> PyResult<Self> {
+        let ClientConfig {
+            endpoint,
+            protocol,
+            timeout,
+            max_reply,
+        } = ClientConfig::new(host, port, path, &protocol, timeout, max_reply)?;
         Ok(AsyncClient {
-            protocol: Protocol::parse(&protocol)?,
+            protocol,
             shared: Arc::new(Shared {
-                endpoint: endpoint(host, port, path)?,
-                timeout: args::timeout("timeout", timeout)?,
-                max_reply: args::byte_limit("max_reply", max_reply)?,
+                endpoint,
+                timeout,
+                max_reply,
                 slot: Mutex::default(),
             }),
             closed: AtomicBool::new(false),

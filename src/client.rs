@@ -83,6 +83,40 @@ pub async fn classic_exchange(
     .await
 }
 
+/// A framed reply as its Python value; an error reply as RemoteError.
+pub fn reply_value<'py>(py: Python<'py>, frame: &Frame) -> PyResult<Bound<'py, PyAny>> {
+    if frame.is_error {
+        return Err(errors::remote_error(py, &frame.payload));
+    }
+    json::loads(py, &frame.payload)
+}
+
+/// A client's arguments, checked: shared by `Client` and `framesock.aio.Client`.
+pub struct ClientConfig {
+    pub endpoint: Endpoint,
+    pub protocol: Protocol,
+    pub timeout: Option<Duration>,
+    pub max_reply: usize,
+}
+
+impl ClientConfig {
+    pub fn new(
+        host: String,
+        port: i64,
+        path: Option<PathBuf>,
+        protocol: &str,
+        timeout: Option<f64>,
+        max_reply: i64,
+    ) -> PyResult<Self> {
+        Ok(ClientConfig {
+            endpoint: endpoint(host, port, path)?,
+            protocol: Protocol::parse(protocol)?,
+            timeout: args::timeout("timeout", timeout)?,
+            max_reply: args::byte_limit("max_reply", max_reply)?,
+        })
+    }
+}
+
 /// A kept connection of the framed protocol, with the bytes read past the last reply.
 struct Connection {
     stream: Stream,
@@ -243,14 +277,6 @@ impl Client {
         }
     }
 
-    /// A reply frame as its Python value; an error reply as RemoteError.
-    fn decode<'py>(py: Python<'py>, frame: &Frame) -> PyResult<Bound<'py, PyAny>> {
-        if frame.is_error {
-            return Err(errors::remote_error(py, &frame.payload));
-        }
-        json::loads(py, &frame.payload)
-    }
-
     fn classic_request<'py>(
         &self,
         py: Python<'py>,
@@ -286,12 +312,18 @@ impl Client {
         timeout: Option<f64>,
         max_reply: i64,
     ) -> PyResult<Self> {
+        let ClientConfig {
+            endpoint,
+            protocol,
+            timeout,
+            max_reply,
+        } = ClientConfig::new(host, port, path, &protocol, timeout, max_reply)?;
         Ok(Client {
             runtime: Some(runtime::caller_runtime()?),
-            endpoint: endpoint(host, port, path)?,
-            protocol: Protocol::parse(&protocol)?,
-            timeout: args::timeout("timeout", timeout)?,
-            max_reply: args::byte_limit("max_reply", max_reply)?,
+            endpoint,
+            protocol,
+            timeout,
+            max_reply,
             state: Mutex::new(ClientState {
                 connection: None,
                 closed: false,
@@ -311,7 +343,7 @@ impl Client {
                 let mut frames = BytesMut::new();
                 put_request(message, &mut frames)?;
                 let replies = self.exchange(py, &frames, 1)?;
-                Self::decode(py, &replies[0])
+                reply_value(py, &replies[0])
             }
         }
     }
@@ -338,7 +370,7 @@ impl Client {
         // All replies were read, so the connection stays in step even if one is an error.
         let values = replies
             .iter()
-            .map(|frame| Self::decode(py, frame))
+            .map(|frame| reply_value(py, frame))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, values)
     }
