@@ -7,8 +7,6 @@ PY := $(abspath $(VENV))/bin/python
 # maturin develop installs into the active virtualenv; pyo3's build uses the same interpreter.
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PYO3_PYTHON := $(PY)
-# `cargo test` binaries link libpython; tell the loader where the interpreter keeps it.
-PY_LIBDIR = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
 
 .PHONY: all venv build demo test cargo-test pytest lint bench clean
 
@@ -33,8 +31,9 @@ demo: build
 	done; \
 	wait $$server && echo "$$reply"
 
-cargo-test: venv
-	LD_LIBRARY_PATH="$(PY_LIBDIR):$$LD_LIBRARY_PATH" cargo test --quiet
+# The engine alone (no `python` feature): no Python is built, linked or loaded.
+cargo-test:
+	cargo test --quiet
 
 pytest: build
 	$(PY) -m pytest -q
@@ -44,6 +43,7 @@ test: cargo-test pytest
 lint: build
 	cargo fmt --check
 	cargo clippy --all-targets --quiet -- -D warnings
+	cargo clippy --all-targets --quiet --features python -- -D warnings
 	$(PY) -m pip install --quiet --disable-pip-version-check mypy
 	$(PY) -m mypy.stubtest framesock._framesock
 

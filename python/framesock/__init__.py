@@ -6,6 +6,11 @@ one and returns the decoded reply. ``Server`` serves many clients at once with P
 ``Client`` keeps its connection and pipelines batches.
 """
 
+import atexit
+import logging
+import os
+
+from framesock import _framesock
 from framesock._framesock import (
     Client,
     ConnectionClosedError,
@@ -33,3 +38,14 @@ __all__ = [
     "start_client",
     "start_server",
 ]
+
+# The library convention: records go nowhere until the application configures logging. Importing
+# logging here, on the importing thread, also keeps it from being first imported on a handler
+# thread, which Python 3.9-3.12 would then take for the main thread and wait for at exit.
+logging.getLogger("framesock").addHandler(logging.NullHandler())
+
+# Stop the engine's Python-facing work before the interpreter finalizes (atexit runs first), and
+# give a forked child a fresh engine instead of the parent's, whose threads it does not have.
+atexit.register(_framesock._at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_framesock._after_fork_in_child)

@@ -67,8 +67,8 @@ async def start_client(
     path: Optional[_Path] = None,
 ) -> Any:
     """Send one request like ``framesock.start_client`` and return the decoded reply."""
-    client = Client(host, port, path=path, timeout=timeout, max_reply=max_reply)
-    return await client.request(message)
+    async with Client(host, port, path=path, timeout=timeout, max_reply=max_reply) as client:
+        return await client.request(message)
 
 
 class Client:

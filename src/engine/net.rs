@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{tcp, unix, TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 
-use crate::errors::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// Where to listen or connect.
 #[derive(Debug, Clone)]

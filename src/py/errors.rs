@@ -11,7 +11,6 @@
 //! Each class also derives from the builtin a caller already catches; OS errors stay Python's own
 //! `OSError` subclasses (built from errno, exactly as the `socket` module builds them).
 
-use std::fmt;
 use std::io;
 
 use pyo3::exceptions::{PyConnectionError, PyException, PyOSError, PyTimeoutError, PyValueError};
@@ -19,83 +18,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
-use crate::codec::WireError;
-
-/// Everything the engine can fail with, before it becomes a Python exception.
-#[derive(Debug)]
-pub enum Error {
-    /// The peer broke the wire format or closed early.
-    Wire(WireError),
-    /// A step took longer than its timeout; the text says which step.
-    Timeout(String),
-    /// The OS refused something; `doing` says what we were doing (e.g. "connect to 127.0.0.1:8000").
-    Os { err: io::Error, doing: String },
-    /// The host name did not resolve.
-    Resolve { host: String, err: io::Error },
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Wire(err) => err.fmt(f),
-            Error::Timeout(text) => f.write_str(text),
-            Error::Os { err, doing } => write!(f, "{doing}: {err}"),
-            Error::Resolve { host, err } => write!(f, "could not resolve host {host:?}: {err}"),
-        }
-    }
-}
-
-/// A copy of an I/O error (io::Error is not Clone): same errno, or same kind and text.
-fn copy_io(err: &io::Error) -> io::Error {
-    match err.raw_os_error() {
-        Some(errno) => io::Error::from_raw_os_error(errno),
-        None => io::Error::new(err.kind(), err.to_string()),
-    }
-}
-
-impl Error {
-    /// An equal error, for telling one failure to several waiters.
-    pub fn duplicate(&self) -> Error {
-        match self {
-            Error::Wire(wire) => Error::Wire(match wire {
-                WireError::FrameTooLarge { declared, limit } => WireError::FrameTooLarge {
-                    declared: *declared,
-                    limit: *limit,
-                },
-                WireError::ReplyTooLarge { limit } => WireError::ReplyTooLarge { limit: *limit },
-                WireError::Truncated {
-                    part,
-                    received,
-                    expected,
-                } => WireError::Truncated {
-                    part: *part,
-                    received: *received,
-                    expected: *expected,
-                },
-                WireError::ClosedBeforeMessage => WireError::ClosedBeforeMessage,
-                WireError::Io(err) => WireError::Io(copy_io(err)),
-            }),
-            Error::Timeout(text) => Error::Timeout(text.clone()),
-            Error::Os { err, doing } => Error::Os {
-                err: copy_io(err),
-                doing: doing.clone(),
-            },
-            Error::Resolve { host, err } => Error::Resolve {
-                host: host.clone(),
-                err: copy_io(err),
-            },
-        }
-    }
-}
-
-impl From<WireError> for Error {
-    fn from(err: WireError) -> Self {
-        Error::Wire(err)
-    }
-}
-
-/// Result of an engine step.
-pub type Result<T> = std::result::Result<T, Error>;
+use crate::engine::codec::WireError;
+use crate::engine::error::{Error, Failure};
 
 /// The exception classes, made once per interpreter with the builtins as extra bases.
 pub struct Exceptions {
@@ -272,6 +196,20 @@ impl From<Error> for PyErr {
             }
         })
     }
+}
+
+/// The exception behind a failed exchange: the handler's own when there is one.
+pub fn failure_error(failure: Failure) -> PyErr {
+    Python::attach(|py| {
+        match failure
+            .cause
+            .as_ref()
+            .and_then(|cause| cause.downcast_ref::<PyErr>())
+        {
+            Some(err) => err.clone_ref(py),
+            None => pyo3::exceptions::PyRuntimeError::new_err(failure.to_string()),
+        }
+    })
 }
 
 /// Adds the exception classes to the module.

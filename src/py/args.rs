@@ -1,11 +1,15 @@
 //! Checks on arguments shared by every entry point, done before anything touches the network.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::codec::MAX_PAYLOAD;
+use crate::engine::codec::MAX_PAYLOAD;
+use crate::engine::net::Endpoint;
+use crate::engine::serve::Protocol;
+use crate::py::handlers::RequestAs;
 
 /// Default for `max_frame` and `max_reply`: 16 MiB.
 pub const DEFAULT_MAX_LEN: usize = 16 * 1024 * 1024;
@@ -45,4 +49,46 @@ pub fn backlog(number: i64) -> PyResult<u32> {
         .ok_or_else(|| {
             PyValueError::new_err(format!("backlog must be a positive integer, got {number}"))
         })
+}
+
+/// `protocol=`: "classic" or "framed".
+pub fn protocol(name: &str) -> PyResult<Protocol> {
+    match name {
+        "classic" => Ok(Protocol::Classic),
+        "framed" => Ok(Protocol::Framed),
+        other => Err(PyValueError::new_err(format!(
+            "protocol must be 'classic' or 'framed', not {other:?}"
+        ))),
+    }
+}
+
+/// `request_as=`: "text", "bytes" or "json".
+pub fn request_as(name: &str) -> PyResult<RequestAs> {
+    match name {
+        "text" => Ok(RequestAs::Text),
+        "bytes" => Ok(RequestAs::Bytes),
+        "json" => Ok(RequestAs::Json),
+        other => Err(PyValueError::new_err(format!(
+            "request_as must be 'text', 'bytes' or 'json', not {other:?}"
+        ))),
+    }
+}
+
+/// A count that must be at least 1 (`max_connections`, `handler_threads`).
+pub fn positive(name: &str, number: i64) -> PyResult<usize> {
+    usize::try_from(number)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("{name} must be a positive integer, got {number}"))
+        })
+}
+
+/// TCP `host:port`, or a Unix socket when `path` is given.
+pub fn endpoint(host: String, port: i64, path: Option<PathBuf>) -> PyResult<Endpoint> {
+    let port = self::port(port)?;
+    Ok(match path {
+        Some(path) => Endpoint::Unix(path),
+        None => Endpoint::Tcp { host, port },
+    })
 }

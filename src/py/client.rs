@@ -1,6 +1,7 @@
 //! `Client` (kept connections, pipelining) and `start_client` (the seed's one exchange).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -9,17 +10,18 @@ use parking_lot::{Mutex, MutexGuard};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
-use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio_util::codec::Encoder;
 
-use crate::args;
-use crate::codec::{self, Frame, FrameCodec, WireError};
-use crate::errors::{self, Error, Result};
-use crate::json;
-use crate::net::{self, Endpoint, Stream};
-use crate::runtime::{self, within};
-use crate::server::endpoint;
-use crate::service::Protocol;
+use crate::engine::client::{classic_exchange, framed_exchange, Connection};
+use crate::engine::codec::{self, Frame, FrameCodec};
+use crate::engine::error::Error;
+use crate::engine::net::Endpoint;
+use crate::engine::runtime;
+use crate::engine::serve::Protocol;
+use crate::py::args;
+use crate::py::errors;
+use crate::py::json;
+use crate::py::wait;
 
 /// The bytes a message is sent as: str as UTF-8, bytes as they are, dict/list as JSON text.
 pub fn message_payload(message: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
@@ -45,42 +47,6 @@ pub fn put_request(message: &Bound<'_, PyAny>, frames: &mut BytesMut) -> PyResul
     FrameCodec::new(codec::MAX_PAYLOAD)
         .encode(&payload, frames)
         .map_err(|err| Error::from(err).into())
-}
-
-/// One classic exchange: connect, send the whole frame in one write, read the reply to the close.
-pub async fn classic_exchange(
-    endpoint: &Endpoint,
-    frame: &[u8],
-    timeout: Option<Duration>,
-    max_reply: usize,
-) -> Result<Vec<u8>> {
-    let mut stream = within(
-        timeout,
-        || format!("connecting to {endpoint}"),
-        net::connect(endpoint),
-    )
-    .await?;
-    within(
-        timeout,
-        || format!("sending the request to {endpoint}"),
-        async {
-            stream
-                .write_all(frame)
-                .await
-                .map_err(|e| WireError::Io(e).into())
-        },
-    )
-    .await?;
-    within(
-        timeout,
-        || format!("waiting for the reply from {endpoint}"),
-        async {
-            codec::read_until_close(&mut stream, max_reply)
-                .await
-                .map_err(Into::into)
-        },
-    )
-    .await
 }
 
 /// A framed reply as its Python value; an error reply as RemoteError.
@@ -109,114 +75,33 @@ impl ClientConfig {
         max_reply: i64,
     ) -> PyResult<Self> {
         Ok(ClientConfig {
-            endpoint: endpoint(host, port, path)?,
-            protocol: Protocol::parse(protocol)?,
+            endpoint: args::endpoint(host, port, path)?,
+            protocol: args::protocol(protocol)?,
             timeout: args::timeout("timeout", timeout)?,
             max_reply: args::byte_limit("max_reply", max_reply)?,
         })
     }
 }
 
-/// A kept connection of the framed protocol, with the bytes read past the last reply.
-struct Connection {
-    stream: Stream,
-    input: BytesMut,
-}
-
-/// Sends `count` request frames (already encoded back to back in `frames`) on the kept
-/// connection, connecting first if needed, and reads `count` replies in order.
-///
-/// Writing and reading run together, so a batch far larger than the socket buffers cannot
-/// deadlock with both sides blocked on full buffers. `timeout` bounds connecting and the wait
-/// for each reply.
-async fn framed_exchange(
-    slot: &mut Option<Connection>,
-    endpoint: &Endpoint,
-    frames: &[u8],
-    count: usize,
-    timeout: Option<Duration>,
-    max_reply: usize,
-) -> Result<Vec<Frame>> {
-    if slot.is_none() {
-        let stream = within(
-            timeout,
-            || format!("connecting to {endpoint}"),
-            net::connect(endpoint),
-        )
-        .await?;
-        *slot = Some(Connection {
-            stream,
-            input: BytesMut::new(),
-        });
-    }
-    let conn = slot.as_mut().expect("connected above");
-    let write_failed = |e| Error::from(WireError::Io(e));
-    if count == 1 {
-        // One frame: the server replies only once it has read all of it, so writing first and
-        // then reading cannot deadlock, and needs no split of the stream.
-        conn.stream.write_all(frames).await.map_err(write_failed)?;
-        return read_replies(
-            &mut conn.stream,
-            &mut conn.input,
-            1,
-            endpoint,
-            timeout,
-            max_reply,
-        )
-        .await;
-    }
-    let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
-    let write = async { writer.write_all(frames).await.map_err(write_failed) };
-    let read = read_replies(
-        &mut reader,
-        &mut conn.input,
-        count,
-        endpoint,
-        timeout,
-        max_reply,
-    );
-    let ((), replies) = tokio::try_join!(write, read)?;
-    Ok(replies)
-}
-
-/// Reads `count` framed replies; `timeout` bounds the wait for each.
-async fn read_replies<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    input: &mut BytesMut,
-    count: usize,
-    endpoint: &Endpoint,
-    timeout: Option<Duration>,
-    max_reply: usize,
-) -> Result<Vec<Frame>> {
-    let mut codec = FrameCodec::replies(max_reply);
-    let mut replies = Vec::with_capacity(count);
-    while replies.len() < count {
-        let frame = within(
-            timeout,
-            || format!("waiting for a reply from {endpoint}"),
-            async {
-                codec::read_frame(reader, input, &mut codec)
-                    .await
-                    .map_err(Error::from)
-            },
-        )
-        .await?;
-        replies.push(frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))?);
-    }
-    Ok(replies)
-}
-
 /// The kept connection and whether `close()` was called.
 struct ClientState {
     connection: Option<Connection>,
+    /// The engine generation the connection was opened in.
+    generation: u64,
     closed: bool,
+}
+
+/// The client's own single-threaded runtime (its sockets are driven by the calling thread),
+/// and the engine generation it was made in (see `runtime::forget_after_fork`).
+struct CallerRuntime {
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
+    generation: u64,
 }
 
 /// A client that keeps its connection (framed protocol) and pipelines batches.
 #[pyclass(frozen, module = "framesock")]
 pub struct Client {
-    /// The client's own single-threaded runtime: its sockets are driven by the calling thread.
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Mutex<CallerRuntime>,
     endpoint: Endpoint,
     protocol: Protocol,
     timeout: Option<Duration>,
@@ -245,13 +130,34 @@ impl Client {
         F: std::future::Future + Send,
         F::Output: Send,
     {
-        runtime::wait_on(py, self.runtime.as_ref().expect("present until drop"), fut)
+        let runtime = self.caller_runtime()?;
+        wait::wait_on(py, &runtime, fut)
+    }
+
+    /// The client's runtime; in a process forked after it was made, a new one (the old one's
+    /// sockets share their kernel state with the parent's, so they are left alone, not closed).
+    fn caller_runtime(&self) -> PyResult<Arc<tokio::runtime::Runtime>> {
+        let mut caller = self.runtime.lock();
+        let now = runtime::generation();
+        if caller.generation != now {
+            std::mem::forget(caller.runtime.take());
+            caller.generation = now;
+        }
+        if caller.runtime.is_none() {
+            caller.runtime = Some(Arc::new(runtime::caller_runtime()?));
+        }
+        Ok(caller.runtime.clone().expect("made above"))
     }
 
     /// Sends encoded frames and returns the replies' frames; a failed exchange drops the
     /// connection, so the next request reconnects.
     fn exchange(&self, py: Python<'_>, frames: &[u8], count: usize) -> PyResult<Vec<Frame>> {
         let mut state = self.lock(py)?;
+        if state.generation != runtime::generation() {
+            // Opened before a fork: its socket is the parent's too; see `caller_runtime`.
+            std::mem::forget(state.connection.take());
+            state.generation = runtime::generation();
+        }
         let slot = &mut state.connection;
         let outcome = self.wait(
             py,
@@ -319,13 +225,17 @@ impl Client {
             max_reply,
         } = ClientConfig::new(host, port, path, &protocol, timeout, max_reply)?;
         Ok(Client {
-            runtime: Some(runtime::caller_runtime()?),
+            runtime: Mutex::new(CallerRuntime {
+                runtime: None,
+                generation: runtime::generation(),
+            }),
             endpoint,
             protocol,
             timeout,
             max_reply,
             state: Mutex::new(ClientState {
                 connection: None,
+                generation: runtime::generation(),
                 closed: false,
             }),
         })
@@ -399,9 +309,21 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        // The last reference may go inside a handler, on a runtime thread, where dropping a
-        // runtime normally (which blocks) is refused; shutting it down in the background is not.
-        if let Some(runtime) = self.runtime.take() {
+        let now = runtime::generation();
+        let state = self.state.get_mut();
+        if state.generation != now {
+            // Opened before a fork: see `caller_runtime`.
+            std::mem::forget(state.connection.take());
+        }
+        let caller = self.runtime.get_mut();
+        if caller.generation != now {
+            std::mem::forget(caller.runtime.take());
+            return;
+        }
+        // The connection closes with its runtime (which never blocks here: the shutdown is in
+        // the background, in case the last reference goes on some runtime's thread).
+        self.state.get_mut().connection = None;
+        if let Some(runtime) = caller.runtime.take().and_then(|rt| Arc::try_unwrap(rt).ok()) {
             runtime.shutdown_background();
         }
     }

@@ -17,7 +17,7 @@ use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 use serde_json::ser::Formatter;
 
-use crate::errors;
+use crate::py::errors;
 
 /// Nesting deeper than this is refused (as a cycle would otherwise recurse forever).
 const MAX_DEPTH: usize = 512;

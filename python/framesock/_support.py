@@ -1,0 +1,60 @@
+"""Python code the engine runs: the loop of a handler thread, log records, and the watch on an
+event loop's end.
+
+These are plain Python on purpose. A handler thread spends its life in the loop below, so while a
+handler runs no Rust code is on that thread's stack: if the interpreter exits meanwhile and
+ends the thread (CPython does so to a thread that wants the GIL back during finalization), it
+ends the way any Python thread does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+logger = logging.getLogger("framesock")
+
+
+def run_handler_jobs(pool: Any) -> None:
+    """Runs the pool's jobs until it closes (``next_job()`` returns None)."""
+    while True:
+        job = pool.next_job()
+        if job is None:
+            return
+        try:
+            result = job.function(*job.args)
+        except BaseException as err:  # noqa: BLE001 - the job reports it (error reply, log)
+            job.fail(err)
+        else:
+            job.done(result)
+        # Drop the references now rather than when the next job comes, which may be never.
+        job = result = err = None  # noqa: F841
+
+
+def log(level: int, message: str, exc: BaseException | None) -> None:
+    """One record on the ``framesock`` logger, with the exception's traceback if there is one."""
+    logger.log(level, message, exc_info=exc)
+
+
+async def _until_aclosed(on_end: Callable[[], None]) -> Any:
+    try:
+        yield
+    finally:
+        on_end()
+
+
+def watch_loop(on_end: Callable[[], None]) -> Any:
+    """Calls ``on_end()`` when the running event loop is torn down.
+
+    ``asyncio.run()`` (and every ``asyncio.Runner``) ends by closing the async generators it
+    saw start (``loop.shutdown_asyncgens()``), while the loop still runs. So this starts one on
+    the running loop and returns it; the caller keeps it alive. Unlike a watching Task, it never
+    shows in ``asyncio.all_tasks()``.
+    """
+    agen = _until_aclosed(on_end)
+    step = agen.__anext__()  # the loop's first-iteration hook registers the generator here
+    try:
+        step.send(None)
+    except StopIteration:
+        pass
+    return agen

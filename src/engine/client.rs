@@ -1,0 +1,464 @@
+//! Client exchanges: the seed's one-shot exchange, a kept connection for a blocking client, and
+//! a pipelined connection shared by many concurrent requests.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+
+use crate::engine::codec::{self, Frame, FrameCodec, WireError};
+use crate::engine::error::{Error, Result};
+use crate::engine::net::{self, Endpoint, ReadPart, Stream, WritePart};
+use crate::engine::runtime::within;
+
+/// One classic exchange: connect, send the whole frame in one write, read the reply to the close.
+pub async fn classic_exchange(
+    endpoint: &Endpoint,
+    frame: &[u8],
+    timeout: Option<Duration>,
+    max_reply: usize,
+) -> Result<Vec<u8>> {
+    let mut stream = within(
+        timeout,
+        || format!("connecting to {endpoint}"),
+        net::connect(endpoint),
+    )
+    .await?;
+    within(
+        timeout,
+        || format!("sending the request to {endpoint}"),
+        async {
+            stream
+                .write_all(frame)
+                .await
+                .map_err(|e| WireError::Io(e).into())
+        },
+    )
+    .await?;
+    within(
+        timeout,
+        || format!("waiting for the reply from {endpoint}"),
+        async {
+            codec::read_until_close(&mut stream, max_reply)
+                .await
+                .map_err(Into::into)
+        },
+    )
+    .await
+}
+
+/// A kept connection of the framed protocol, with the bytes read past the last reply.
+pub struct Connection {
+    stream: Stream,
+    input: BytesMut,
+}
+
+/// Sends `count` request frames (already encoded back to back in `frames`) on the kept
+/// connection, connecting first if needed, and reads `count` replies in order.
+///
+/// Writing and reading run together, so a batch far larger than the socket buffers cannot
+/// deadlock with both sides blocked on full buffers. `timeout` bounds connecting and the wait
+/// for each reply.
+pub async fn framed_exchange(
+    slot: &mut Option<Connection>,
+    endpoint: &Endpoint,
+    frames: &[u8],
+    count: usize,
+    timeout: Option<Duration>,
+    max_reply: usize,
+) -> Result<Vec<Frame>> {
+    if slot.is_none() {
+        let stream = within(
+            timeout,
+            || format!("connecting to {endpoint}"),
+            net::connect(endpoint),
+        )
+        .await?;
+        *slot = Some(Connection {
+            stream,
+            input: BytesMut::new(),
+        });
+    }
+    let conn = slot.as_mut().expect("connected above");
+    let write_failed = |e| Error::from(WireError::Io(e));
+    if count == 1 {
+        // One frame: the server replies only once it has read all of it, so writing first and
+        // then reading cannot deadlock, and needs no split of the stream.
+        conn.stream.write_all(frames).await.map_err(write_failed)?;
+        return read_replies(
+            &mut conn.stream,
+            &mut conn.input,
+            1,
+            endpoint,
+            timeout,
+            max_reply,
+        )
+        .await;
+    }
+    let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
+    let write = async { writer.write_all(frames).await.map_err(write_failed) };
+    let read = read_replies(
+        &mut reader,
+        &mut conn.input,
+        count,
+        endpoint,
+        timeout,
+        max_reply,
+    );
+    let ((), replies) = tokio::try_join!(write, read)?;
+    Ok(replies)
+}
+
+/// Reads `count` framed replies; `timeout` bounds the wait for each.
+async fn read_replies<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    input: &mut BytesMut,
+    count: usize,
+    endpoint: &Endpoint,
+    timeout: Option<Duration>,
+    max_reply: usize,
+) -> Result<Vec<Frame>> {
+    let mut codec = FrameCodec::replies(max_reply);
+    let mut replies = Vec::with_capacity(count);
+    while replies.len() < count {
+        let frame = within(
+            timeout,
+            || format!("waiting for a reply from {endpoint}"),
+            async {
+                codec::read_frame(reader, input, &mut codec)
+                    .await
+                    .map_err(Error::from)
+            },
+        )
+        .await?;
+        replies.push(frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))?);
+    }
+    Ok(replies)
+}
+
+/// Called once with a request's replies, or with why there are none.
+pub type Completion = Box<dyn FnOnce(Result<Vec<Frame>>) + Send>;
+
+/// A request waiting for its replies.
+struct Waiter {
+    wanted: usize,
+    frames: Vec<Frame>,
+    queued_at: Instant,
+    complete: Completion,
+}
+
+impl Waiter {
+    fn finish(self, outcome: Result<Vec<Frame>>) {
+        (self.complete)(outcome)
+    }
+}
+
+/// What a pipelined connection holds between calls.
+#[derive(Default)]
+struct ConnState {
+    /// Requests written (or queued to be), oldest first: replies come back in this order.
+    waiters: VecDeque<Waiter>,
+    /// Bytes the socket would not take yet, written by a flush task in order.
+    backlog: VecDeque<Bytes>,
+    flushing: bool,
+    failed: Option<Arc<Error>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One connection shared by every request of a pipelining client.
+///
+/// Requests are written straight from the caller's thread (`try_write` never waits) unless
+/// earlier bytes are still queued, and one reader task hands the replies out in order. So a
+/// request costs no hand-off to another thread on its way out, many can be in flight, and a
+/// request whose caller gave up never leaves half a frame behind: its reply is read and dropped.
+struct Conn {
+    write: WritePart,
+    state: Mutex<ConnState>,
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
+    runtime: Handle,
+}
+
+impl Conn {
+    /// Queues `waiter` for the replies and writes `frames`.
+    fn send(self: &Arc<Self>, frames: Bytes, waiter: Waiter) {
+        let mut state = locked(&self.state);
+        if let Some(failure) = &state.failed {
+            let failure = failure.duplicate();
+            drop(state);
+            return waiter.finish(Err(failure));
+        }
+        state.waiters.push_back(waiter);
+        if state.flushing {
+            state.backlog.push_back(frames);
+            return;
+        }
+        let written = match self.write.try_write(&frames) {
+            Ok(written) => written,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(err) => {
+                drop(state);
+                return self.fail(WireError::Io(err).into());
+            }
+        };
+        if written < frames.len() {
+            state.backlog.push_back(frames.slice(written..));
+            state.flushing = true;
+            self.runtime.spawn(self.clone().flush());
+        }
+    }
+
+    /// Writes the backlog as the socket takes it.
+    async fn flush(self: Arc<Self>) {
+        loop {
+            let chunk = {
+                let mut state = locked(&self.state);
+                match state.backlog.front() {
+                    _ if state.failed.is_some() => return,
+                    Some(chunk) => chunk.clone(),
+                    None => {
+                        state.flushing = false;
+                        return;
+                    }
+                }
+            };
+            let written = match self
+                .write
+                .writable()
+                .await
+                .and_then(|()| self.write.try_write(&chunk))
+            {
+                Ok(written) => written,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(err) => return self.fail(WireError::Io(err).into()),
+            };
+            let mut state = locked(&self.state);
+            if let Some(front) = state.backlog.front_mut() {
+                if written >= front.len() {
+                    state.backlog.pop_front();
+                } else {
+                    front.advance(written);
+                }
+            }
+        }
+    }
+
+    /// Ends the connection: every waiting request fails with `failure`.
+    fn fail(&self, failure: Error) {
+        let failure = Arc::new(failure);
+        let waiters = {
+            let mut state = locked(&self.state);
+            if state.failed.is_some() {
+                return;
+            }
+            state.failed = Some(failure.clone());
+            state.backlog.clear();
+            std::mem::take(&mut state.waiters)
+        };
+        for waiter in waiters {
+            waiter.finish(Err(failure.duplicate()));
+        }
+        if let Some(reader) = locked(&self.reader).take() {
+            reader.abort();
+        }
+    }
+
+    fn is_failed(&self) -> bool {
+        locked(&self.state).failed.is_some()
+    }
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The pipelined connection, as far as it has got.
+#[derive(Default)]
+enum Slot {
+    #[default]
+    Empty,
+    /// Connecting; these requests go out once connected.
+    Connecting(Vec<(Bytes, Waiter)>),
+    Ready(Arc<Conn>),
+}
+
+/// A client whose concurrent requests share one framed connection, opened on first use and
+/// again after a failure. Replies are matched to requests by order.
+pub struct Pipeline {
+    endpoint: Endpoint,
+    timeout: Option<Duration>,
+    max_reply: usize,
+    slot: Mutex<Slot>,
+}
+
+impl Pipeline {
+    /// A pipeline to `endpoint`; nothing is opened yet. `timeout` bounds connecting and each
+    /// reply's wait while requests are waiting.
+    pub fn new(endpoint: Endpoint, timeout: Option<Duration>, max_reply: usize) -> Arc<Self> {
+        Arc::new(Pipeline {
+            endpoint,
+            timeout,
+            max_reply,
+            slot: Mutex::default(),
+        })
+    }
+
+    /// Where this pipeline connects.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Sends `count` encoded request frames; `complete` gets their replies in order. Connects
+    /// first (in the background, on `runtime`) if needed.
+    pub fn send(
+        self: &Arc<Self>,
+        runtime: &Handle,
+        frames: Bytes,
+        count: usize,
+        complete: Completion,
+    ) {
+        let waiter = Waiter {
+            wanted: count,
+            frames: Vec::with_capacity(count.min(1024)),
+            queued_at: Instant::now(),
+            complete,
+        };
+        let mut slot = locked(&self.slot);
+        match &mut *slot {
+            Slot::Ready(conn) if !conn.is_failed() => {
+                let conn = conn.clone();
+                drop(slot);
+                conn.send(frames, waiter);
+            }
+            Slot::Connecting(queued) => queued.push((frames, waiter)),
+            _ => {
+                *slot = Slot::Connecting(vec![(frames, waiter)]);
+                runtime.spawn(self.clone().connect(runtime.clone()));
+            }
+        }
+    }
+
+    async fn connect(self: Arc<Self>, runtime: Handle) {
+        let connected = within(
+            self.timeout,
+            || format!("connecting to {}", self.endpoint),
+            net::connect(&self.endpoint),
+        )
+        .await;
+        // Taking the queue and installing the connection happen under one lock, so a request
+        // made meanwhile is either in the queue or sent on the new connection, never lost.
+        let mut slot = locked(&self.slot);
+        let queued = match std::mem::take(&mut *slot) {
+            Slot::Connecting(queued) => queued,
+            // Closed meanwhile (its requests were failed then): the new socket just closes.
+            _ => return,
+        };
+        let stream = match connected {
+            Ok(stream) => stream,
+            Err(failure) => {
+                drop(slot);
+                for (_, waiter) in queued {
+                    waiter.finish(Err(failure.duplicate()));
+                }
+                return;
+            }
+        };
+        let (read, write) = stream.into_split();
+        let conn = Arc::new(Conn {
+            write,
+            state: Mutex::default(),
+            reader: Mutex::new(None),
+            runtime: runtime.clone(),
+        });
+        let reader = runtime.spawn(read_pipelined(conn.clone(), read, self.clone()));
+        *locked(&conn.reader) = Some(reader.abort_handle());
+        *slot = Slot::Ready(conn.clone());
+        // In the order they were made, before any request that comes after.
+        for (frames, waiter) in queued {
+            conn.send(frames, waiter);
+        }
+    }
+
+    /// Drops the connection; waiting requests fail with `why`.
+    pub fn close(&self, why: &str) {
+        let closed = || {
+            Error::Wire(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                why.to_owned(),
+            )))
+        };
+        match std::mem::take(&mut *locked(&self.slot)) {
+            Slot::Ready(conn) => conn.fail(closed()),
+            Slot::Connecting(queued) => {
+                for (_, waiter) in queued {
+                    waiter.finish(Err(closed()));
+                }
+            }
+            Slot::Empty => {}
+        }
+    }
+}
+
+/// Reads replies and completes the oldest request with them; the pipeline's timeout bounds the
+/// wait for each reply while requests are waiting.
+async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipeline>) {
+    let mut input = BytesMut::new();
+    let mut codec = FrameCodec::replies(pipeline.max_reply);
+    let mut last_reply = Instant::now();
+    let limit = pipeline.timeout;
+    let failure = loop {
+        // While idle, wake every `timeout` anyway to look at requests queued since.
+        let due = limit.map(|limit| match locked(&conn.state).waiters.front() {
+            Some(front) => front.queued_at.max(last_reply) + limit,
+            None => Instant::now() + limit,
+        });
+        let frame = tokio::select! {
+            frame = codec::read_frame(&mut read, &mut input, &mut codec) => frame,
+            () = sleep_until(due) => {
+                let limit = limit.unwrap_or_default();
+                let overdue = locked(&conn.state).waiters.front().is_some_and(|front| {
+                    Instant::now() >= front.queued_at.max(last_reply) + limit
+                });
+                if overdue {
+                    break Error::Timeout(format!(
+                        "timed out after {} s waiting for a reply from {}",
+                        limit.as_secs_f64(),
+                        pipeline.endpoint
+                    ));
+                }
+                continue;
+            }
+        };
+        last_reply = Instant::now();
+        match frame {
+            Ok(Some(frame)) => {
+                let mut state = locked(&conn.state);
+                let Some(front) = state.waiters.front_mut() else {
+                    break Error::Wire(WireError::Io(std::io::Error::other(
+                        "the server sent a reply nobody asked for",
+                    )));
+                };
+                front.frames.push(frame);
+                if front.frames.len() == front.wanted {
+                    let mut done = state.waiters.pop_front().expect("front exists");
+                    drop(state);
+                    let frames = std::mem::take(&mut done.frames);
+                    done.finish(Ok(frames));
+                }
+            }
+            Ok(None) => break Error::Wire(WireError::ClosedBeforeMessage),
+            Err(err) => break err.into(),
+        }
+    };
+    conn.fail(failure);
+}

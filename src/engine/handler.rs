@@ -1,0 +1,77 @@
+//! The small interface through which the engine asks for a reply, and tells what happened.
+//!
+//! The engine hands over a request's bytes and gets back the reply's JSON bytes or a
+//! [`Failure`]. It never waits for a handler on an I/O thread: `respond` returns a future that
+//! completes when the reply is ready, wherever the handler runs (a thread pool, an event loop).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::engine::error::Failure;
+
+/// A reply on its way: the JSON text, or why there is none.
+pub type PendingReply = Pin<Box<dyn Future<Output = Result<Bytes, Failure>> + Send>>;
+
+/// Makes replies from requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Starts answering `request`; dropping the future abandons the exchange.
+    fn respond(&self, request: Bytes) -> PendingReply;
+
+    /// Whether the replies to several pipelined requests may be worked on at once (they are
+    /// still written in order). Off by default: a connection's requests are answered one by
+    /// one, as a single client would expect of side effects.
+    fn concurrent(&self) -> bool {
+        false
+    }
+}
+
+/// Where replies come from.
+#[derive(Clone)]
+pub enum Responder {
+    /// One JSON text for every request, encoded before serving starts.
+    Fixed(Bytes),
+    /// A handler per request.
+    Handler(Arc<dyn Handler>),
+}
+
+impl Responder {
+    /// The reply to one request.
+    pub async fn reply(&self, request: &Bytes) -> Result<Bytes, Failure> {
+        match self {
+            Responder::Fixed(json) => Ok(json.clone()),
+            Responder::Handler(handler) => handler.respond(request.clone()).await,
+        }
+    }
+
+    /// Whether pipelined requests may be answered concurrently.
+    pub fn concurrent(&self) -> bool {
+        match self {
+            Responder::Fixed(_) => false,
+            Responder::Handler(handler) => handler.concurrent(),
+        }
+    }
+}
+
+/// How much a log record matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Warning,
+    Error,
+}
+
+/// Where the engine's log records go.
+pub trait Log: Send + Sync + 'static {
+    /// One record; `failure` is the failed exchange it is about, if any.
+    fn log(&self, level: Level, message: String, failure: Option<&Failure>);
+}
+
+/// Drops every record.
+pub struct NoLog;
+
+impl Log for NoLog {
+    fn log(&self, _level: Level, _message: String, _failure: Option<&Failure>) {}
+}

@@ -1,0 +1,11 @@
+//! The network engine: the wire format, sockets, serving loops and client exchanges. Nothing
+//! in here knows Python; the `py` layer drives it through [`handler::Handler`] and
+//! [`handler::Log`].
+
+pub mod client;
+pub mod codec;
+pub mod error;
+pub mod handler;
+pub mod net;
+pub mod runtime;
+pub mod serve;

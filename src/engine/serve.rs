@@ -1,0 +1,690 @@
+//! The serving engine: how a connection is answered in either protocol, the accept loop, the
+//! counters, and a server's life from bind to shutdown. Replies come from a [`Responder`]; the
+//! engine never waits for one on anything but a future, so a slow handler holds up only its
+//! own exchange.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::engine::codec::{self, FrameCodec, WireError};
+use crate::engine::error::{Error, Failure, FailureKind, Result};
+use crate::engine::handler::{Level, Log, Responder};
+use crate::engine::net::{Address, Endpoint, Listener};
+use crate::engine::runtime::{self, within};
+
+/// The seed's reply, in the bytes its `json.dumps` writes.
+pub const SEED_REPLY: &[u8] = br#"{"key": "id", "val": 123}"#;
+
+/// How replies travel; named the same on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The seed's: one request per connection, the reply is raw JSON ended by the server's close.
+    Classic,
+    /// Replies framed like requests; a connection carries any number of exchanges, in order.
+    Framed,
+}
+
+/// Counters, updated without locks from every connection; serialised with the field names
+/// `stats()` shows.
+#[derive(Default, Serialize)]
+pub struct Stats {
+    #[serde(rename = "connections_accepted")]
+    accepted: AtomicU64,
+    #[serde(rename = "connections_active")]
+    active: AtomicU64,
+    requests: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    idle_closed: AtomicU64,
+    errors: ErrorCounts,
+}
+
+/// Failed exchanges and connections, by kind.
+#[derive(Default, Serialize)]
+struct ErrorCounts {
+    handler: AtomicU64,
+    encode: AtomicU64,
+    bad_request: AtomicU64,
+    frame_too_large: AtomicU64,
+    timeout: AtomicU64,
+    disconnected: AtomicU64,
+    io: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Stats {
+    fn failure(&self, kind: FailureKind) -> &AtomicU64 {
+        match kind {
+            FailureKind::BadRequest => &self.errors.bad_request,
+            FailureKind::Handler => &self.errors.handler,
+            FailureKind::Encode => &self.errors.encode,
+        }
+    }
+
+    fn connection_error(&self, err: &Error) -> &AtomicU64 {
+        match err {
+            Error::Wire(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. }) => {
+                &self.errors.frame_too_large
+            }
+            Error::Wire(WireError::Truncated { .. } | WireError::ClosedBeforeMessage) => {
+                &self.errors.disconnected
+            }
+            Error::Timeout(_) => &self.errors.timeout,
+            _ => &self.errors.io,
+        }
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a connection as active for as long as it lives, also when shutdown drops its task.
+struct ActiveConnection<'a>(&'a AtomicU64);
+
+impl<'a> ActiveConnection<'a> {
+    fn count(active: &'a AtomicU64) -> Self {
+        bump(active, 1);
+        ActiveConnection(active)
+    }
+}
+
+impl Drop for ActiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The most buffered requests of one connection answered before their replies are written.
+const MAX_BATCH: usize = 256;
+
+/// Limits that apply to every connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// For each request from its first byte to its last, and for sending each reply.
+    pub timeout: Option<Duration>,
+    /// For the silence between requests on a kept connection.
+    pub idle_timeout: Option<Duration>,
+    pub max_frame: usize,
+}
+
+/// What one classic exchange came to.
+enum Classic {
+    /// Shutdown came before the request.
+    Stopped,
+    /// The request, and the reply sent for it or why there was none.
+    Answered {
+        request: Bytes,
+        reply: std::result::Result<Bytes, Failure>,
+    },
+}
+
+/// Everything a connection needs to be served.
+pub struct Service {
+    pub protocol: Protocol,
+    pub limits: Limits,
+    pub responder: Responder,
+    pub stats: Stats,
+    pub log: Arc<dyn Log>,
+}
+
+impl Service {
+    /// Counts and logs a failed exchange; returns the framed error reply's JSON.
+    fn exchange_failed(&self, failure: &Failure, peer: &Address) -> Vec<u8> {
+        bump(self.stats.failure(failure.kind), 1);
+        let kind = failure.kind.name();
+        self.log.log(
+            Level::Error,
+            format!(
+                "request from {peer} failed ({kind}): {}",
+                failure.message
+            ),
+            Some(failure),
+        );
+        error_reply(kind, &failure.message)
+    }
+
+    /// Counts and logs a connection that ended in error.
+    fn connection_failed(&self, err: &Error, peer: &Address) {
+        bump(self.stats.connection_error(err), 1);
+        let level = match err {
+            // A client that connects and leaves without a word (a port probe) is not news.
+            Error::Wire(WireError::ClosedBeforeMessage) => Level::Debug,
+            _ => Level::Warning,
+        };
+        self.log
+            .log(level, format!("connection from {peer} dropped: {err}"), None);
+    }
+
+    /// Serves one accepted connection until it ends, `stop` is cancelled between requests, or
+    /// an error drops it.
+    pub async fn serve_connection<S>(&self, mut stream: S, peer: Address, stop: CancellationToken)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        bump(&self.stats.accepted, 1);
+        let _active = ActiveConnection::count(&self.stats.active);
+        let outcome = match self.protocol {
+            Protocol::Classic => match self.answer_classic(&mut stream, &peer, &stop).await {
+                Ok(Classic::Answered {
+                    reply: Err(failure),
+                    ..
+                }) => {
+                    self.exchange_failed(&failure, &peer);
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(err) => Err(err),
+            },
+            Protocol::Framed => self.serve_framed(&mut stream, &peer, &stop).await,
+        };
+        if let Err(err) = outcome {
+            self.connection_failed(&err, &peer);
+        }
+    }
+
+    /// The seed's exchange: one request, a raw JSON reply, close. A failed exchange closes
+    /// without a reply (the classic wire has no way to say what went wrong).
+    async fn answer_classic<S>(
+        &self,
+        stream: &mut S,
+        peer: &Address,
+        stop: &CancellationToken,
+    ) -> Result<Classic>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let timeout = self.limits.timeout;
+        let mut input = BytesMut::new();
+        let mut codec = FrameCodec::new(self.limits.max_frame);
+        let read = within(
+            timeout,
+            || format!("waiting for the request from {peer}"),
+            async {
+                let frame = codec::read_frame(stream, &mut input, &mut codec).await?;
+                frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))
+            },
+        );
+        // Shutdown drops a connection whose request has not arrived yet.
+        let request = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(Classic::Stopped),
+            request = read => request?.payload,
+        };
+        bump(&self.stats.requests, 1);
+        bump(
+            &self.stats.bytes_in,
+            (codec::HEADER_LEN + request.len()) as u64,
+        );
+        let reply = self.responder.reply(&request).await;
+        if let Ok(json) = &reply {
+            within(timeout, || format!("sending the reply to {peer}"), async {
+                stream.write_all(json).await.map_err(WireError::Io)?;
+                stream.shutdown().await.map_err(WireError::Io)?;
+                Ok(())
+            })
+            .await?;
+            bump(&self.stats.bytes_out, json.len() as u64);
+        }
+        Ok(Classic::Answered { request, reply })
+    }
+
+    /// Waits for the first bytes of a request and returns how many came; `Ok(None)` if shutdown
+    /// or the idle limit came first, or the peer closed cleanly.
+    async fn await_request<S>(
+        &self,
+        stream: &mut S,
+        input: &mut BytesMut,
+        stop: &CancellationToken,
+    ) -> Result<Option<usize>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        input.reserve(8 * 1024);
+        let limit = self.limits.idle_timeout;
+        let read = async {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, stream.read_buf(input))
+                    .await
+                    .ok(),
+                None => Some(stream.read_buf(input).await),
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => Ok(None),
+            read = read => match read {
+                None => {
+                    bump(&self.stats.idle_closed, 1);
+                    Ok(None)
+                }
+                Some(Ok(0)) => Ok(None),
+                Some(Ok(n)) => Ok(Some(n)),
+                Some(Err(err)) => Err(WireError::Io(err).into()),
+            },
+        }
+    }
+
+    /// Kept connections: answer every request already buffered, write the replies together,
+    /// then wait for more.
+    async fn serve_framed<S>(
+        &self,
+        stream: &mut S,
+        peer: &Address,
+        stop: &CancellationToken,
+    ) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut codec = FrameCodec::new(self.limits.max_frame);
+        let mut input = BytesMut::new();
+        let mut output = BytesMut::new();
+        // When the request now arriving must be complete (its first byte started the clock).
+        let mut request_deadline: Option<Instant> = None;
+        loop {
+            // Every request already buffered (up to a bound), answered in order.
+            let mut batch = Vec::new();
+            let mut refused = None;
+            while batch.len() < MAX_BATCH {
+                match codec.decode(&mut input) {
+                    Ok(Some(frame)) => batch.push(frame.payload),
+                    Ok(None) => break,
+                    Err(err) => {
+                        refused = Some(err);
+                        break;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                request_deadline = None;
+                bump(&self.stats.requests, batch.len() as u64);
+            }
+            let replies = if batch.len() > 1 && self.responder.concurrent() {
+                // Pipelined requests answered at once; join_all keeps their order.
+                join_all(batch.iter().map(|request| self.responder.reply(request))).await
+            } else {
+                let mut replies = Vec::with_capacity(batch.len());
+                for request in &batch {
+                    replies.push(self.responder.reply(request).await);
+                }
+                replies
+            };
+            for reply in replies {
+                let (json, is_error) = match reply {
+                    Ok(json) => (json, false),
+                    Err(failure) => (Bytes::from(self.exchange_failed(&failure, peer)), true),
+                };
+                if codec::put_reply(&json, is_error, &mut output).is_err() {
+                    let reply = error_reply("encode", "reply is too large for a frame");
+                    codec::put_reply(&reply, true, &mut output)?;
+                }
+            }
+            if let Some(err) = refused {
+                // The stream cannot be resynchronised after a refused header: say why, close.
+                let reply = error_reply("frame_too_large", &err.to_string());
+                codec::put_reply(&reply, true, &mut output)?;
+                let _ = stream.write_all(&output).await;
+                return Err(err.into());
+            }
+            if !output.is_empty() {
+                within(
+                    self.limits.timeout,
+                    || format!("sending replies to {peer}"),
+                    async {
+                        stream
+                            .write_all(&output)
+                            .await
+                            .map_err(|e| WireError::Io(e).into())
+                    },
+                )
+                .await?;
+                bump(&self.stats.bytes_out, output.len() as u64);
+                output.clear();
+            }
+            if batch.len() == MAX_BATCH {
+                continue; // more requests may be buffered already
+            }
+            if input.is_empty() {
+                match self.await_request(stream, &mut input, stop).await? {
+                    Some(n) => bump(&self.stats.bytes_in, n as u64),
+                    None => return Ok(()),
+                }
+                continue;
+            }
+            // Part of a request is here: the rest must arrive before the request's deadline.
+            let deadline = *request_deadline.get_or_insert_with(|| {
+                Instant::now()
+                    + self
+                        .limits
+                        .timeout
+                        .unwrap_or(Duration::from_secs(86400 * 365))
+            });
+            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)).await;
+            match read {
+                Err(_elapsed) => {
+                    return Err(Error::Timeout(format!(
+                        "timed out after {} s waiting for the rest of a request from {peer}",
+                        self.limits.timeout.map_or(0.0, |t| t.as_secs_f64())
+                    )))
+                }
+                Ok(Ok(0)) => {
+                    codec.decode_eof(&mut input)?;
+                    return Ok(());
+                }
+                Ok(Ok(n)) => bump(&self.stats.bytes_in, n as u64),
+                Ok(Err(err)) => return Err(WireError::Io(err).into()),
+            }
+        }
+    }
+}
+
+/// The payload of a framed error reply: `{"error": kind, "message": text}`.
+pub fn error_reply(kind: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": kind, "message": message }))
+        .expect("a map of two strings always serialises")
+}
+
+/// Accepts connections until `stop` is cancelled, at most `max_connections` at a time; each is
+/// served in its own task, which `abort` ends outright once the shutdown grace is over.
+async fn accept_loop(
+    service: Arc<Service>,
+    listener: Listener,
+    max_connections: usize,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let service = service.clone();
+                let stop = stop.clone();
+                let abort = abort.clone();
+                tracker.spawn(async move {
+                    let _slot = slot;
+                    tokio::select! {
+                        _ = abort.cancelled() => {}
+                        _ = service.serve_connection(stream, peer, stop) => {}
+                    }
+                });
+            }
+            Err(err) => {
+                // E.g. out of file descriptors: wait a little rather than spin on the error.
+                bump(&service.stats.errors.io, 1);
+                service
+                    .log
+                    .log(Level::Warning, format!("accept failed: {err}"), None);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What one exchange of [`Server::serve_one`] was.
+pub struct Exchange {
+    pub peer: Address,
+    pub local: Address,
+    pub request: Bytes,
+    pub reply: Bytes,
+}
+
+/// Why [`Server::serve_one`] has no exchange to show.
+#[derive(Debug)]
+pub enum OneShotError {
+    /// The network or the peer failed.
+    Net(Error),
+    /// The request arrived but got no reply.
+    Failed(Failure),
+}
+
+impl From<Error> for OneShotError {
+    fn from(err: Error) -> Self {
+        OneShotError::Net(err)
+    }
+}
+
+/// Where a server is in its life.
+enum Lifecycle {
+    /// Bound and listening (the OS queues connections), not yet accepting.
+    Bound(Listener),
+    /// The accept loop runs on the runtime of the given generation.
+    Serving { accept: JoinHandle<()>, generation: u64 },
+    /// Shut down, or its one exchange taken; cannot start again.
+    Stopped,
+}
+
+/// Why a server cannot start.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AlreadyStopped;
+
+/// A server from bind to shutdown: many connections at once, each in its own task.
+pub struct Server {
+    service: Arc<Service>,
+    address: Address,
+    max_connections: usize,
+    lifecycle: Mutex<Lifecycle>,
+    /// Stops accepting and ends connections waiting between requests.
+    stop: CancellationToken,
+    /// Ends every connection outright, once the shutdown grace is over.
+    abort: CancellationToken,
+    /// Set once shutdown has finished.
+    finished: CancellationToken,
+    connections: TaskTracker,
+}
+
+impl Server {
+    /// Binds now, like socketserver: the address is known and "address in use" told here.
+    pub async fn bind(
+        endpoint: &Endpoint,
+        backlog: u32,
+        service: Service,
+        max_connections: usize,
+    ) -> Result<Server> {
+        let listener = Listener::bind(endpoint, backlog).await?;
+        let address = listener.local_address()?;
+        Ok(Server {
+            service: Arc::new(service),
+            address,
+            max_connections,
+            lifecycle: Mutex::new(Lifecycle::Bound(listener)),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            finished: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// What the connections are served with (for its counters).
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the accept loop on the shared runtime; starting again does nothing.
+    pub fn start(&self) -> std::result::Result<(), AlreadyStopped> {
+        let mut lifecycle = self.lifecycle();
+        match std::mem::replace(&mut *lifecycle, Lifecycle::Stopped) {
+            Lifecycle::Bound(listener) => {
+                let generation = runtime::generation();
+                let accept = runtime::handle().spawn(accept_loop(
+                    self.service.clone(),
+                    listener,
+                    self.max_connections,
+                    self.stop.clone(),
+                    self.abort.clone(),
+                    self.connections.clone(),
+                ));
+                *lifecycle = Lifecycle::Serving { accept, generation };
+                Ok(())
+            }
+            serving @ Lifecycle::Serving { .. } => {
+                *lifecycle = serving;
+                Ok(())
+            }
+            Lifecycle::Stopped => Err(AlreadyStopped),
+        }
+    }
+
+    /// Waits until shutdown has finished.
+    pub fn finished(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.finished.clone().cancelled_owned()
+    }
+
+    /// Whether shutdown has finished.
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_cancelled()
+    }
+
+    /// Serves exactly one connection and one request on the bound socket, like the seed:
+    /// later connection attempts are refused, not queued. Whatever goes wrong is returned
+    /// rather than logged: the caller asked for exactly this exchange.
+    pub fn serve_one(
+        &self,
+    ) -> std::result::Result<
+        impl std::future::Future<Output = std::result::Result<Exchange, OneShotError>>
+            + Send
+            + 'static,
+        AlreadyStopped,
+    > {
+        let Lifecycle::Bound(listener) = std::mem::replace(&mut *self.lifecycle(), Lifecycle::Stopped)
+        else {
+            return Err(AlreadyStopped);
+        };
+        let service = self.service.clone();
+        let local = self.address.clone();
+        let stop = self.stop.clone();
+        let finished = self.finished.clone();
+        Ok(async move {
+            let exchange = async {
+                let (mut stream, peer) =
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return Err(OneShotError::Net(Error::Os {
+                            err: std::io::Error::new(std::io::ErrorKind::Interrupted, "the server was shut down"),
+                            doing: format!("accept on {local}"),
+                        })),
+                        accepted = listener.accept() => accepted.map_err(|err| Error::Os {
+                            err,
+                            doing: format!("accept on {local}"),
+                        })?,
+                    };
+                drop(listener);
+                bump(&service.stats.accepted, 1);
+                let _active = ActiveConnection::count(&service.stats.active);
+                match service.answer_classic(&mut stream, &peer, &stop).await? {
+                    Classic::Stopped => Err(OneShotError::Net(Error::Wire(
+                        WireError::ClosedBeforeMessage,
+                    ))),
+                    Classic::Answered { request, reply } => Ok(Exchange {
+                        peer,
+                        local,
+                        request,
+                        reply: reply.map_err(OneShotError::Failed)?,
+                    }),
+                }
+            }
+            .await;
+            finished.cancel();
+            exchange
+        })
+    }
+
+    /// Stops accepting and ends connections waiting between requests now; the returned future
+    /// lets exchanges in progress finish for up to `grace` (forever with `None`), drops the
+    /// rest, and marks the server finished. Calling it again is harmless.
+    pub fn begin_shutdown(
+        &self,
+        grace: Option<Duration>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.stop.cancel();
+        let previous = std::mem::replace(&mut *self.lifecycle(), Lifecycle::Stopped);
+        let (accept, inherited) = match previous {
+            Lifecycle::Serving { accept, generation } => {
+                let inherited = generation != runtime::generation();
+                (Some(accept), inherited)
+            }
+            // Never started (the listener is dropped here) or already stopped.
+            _ => (None, false),
+        };
+        let connections = self.connections.clone();
+        let abort = self.abort.clone();
+        let finished = self.finished.clone();
+        async move {
+            if inherited {
+                // Started by the parent of this forked process: its tasks never run here, so
+                // there is nothing to wait for (and waiting would be forever).
+                std::mem::forget(accept);
+                finished.cancel();
+                return;
+            }
+            if let Some(accept) = accept {
+                let _ = accept.await;
+            }
+            connections.close();
+            let drained = match grace {
+                Some(grace) => tokio::time::timeout(grace, connections.wait())
+                    .await
+                    .is_ok(),
+                None => {
+                    connections.wait().await;
+                    true
+                }
+            };
+            if !drained {
+                abort.cancel();
+                connections.wait().await;
+            }
+            finished.cancel();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server dropped without shutdown must not leave connections served forever.
+        self.stop.cancel();
+        self.abort.cancel();
+    }
+}

@@ -1,0 +1,395 @@
+//! The engine's handler interface for Python: a sync handler runs on the server's handler
+//! threads, a coroutine handler as a Task on its event loop; what a sync handler returns that is
+//! awaitable is awaited on the event loop too (under framesock.aio). Log records go to the
+//! `framesock` logger from a handler thread. (A static reply never gets here: the engine
+//! answers it on its own.)
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use tokio::sync::oneshot;
+
+use crate::engine::error::{Failure, FailureKind};
+use crate::engine::handler::{Handler, Level, Log, PendingReply};
+use crate::py::bridge::{run_as_task, LoopBridge};
+use crate::py::json;
+use crate::py::threads::{Call, HandlerThreads};
+
+/// How a handler receives the request payload.
+#[derive(Debug, Clone, Copy)]
+pub enum RequestAs {
+    /// `str`, decoded as UTF-8 with undecodable bytes replaced by U+FFFD.
+    Text,
+    /// The payload's `bytes`, untouched.
+    Bytes,
+    /// The payload parsed as JSON.
+    Json,
+}
+
+/// The payload as text; bytes that are not UTF-8 become U+FFFD (the raw bytes are kept apart).
+pub fn request_text<'py>(py: Python<'py>, payload: &[u8]) -> Bound<'py, PyString> {
+    PyString::new(py, &String::from_utf8_lossy(payload))
+}
+
+/// The request payload as the handler wants it.
+fn request_object<'py>(
+    py: Python<'py>,
+    request_as: RequestAs,
+    payload: &[u8],
+) -> Result<Bound<'py, PyAny>, Failure> {
+    Ok(match request_as {
+        RequestAs::Text => request_text(py, payload).into_any(),
+        RequestAs::Bytes => PyBytes::new(py, payload).into_any(),
+        RequestAs::Json => json::loads(py, payload)
+            .map_err(|err| python_failure(py, FailureKind::BadRequest, err))?,
+    })
+}
+
+/// A failure caused by a Python exception, which travels along (for raising or logging).
+pub fn python_failure(py: Python<'_>, kind: FailureKind, err: PyErr) -> Failure {
+    let type_name = err
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let message = format!("{type_name}: {}", err.value(py));
+    Failure {
+        kind,
+        message,
+        cause: Some(Arc::new(err)),
+    }
+}
+
+/// Whether `value` is something to `await` (a coroutine, a future, ...).
+fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
+    !(value.is_instance_of::<PyDict>() || value.is_instance_of::<PyList>())
+        && value
+            .hasattr(pyo3::intern!(value.py(), "__await__"))
+            .unwrap_or(false)
+}
+
+/// Where a handler's reply goes.
+type ReplySender = oneshot::Sender<Result<Bytes, Failure>>;
+
+/// A Python callable answering requests.
+pub struct PyHandler {
+    callable: Py<PyAny>,
+    request_as: RequestAs,
+    threads: HandlerThreads,
+    /// framesock.aio: the loop coroutines run on, and whether the handler is a coroutine
+    /// function (called on the loop itself).
+    event_loop: OnceLock<(Arc<LoopBridge>, bool)>,
+    /// `start_server` shows the value the handler returned: kept here when asked.
+    last_value: Option<Mutex<Option<Py<PyAny>>>>,
+}
+
+impl PyHandler {
+    pub fn new(
+        callable: Py<PyAny>,
+        request_as: RequestAs,
+        threads: HandlerThreads,
+        keep_last_value: bool,
+    ) -> Self {
+        PyHandler {
+            callable,
+            request_as,
+            threads,
+            event_loop: OnceLock::new(),
+            last_value: keep_last_value.then(|| Mutex::new(None)),
+        }
+    }
+
+    /// framesock.aio: coroutines run on the running event loop (the first one set stays).
+    pub fn use_running_loop(&self, py: Python<'_>) -> PyResult<Arc<LoopBridge>> {
+        if let Some((bridge, _)) = self.event_loop.get() {
+            return Ok(bridge.clone());
+        }
+        static IS_COROUTINE_FUNCTION: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let call_on_loop = IS_COROUTINE_FUNCTION
+            .import(py, "inspect", "iscoroutinefunction")?
+            .call1((self.callable.bind(py),))?
+            .is_truthy()?;
+        let bridge = LoopBridge::for_running_loop(py)?;
+        let _ = self.event_loop.set((bridge, call_on_loop));
+        Ok(self.event_loop.get().expect("set above").0.clone())
+    }
+
+    /// The value the handler last returned (when kept).
+    pub fn take_last_value(&self) -> Option<Py<PyAny>> {
+        self.last_value
+            .as_ref()
+            .and_then(|kept| kept.lock().unwrap_or_else(|p| p.into_inner()).take())
+    }
+
+    /// Sends the reply for `value`: its JSON, or on to the event loop if it is awaitable.
+    fn reply_with(
+        self: &Arc<Self>,
+        py: Python<'_>,
+        value: Bound<'_, PyAny>,
+        reply: ReplySender,
+        task: &Arc<TaskSlot>,
+    ) {
+        if is_awaitable(&value) {
+            match self.event_loop.get() {
+                Some((bridge, _)) => {
+                    let awaitable = value.unbind();
+                    let this = self.clone();
+                    let task = task.clone();
+                    bridge.push(Box::new(move |py| {
+                        this.await_on_loop(py, awaitable.into_bound(py), reply, &task)
+                    }));
+                }
+                None => {
+                    // Nothing will await it: close it, so Python does not warn later.
+                    if value.hasattr("close").unwrap_or(false) {
+                        let _ = value.call_method0("close");
+                    }
+                    let err = pyo3::exceptions::PyTypeError::new_err(
+                        "the handler returned an awaitable; async handlers need framesock.aio.Server",
+                    );
+                    let _ = reply.send(Err(python_failure(py, FailureKind::Handler, err)));
+                }
+            }
+            return;
+        }
+        let outcome = json::dumps(&value)
+            .map(Bytes::from)
+            .map_err(|err| python_failure(py, FailureKind::Encode, err));
+        if outcome.is_ok() {
+            if let Some(kept) = &self.last_value {
+                *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(value.unbind());
+            }
+        }
+        let _ = reply.send(outcome);
+    }
+
+    /// Calls the handler on the event loop's thread (a coroutine function).
+    fn call_on_loop(
+        self: &Arc<Self>,
+        py: Python<'_>,
+        payload: &[u8],
+        reply: ReplySender,
+        task: &Arc<TaskSlot>,
+    ) {
+        let called = request_object(py, self.request_as, payload).and_then(|request| {
+            self.callable
+                .bind(py)
+                .call1((request,))
+                .map_err(|err| python_failure(py, FailureKind::Handler, err))
+        });
+        match called {
+            Ok(value) => self.reply_with(py, value, reply, task),
+            Err(failure) => drop(reply.send(Err(failure))),
+        }
+    }
+
+    /// Awaits `awaitable` as a Task on the event loop; its outcome is the reply.
+    fn await_on_loop(
+        self: &Arc<Self>,
+        py: Python<'_>,
+        awaitable: Bound<'_, PyAny>,
+        reply: ReplySender,
+        slot: &Arc<TaskSlot>,
+    ) {
+        let Some((bridge, _)) = self.event_loop.get() else {
+            return;
+        };
+        let when_done = SendWhenDone {
+            handler: self.clone(),
+            reply: Mutex::new(Some(reply)),
+        };
+        let scheduled = Bound::new(py, when_done).and_then(|when_done| {
+            run_as_task(py, bridge.event_loop(py), &awaitable, when_done.into_any())
+        });
+        match scheduled {
+            // Its connection may have been dropped already; else keep it for a later cancel.
+            Ok(task) if slot.abandoned.load(Ordering::Acquire) => {
+                let _ = task.call_method0("cancel");
+            }
+            Ok(task) => *slot.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.unbind()),
+            // The reply sender went with the callback, so the waiting exchange fails as the
+            // sender drops; the reason is printed here.
+            Err(err) => err.print(py),
+        }
+    }
+}
+
+/// The Task running a coroutine for one exchange, once there is one, and whether its reply is
+/// still wanted.
+#[derive(Default)]
+struct TaskSlot {
+    task: Mutex<Option<Py<PyAny>>>,
+    abandoned: AtomicBool,
+}
+
+/// Dropped before its reply came (the connection was dropped), it cancels the handler's Task.
+struct CancelOnDrop {
+    slot: Arc<TaskSlot>,
+    bridge: Option<Arc<LoopBridge>>,
+    done: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.slot.abandoned.store(true, Ordering::Release);
+        if let Some(bridge) = &self.bridge {
+            let slot = self.slot.clone();
+            bridge.push(Box::new(move |py| {
+                let task = slot.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(task) = task {
+                    let _ = task.bind(py).call_method0("cancel");
+                }
+            }));
+        }
+    }
+}
+
+impl Handler for Arc<PyHandler> {
+    fn respond(&self, request: Bytes) -> PendingReply {
+        let (reply, replied) = oneshot::channel();
+        let slot = Arc::new(TaskSlot::default());
+        let on_loop = self.event_loop.get();
+        match on_loop {
+            Some((bridge, true)) => {
+                let this = self.clone();
+                let slot = slot.clone();
+                bridge.push(Box::new(move |py| {
+                    this.call_on_loop(py, &request, reply, &slot)
+                }));
+            }
+            _ => {
+                let this = self.clone();
+                let slot = slot.clone();
+                self.threads.submit(Box::new(move |py| {
+                    if reply.is_closed() {
+                        return None; // abandoned while queued: its connection is gone
+                    }
+                    let request = match request_object(py, this.request_as, &request) {
+                        Ok(request) => request,
+                        Err(failure) => {
+                            let _ = reply.send(Err(failure));
+                            return None;
+                        }
+                    };
+                    let args = pyo3::types::PyTuple::new(py, [request]).ok()?.unbind();
+                    let handler = this.clone();
+                    Some(Call {
+                        function: this.callable.clone_ref(py),
+                        args,
+                        finish: Box::new(move |py, outcome| match outcome {
+                            Ok(value) => handler.reply_with(py, value, reply, &slot),
+                            Err(err) => drop(
+                                reply.send(Err(python_failure(py, FailureKind::Handler, err))),
+                            ),
+                        }),
+                    })
+                }));
+            }
+        }
+        let guard = CancelOnDrop {
+            slot,
+            bridge: on_loop.map(|(bridge, _)| bridge.clone()),
+            done: false,
+        };
+        Box::pin(async move {
+            // Moved in whole (not just the field written below), so it lives with the future.
+            let mut guard = guard;
+            let outcome = replied.await;
+            guard.done = true;
+            outcome.unwrap_or_else(|_| {
+                Err(Failure::new(
+                    FailureKind::Handler,
+                    "the handler was not run to the end: the server is shutting down or its event loop has closed",
+                ))
+            })
+        })
+    }
+
+    fn concurrent(&self) -> bool {
+        self.event_loop.get().is_some()
+    }
+}
+
+/// A Task's done-callback that sends its outcome as the reply.
+#[pyclass(frozen)]
+struct SendWhenDone {
+    handler: Arc<PyHandler>,
+    reply: Mutex<Option<ReplySender>>,
+}
+
+#[pymethods]
+impl SendWhenDone {
+    fn __call__(&self, py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Some(reply) = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        if task.call_method0("cancelled")?.is_truthy()? {
+            let cancelled = pyo3::exceptions::asyncio::CancelledError::new_err(
+                "the handler's task was cancelled",
+            );
+            let _ = reply.send(Err(python_failure(py, FailureKind::Handler, cancelled)));
+            return Ok(());
+        }
+        let exception = task.call_method0("exception")?;
+        if !exception.is_none() {
+            let err = PyErr::from_value(exception);
+            let _ = reply.send(Err(python_failure(py, FailureKind::Handler, err)));
+            return Ok(());
+        }
+        let value = task.call_method0("result")?;
+        // A Task's result is never awaitable in practice; reply_with would await it again.
+        self.handler
+            .reply_with(py, value, reply, &Arc::new(TaskSlot::default()));
+        Ok(())
+    }
+}
+
+/// Log records to the `framesock` logger, written by a handler thread (never an I/O thread:
+/// a thread that first touches `logging` may be taken for the main thread).
+pub struct PyLog {
+    pub threads: HandlerThreads,
+}
+
+impl Log for PyLog {
+    fn log(&self, level: Level, message: String, failure: Option<&Failure>) {
+        let cause = failure.and_then(|f| f.cause.clone());
+        self.threads.submit(Box::new(move |py| {
+            let level = match level {
+                Level::Debug => 10,
+                Level::Warning => 30,
+                Level::Error => 40,
+            };
+            let exc = cause
+                .as_ref()
+                .and_then(|cause| cause.downcast_ref::<PyErr>())
+                .map(|err| err.clone_ref(py).into_value(py).into_any());
+            let function = py
+                .import("framesock._support")
+                .and_then(|m| m.getattr("log"))
+                .ok()?
+                .unbind();
+            let args = (level, message, exc)
+                .into_pyobject(py)
+                .ok()?
+                .unbind();
+            Some(Call {
+                function,
+                args,
+                finish: Box::new(|py, outcome| {
+                    // Logging must never take the server down; a broken logging setup is its
+                    // own problem, reported as logging itself reports such things.
+                    if let Err(err) = outcome {
+                        err.print(py);
+                    }
+                }),
+            })
+        }));
+    }
+}

@@ -1,0 +1,55 @@
+//! The Python face of the engine: the only part of framesock that knows Python.
+
+mod aio;
+mod args;
+mod bridge;
+mod client;
+mod errors;
+mod handlers;
+mod json;
+mod server;
+mod threads;
+mod wait;
+
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+use crate::engine::runtime;
+
+/// How long the exit hook waits for idle handler threads to leave, and for the engine's
+/// threads to stop.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Runs at interpreter exit (`atexit`, before finalization): handler threads and event-loop
+/// bridges close, then the engine's runtime stops, dropping every connection. After this no
+/// engine thread comes back to Python.
+#[pyfunction]
+fn _at_exit(py: Python<'_>) {
+    threads::close_all(py, EXIT_WAIT);
+    bridge::close_all(py);
+    py.detach(|| runtime::shut_down(EXIT_WAIT));
+}
+
+/// Runs in the child after `os.fork()`: the parent's engine threads do not exist here, so
+/// the runtime is rebuilt on next use and objects from before the fork let go of it.
+#[pyfunction]
+fn _after_fork_in_child() {
+    runtime::forget_after_fork();
+}
+
+/// The native module behind the `framesock` package.
+#[pymodule]
+fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::init(m)?;
+    m.add_function(wrap_pyfunction!(server::start_server, m)?)?;
+    m.add_function(wrap_pyfunction!(client::start_client, m)?)?;
+    m.add_class::<server::Server>()?;
+    m.add_class::<client::Client>()?;
+    m.add_class::<aio::AsyncClient>()?;
+    m.add_function(wrap_pyfunction!(aio::start_server_async, m)?)?;
+    m.add_function(wrap_pyfunction!(_at_exit, m)?)?;
+    m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,537 @@
+//! `Server` (many clients, either protocol) and `start_server` (the seed's one exchange).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::engine::handler::{Log, NoLog, Responder};
+use crate::engine::net::Address;
+use crate::engine::serve::{self, Exchange, Limits, OneShotError, Protocol, Service, Stats};
+use crate::py::args;
+use crate::py::bridge::LoopBridge;
+use crate::py::errors::failure_error;
+use crate::py::handlers::{request_text, PyHandler, PyLog};
+use crate::py::json;
+use crate::py::threads::{self, HandlerThreads};
+use crate::py::wait;
+
+/// The address as Python's `socket` gives it: `(host, port)` for IPv4,
+/// `(host, port, flowinfo, scope_id)` for IPv6, the path for a Unix socket.
+pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'py, PyAny>> {
+    use std::net::SocketAddr;
+    let object: Bound<'py, PyAny> = match addr {
+        Address::Inet(SocketAddr::V4(v4)) => (v4.ip().to_string(), v4.port())
+            .into_pyobject(py)?
+            .into_any(),
+        Address::Inet(SocketAddr::V6(v6)) => {
+            (v6.ip().to_string(), v6.port(), v6.flowinfo(), v6.scope_id())
+                .into_pyobject(py)?
+                .into_any()
+        }
+        Address::Unix(path) => path
+            .to_string_lossy()
+            .into_owned()
+            .into_pyobject(py)?
+            .into_any(),
+    };
+    Ok(object)
+}
+
+/// Seconds in-flight exchanges get to finish when the context manager shuts down.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// In-flight exchanges' grace after Ctrl-C: short, since the user is waiting for the prompt.
+const INTERRUPT_GRACE: Duration = Duration::from_millis(100);
+
+/// A server's arguments, checked, before anything touches the network.
+pub struct Settings {
+    pub endpoint: crate::engine::net::Endpoint,
+    pub protocol: Protocol,
+    pub limits: Limits,
+    pub max_connections: usize,
+    pub backlog: u32,
+    pub handler_threads: usize,
+    pub request_as: String,
+}
+
+/// Where a Python server's replies come from, and what serves its handler and its log.
+struct Replies {
+    responder: Responder,
+    handler: Option<Arc<PyHandler>>,
+    /// The static reply's value, for `start_server`'s result.
+    value: Option<Py<PyAny>>,
+    threads: Option<HandlerThreads>,
+}
+
+impl Replies {
+    /// Checks `response` / `handler` and encodes a static response now, so a value that cannot
+    /// be sent fails before anything touches the network. Handler threads are started when
+    /// there is a handler or a log to write (`logs`).
+    fn new(
+        py: Python<'_>,
+        response: Option<Bound<'_, PyAny>>,
+        handler: Option<Bound<'_, PyAny>>,
+        settings: &Settings,
+        logs: bool,
+        keep_last_value: bool,
+    ) -> PyResult<Self> {
+        let request_as = args::request_as(&settings.request_as)?;
+        let (fixed, callable) = match (response, handler) {
+            (Some(_), Some(_)) => {
+                return Err(PyTypeError::new_err(
+                    "pass either response or handler, not both",
+                ))
+            }
+            (None, Some(handler)) if !handler.is_callable() => {
+                return Err(PyTypeError::new_err(format!(
+                    "handler must be callable, not {}",
+                    handler.get_type().name()?
+                )))
+            }
+            (None, Some(handler)) => (None, Some(handler.unbind())),
+            (Some(value), None) => {
+                let json = Bytes::from(json::dumps(&value)?);
+                (Some((value.unbind(), json)), None)
+            }
+            (None, None) => {
+                let json = Bytes::from_static(serve::SEED_REPLY);
+                (Some((json::loads(py, &json)?.unbind(), json)), None)
+            }
+        };
+        let threads = if callable.is_some() || logs {
+            Some(HandlerThreads::new(
+                py,
+                &settings.endpoint.to_string(),
+                settings.handler_threads,
+            )?)
+        } else {
+            None
+        };
+        Ok(match (fixed, callable) {
+            (Some((value, json)), _) => Replies {
+                responder: Responder::Fixed(json),
+                handler: None,
+                value: Some(value),
+                threads,
+            },
+            (None, Some(callable)) => {
+                let handler = Arc::new(PyHandler::new(
+                    callable,
+                    request_as,
+                    threads.clone().expect("started for a handler"),
+                    keep_last_value,
+                ));
+                Replies {
+                    responder: Responder::Handler(Arc::new(handler.clone())),
+                    handler: Some(handler),
+                    value: None,
+                    threads,
+                }
+            }
+            (None, None) => unreachable!("one of the two is set above"),
+        })
+    }
+}
+
+/// A concurrent server: many clients at once, the I/O on all cores without the GIL, handlers
+/// on handler threads.
+#[pyclass(frozen, module = "framesock")]
+pub struct Server {
+    core: Arc<serve::Server>,
+    handler: Option<Arc<PyHandler>>,
+    value: Option<Py<PyAny>>,
+    threads: Option<HandlerThreads>,
+}
+
+#[pymethods]
+impl Server {
+    #[new]
+    #[pyo3(signature = (
+        handler = None, host = String::from("127.0.0.1"), port = 8000, *, path = None,
+        response = None, protocol = String::from("classic"), timeout = Some(20.0),
+        idle_timeout = None, max_frame = args::DEFAULT_MAX_LEN as i64, max_connections = 1024,
+        backlog = 1024, request_as = String::from("text"), handler_threads = None,
+    ))]
+    #[pyo3(
+        text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
+        protocol='classic', timeout=20.0, idle_timeout=None, max_frame=16777216, \
+        max_connections=1024, backlog=1024, request_as='text', handler_threads=None)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        handler: Option<Bound<'_, PyAny>>,
+        host: String,
+        port: i64,
+        path: Option<PathBuf>,
+        response: Option<Bound<'_, PyAny>>,
+        protocol: String,
+        timeout: Option<f64>,
+        idle_timeout: Option<f64>,
+        max_frame: i64,
+        max_connections: i64,
+        backlog: i64,
+        request_as: String,
+        handler_threads: Option<i64>,
+    ) -> PyResult<Self> {
+        let settings = Settings {
+            endpoint: args::endpoint(host, port, path)?,
+            protocol: args::protocol(&protocol)?,
+            limits: Limits {
+                timeout: args::timeout("timeout", timeout)?,
+                idle_timeout: args::timeout("idle_timeout", idle_timeout)?,
+                max_frame: args::byte_limit("max_frame", max_frame)?,
+            },
+            max_connections: args::positive("max_connections", max_connections)?,
+            backlog: args::backlog(backlog)?,
+            handler_threads: match handler_threads {
+                Some(count) => args::positive("handler_threads", count)?,
+                None => threads::default_thread_count(),
+            },
+            request_as,
+        };
+        Server::bind(py, settings, response, handler, true, false)
+    }
+
+    /// The bound address: `(host, port)` (the real port when 0 was asked for) or the path.
+    #[getter]
+    fn address<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        address_object(py, self.core.address())
+    }
+
+    /// Starts serving in the background and returns; calling it again does nothing.
+    fn start(&self) -> PyResult<()> {
+        self.core
+            .start()
+            .map_err(|_| PyRuntimeError::new_err("the server was shut down"))
+    }
+
+    /// Serves until `shutdown()` is called (from another thread or a handler); Ctrl-C shuts the
+    /// server down (exchanges in progress get 0.1 s) and raises KeyboardInterrupt.
+    fn serve_forever(&self, py: Python<'_>) -> PyResult<()> {
+        self.start()?;
+        match wait::wait(py, self.core.finished()) {
+            Ok(()) => Ok(()),
+            Err(interrupted) => {
+                self.wind_down(py, Some(INTERRUPT_GRACE))?;
+                Err(interrupted)
+            }
+        }
+    }
+
+    /// Stops accepting at once, lets in-flight exchanges finish (at most `timeout` seconds,
+    /// then drops them) and closes every connection. From inside a handler it only begins the
+    /// shutdown, since it cannot wait for its own exchange.
+    #[pyo3(signature = (timeout = Some(5.0)), text_signature = "(self, timeout=5.0)")]
+    fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        self.wind_down(py, args::timeout("timeout", timeout)?)
+    }
+
+    /// framesock.aio: `shutdown` as an awaitable.
+    fn _shutdown_async<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let wind_down = self.begin_shutdown(args::timeout("timeout", timeout)?);
+        LoopBridge::for_running_loop(py)?.spawn(
+            py,
+            async move {
+                wind_down.await;
+                Ok(())
+            },
+            |py, ()| Ok(py.None()),
+        )
+    }
+
+    /// framesock.aio: an awaitable that completes once shutdown has finished.
+    fn _finished<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let finished = self.core.finished();
+        LoopBridge::for_running_loop(py)?.spawn(
+            py,
+            async move {
+                finished.await;
+                Ok(())
+            },
+            |py, ()| Ok(py.None()),
+        )
+    }
+
+    /// framesock.aio: coroutine handlers (and awaitables handlers return) run on the running
+    /// event loop; when that loop is torn down, the server shuts down.
+    pub fn _use_event_loop(&self, py: Python<'_>) -> PyResult<()> {
+        let bridge = match &self.handler {
+            Some(handler) => handler.use_running_loop(py)?,
+            None => LoopBridge::for_running_loop(py)?,
+        };
+        let core = Arc::downgrade(&self.core);
+        let threads = self.threads.clone();
+        bridge.on_loop_end(Box::new(move || {
+            if let Some(core) = core.upgrade() {
+                crate::engine::runtime::handle().spawn(core.begin_shutdown(Some(Duration::ZERO)));
+            }
+            if let Some(threads) = threads {
+                threads.close();
+            }
+        }));
+        Ok(())
+    }
+
+    /// Counters: connections accepted/active, requests, bytes in/out, errors by kind.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(pythonize::pythonize(py, &self.core.service().stats)?)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        slf.get().start()?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (exc_type = None, _exc_value = None, _traceback = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<Bound<'_, PyAny>>,
+        _exc_value: Option<Bound<'_, PyAny>>,
+        _traceback: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let interrupted = exc_type.is_some_and(|t| {
+            t.is(py.get_type::<pyo3::exceptions::PyKeyboardInterrupt>())
+        });
+        let grace = if interrupted { INTERRUPT_GRACE } else { EXIT_GRACE };
+        self.wind_down(py, Some(grace))?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<framesock.Server {} {:?}>",
+            self.core.address(),
+            self.core.service().protocol
+        )
+    }
+}
+
+impl Server {
+    /// The bound address.
+    pub fn address_ref(&self) -> &Address {
+        self.core.address()
+    }
+
+    /// Binds now, like socketserver: `address` is known and "address in use" raised here.
+    fn bind(
+        py: Python<'_>,
+        settings: Settings,
+        response: Option<Bound<'_, PyAny>>,
+        handler: Option<Bound<'_, PyAny>>,
+        logs: bool,
+        keep_last_value: bool,
+    ) -> PyResult<Server> {
+        let replies = Replies::new(py, response, handler, &settings, logs, keep_last_value)?;
+        let log: Arc<dyn Log> = match (&replies.threads, logs) {
+            (Some(threads), true) => Arc::new(PyLog {
+                threads: threads.clone(),
+            }),
+            _ => Arc::new(NoLog),
+        };
+        let service = Service {
+            protocol: settings.protocol,
+            limits: settings.limits,
+            responder: replies.responder,
+            stats: Stats::default(),
+            log,
+        };
+        let endpoint = settings.endpoint;
+        let (backlog, max_connections) = (settings.backlog, settings.max_connections);
+        let bound = wait::wait(py, async move {
+            serve::Server::bind(&endpoint, backlog, service, max_connections).await
+        })?;
+        let core = match bound {
+            Ok(core) => core,
+            Err(err) => {
+                if let Some(threads) = &replies.threads {
+                    threads.close();
+                }
+                return Err(err.into());
+            }
+        };
+        Ok(Server {
+            core: Arc::new(core),
+            handler: replies.handler,
+            value: replies.value,
+            threads: replies.threads,
+        })
+    }
+
+    /// Starts shutting down now; the future finishes it (see `serve::Server::begin_shutdown`)
+    /// and then closes the handler threads.
+    fn begin_shutdown(
+        &self,
+        grace: Option<Duration>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let wind_down = self.core.begin_shutdown(grace);
+        let threads = self.threads.clone();
+        async move {
+            wind_down.await;
+            if let Some(threads) = threads {
+                threads.close();
+            }
+        }
+    }
+
+    /// Shuts down and waits for it, Ctrl-C aware; on a handler thread it only begins.
+    fn wind_down(&self, py: Python<'_>, grace: Option<Duration>) -> PyResult<()> {
+        let task = crate::engine::runtime::handle().spawn(self.begin_shutdown(grace));
+        if threads::on_handler_thread() {
+            return Ok(());
+        }
+        // The shutdown runs as a task of its own: a Ctrl-C here stops the waiting, not it.
+        let _ = wait::wait(py, task)?;
+        Ok(())
+    }
+
+    /// `start_server`'s one exchange on this server's socket, as a future to wait on, and
+    /// what turns its outcome into the result dict.
+    pub fn serve_one(
+        &self,
+    ) -> PyResult<(
+        impl std::future::Future<Output = Result<Exchange, OneShotError>> + Send + 'static,
+        OneShotResult,
+    )> {
+        let exchange = self.core.serve_one().map_err(|_| {
+            PyRuntimeError::new_err("the server is already serving or was shut down")
+        })?;
+        let result = OneShotResult {
+            handler: self.handler.clone(),
+            value: Python::attach(|py| self.value.as_ref().map(|v| v.clone_ref(py))),
+            threads: self.threads.clone(),
+        };
+        Ok((exchange, result))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(threads) = &self.threads {
+            threads.close();
+        }
+    }
+}
+
+/// Turns the outcome of `start_server`'s exchange into its result dict.
+pub struct OneShotResult {
+    handler: Option<Arc<PyHandler>>,
+    value: Option<Py<PyAny>>,
+    threads: Option<HandlerThreads>,
+}
+
+impl OneShotResult {
+    /// `{"peer", "address", "request", "request_bytes", "reply"}`, or the exchange's error.
+    pub fn into_dict<'py>(
+        self,
+        py: Python<'py>,
+        outcome: Result<Exchange, OneShotError>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        if let Some(threads) = &self.threads {
+            threads.close();
+        }
+        let exchange = match outcome {
+            Ok(exchange) => exchange,
+            Err(OneShotError::Net(err)) => return Err(err.into()),
+            Err(OneShotError::Failed(failure)) => return Err(failure_error(failure)),
+        };
+        let reply = match (self.value, self.handler) {
+            (Some(value), _) => value,
+            (None, Some(handler)) => match handler.take_last_value() {
+                Some(value) => value,
+                None => json::loads(py, &exchange.reply)?.unbind(),
+            },
+            (None, None) => json::loads(py, &exchange.reply)?.unbind(),
+        };
+        let dict = PyDict::new(py);
+        dict.set_item("peer", address_object(py, &exchange.peer)?)?;
+        dict.set_item("address", address_object(py, &exchange.local)?)?;
+        dict.set_item("request", request_text(py, &exchange.request))?;
+        dict.set_item("request_bytes", PyBytes::new(py, &exchange.request))?;
+        dict.set_item("reply", reply)?;
+        Ok(dict)
+    }
+}
+
+/// The `Server` behind `start_server` (and `framesock.aio.start_server`): classic, one
+/// connection, bound now; its arguments are checked before anything touches the network.
+#[allow(clippy::too_many_arguments)]
+pub fn one_shot_server(
+    py: Python<'_>,
+    host: String,
+    port: i64,
+    path: Option<PathBuf>,
+    response: Option<Bound<'_, PyAny>>,
+    handler: Option<Bound<'_, PyAny>>,
+    timeout: Option<f64>,
+    max_frame: i64,
+    backlog: i64,
+    request_as: String,
+) -> PyResult<Server> {
+    let settings = Settings {
+        endpoint: args::endpoint(host, port, path)?,
+        protocol: Protocol::Classic,
+        limits: Limits {
+            timeout: args::timeout("timeout", timeout)?,
+            idle_timeout: None,
+            max_frame: args::byte_limit("max_frame", max_frame)?,
+        },
+        max_connections: 1,
+        backlog: args::backlog(backlog)?,
+        handler_threads: 1,
+        request_as,
+    };
+    Server::bind(py, settings, response, handler, false, true)
+}
+
+/// Serves one client, one request, like the seed's server, and returns what was exchanged.
+#[pyfunction]
+#[pyo3(signature = (
+    host = String::from("127.0.0.1"), port = 8000, response = None, *, handler = None,
+    timeout = Some(20.0), max_frame = args::DEFAULT_MAX_LEN as i64, backlog = 5,
+    request_as = String::from("text"), ready = None, path = None,
+))]
+#[pyo3(
+    text_signature = "(host='127.0.0.1', port=8000, response=None, *, handler=None, \
+    timeout=20.0, max_frame=16777216, backlog=5, request_as='text', ready=None, path=None)"
+)]
+#[allow(clippy::too_many_arguments)]
+pub fn start_server<'py>(
+    py: Python<'py>,
+    host: String,
+    port: i64,
+    response: Option<Bound<'py, PyAny>>,
+    handler: Option<Bound<'py, PyAny>>,
+    timeout: Option<f64>,
+    max_frame: i64,
+    backlog: i64,
+    request_as: String,
+    ready: Option<Bound<'py, PyAny>>,
+    path: Option<PathBuf>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let server = one_shot_server(
+        py, host, port, path, response, handler, timeout, max_frame, backlog, request_as,
+    )?;
+    let (exchange, result) = server.serve_one()?;
+    if let Some(ready) = ready {
+        ready.call1((address_object(py, server.core.address())?,))?;
+    }
+    let outcome = wait::wait(py, exchange);
+    match outcome {
+        Ok(outcome) => result.into_dict(py, outcome),
+        Err(interrupted) => {
+            drop(result);
+            Err(interrupted)
+        }
+    }
+}
