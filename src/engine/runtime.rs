@@ -27,7 +27,9 @@ pub fn generation() -> u64 {
 
 /// A handle on the shared multi-threaded runtime (one worker per core), started on first use.
 pub fn handle() -> Handle {
-    let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut shared = SHARED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let now = generation();
     match &*shared {
         Some((made_in, runtime)) if *made_in == now => runtime.handle().clone(),

@@ -156,10 +156,7 @@ impl Service {
         let kind = failure.kind.name();
         self.log.log(
             Level::Error,
-            format!(
-                "request from {peer} failed ({kind}): {}",
-                failure.message
-            ),
+            format!("request from {peer} failed ({kind}): {}", failure.message),
             Some(failure),
         );
         error_reply(kind, &failure.message)
@@ -173,8 +170,11 @@ impl Service {
             Error::Wire(WireError::ClosedBeforeMessage) => Level::Debug,
             _ => Level::Warning,
         };
-        self.log
-            .log(level, format!("connection from {peer} dropped: {err}"), None);
+        self.log.log(
+            level,
+            format!("connection from {peer} dropped: {err}"),
+            None,
+        );
     }
 
     /// Serves one accepted connection until it ends, `stop` is cancelled between requests, or
@@ -480,7 +480,10 @@ enum Lifecycle {
     /// Bound and listening (the OS queues connections), not yet accepting.
     Bound(Listener),
     /// The accept loop runs on the runtime of the given generation.
-    Serving { accept: JoinHandle<()>, generation: u64 },
+    Serving {
+        accept: JoinHandle<()>,
+        generation: u64,
+    },
     /// Shut down, or its one exchange taken; cannot start again.
     Stopped,
 }
@@ -583,12 +586,11 @@ impl Server {
     pub fn serve_one(
         &self,
     ) -> std::result::Result<
-        impl std::future::Future<Output = std::result::Result<Exchange, OneShotError>>
-            + Send
-            + 'static,
+        impl std::future::Future<Output = std::result::Result<Exchange, OneShotError>> + Send + 'static,
         AlreadyStopped,
     > {
-        let Lifecycle::Bound(listener) = std::mem::replace(&mut *self.lifecycle(), Lifecycle::Stopped)
+        let Lifecycle::Bound(listener) =
+            std::mem::replace(&mut *self.lifecycle(), Lifecycle::Stopped)
         else {
             return Err(AlreadyStopped);
         };
@@ -686,5 +688,284 @@ impl Drop for Server {
         // A server dropped without shutdown must not leave connections served forever.
         self.stop.cancel();
         self.abort.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The serving loops over in-memory streams (`tokio::io::duplex`), with handlers written
+    //! here; time is paused, so deadlines pass at once and exactly.
+
+    use super::*;
+    use crate::engine::handler::{Handler, NoLog, PendingReply};
+    use std::net::SocketAddr;
+    use tokio::io::{duplex, DuplexStream};
+    use tokio::sync::Notify;
+
+    /// Echoes the request as a JSON string; "fail" fails; "wait" waits for `go`.
+    struct TestHandler {
+        go: Arc<Notify>,
+    }
+
+    impl Handler for TestHandler {
+        fn respond(&self, request: Bytes) -> PendingReply {
+            let go = self.go.clone();
+            Box::pin(async move {
+                match &request[..] {
+                    b"fail" => Err(Failure::new(FailureKind::Handler, "ValueError: no")),
+                    b"wait" => {
+                        go.notified().await;
+                        Ok(Bytes::from_static(b"\"waited\""))
+                    }
+                    other => Ok(Bytes::from(format!(
+                        "\"{}\"",
+                        String::from_utf8_lossy(other)
+                    ))),
+                }
+            })
+        }
+    }
+
+    fn service(protocol: Protocol, limits: Limits) -> (Arc<Service>, Arc<Notify>) {
+        let go = Arc::new(Notify::new());
+        let handler = TestHandler { go: go.clone() };
+        let service = Service {
+            protocol,
+            limits,
+            responder: Responder::Handler(Arc::new(handler)),
+            stats: Stats::default(),
+            log: Arc::new(NoLog),
+        };
+        (Arc::new(service), go)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            timeout: Some(Duration::from_secs(1)),
+            idle_timeout: None,
+            max_frame: 1024,
+        }
+    }
+
+    fn peer() -> Address {
+        Address::Inet(SocketAddr::from(([127, 0, 0, 1], 1)))
+    }
+
+    /// Serves one in-memory connection in a task; returns the client's end and the task.
+    fn connect(
+        service: &Arc<Service>,
+        stop: &CancellationToken,
+    ) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = duplex(64 * 1024);
+        let service = service.clone();
+        let stop = stop.clone();
+        let task =
+            tokio::spawn(async move { service.serve_connection(server, peer(), stop).await });
+        (client, task)
+    }
+
+    fn frames(payloads: &[&[u8]]) -> Vec<u8> {
+        payloads
+            .iter()
+            .flat_map(|p| codec::encode_frame(p).unwrap().to_vec())
+            .collect()
+    }
+
+    async fn read_reply(client: &mut DuplexStream, input: &mut BytesMut) -> codec::Frame {
+        codec::read_frame(client, input, &mut FrameCodec::replies(1 << 20))
+            .await
+            .unwrap()
+            .expect("a reply")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn classic_replies_raw_json_then_closes() {
+        let (service, _) = service(Protocol::Classic, limits());
+        let (mut client, task) = connect(&service, &CancellationToken::new());
+        client.write_all(&frames(&[b"hi"])).await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"\"hi\"");
+        task.await.unwrap();
+        assert_eq!(service.stats.requests(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn classic_failure_closes_without_a_reply() {
+        let (service, _) = service(Protocol::Classic, limits());
+        let (mut client, task) = connect(&service, &CancellationToken::new());
+        client.write_all(&frames(&[b"fail"])).await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert!(reply.is_empty());
+        task.await.unwrap();
+        assert_eq!(service.stats.errors.handler.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn framed_answers_a_pipelined_batch_in_order_with_error_replies() {
+        let (service, _) = service(Protocol::Framed, limits());
+        let (mut client, _task) = connect(&service, &CancellationToken::new());
+        client
+            .write_all(&frames(&[b"one", b"fail", b"three"]))
+            .await
+            .unwrap();
+        let mut input = BytesMut::new();
+        let first = read_reply(&mut client, &mut input).await;
+        let failed = read_reply(&mut client, &mut input).await;
+        let third = read_reply(&mut client, &mut input).await;
+        assert_eq!(
+            (&first.payload[..], first.is_error),
+            (&b"\"one\""[..], false)
+        );
+        assert!(failed.is_error);
+        let error: serde_json::Value = serde_json::from_slice(&failed.payload).unwrap();
+        assert_eq!(error["error"], "handler");
+        assert_eq!(error["message"], "ValueError: no");
+        assert_eq!(&third.payload[..], b"\"three\"");
+        assert_eq!(service.stats.requests(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn more_than_a_batch_of_buffered_requests_all_get_replies() {
+        let (service, _) = service(Protocol::Framed, limits());
+        let (client, _task) = connect(&service, &CancellationToken::new());
+        let (mut read, mut write) = tokio::io::split(client);
+        let count = MAX_BATCH * 2 + 3;
+        let payloads: Vec<Vec<u8>> = (0..count).map(|i| i.to_string().into_bytes()).collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+        let all = frames(&refs);
+        let writer = tokio::spawn(async move { write.write_all(&all).await.unwrap() });
+        let mut input = BytesMut::new();
+        let mut codec = FrameCodec::replies(1024);
+        for i in 0..count {
+            let reply = codec::read_frame(&mut read, &mut input, &mut codec)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(reply.payload, format!("\"{i}\""));
+        }
+        writer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_header_gets_an_error_reply_and_the_connection_closes() {
+        let (service, _) = service(Protocol::Framed, limits());
+        let (mut client, task) = connect(&service, &CancellationToken::new());
+        client.write_all(&2000u32.to_be_bytes()).await.unwrap();
+        let mut input = BytesMut::new();
+        let reply = read_reply(&mut client, &mut input).await;
+        assert!(reply.is_error);
+        let error: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(error["error"], "frame_too_large");
+        task.await.unwrap();
+        assert_eq!(
+            service.stats.errors.frame_too_large.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_stalls_mid_frame_is_dropped_at_its_deadline() {
+        let (service, _) = service(Protocol::Framed, limits());
+        let (mut client, task) = connect(&service, &CancellationToken::new());
+        let whole = frames(&[b"slow"]);
+        client.write_all(&whole[..5]).await.unwrap();
+        // Paused time runs ahead to the one-second deadline as soon as everything waits.
+        task.await.unwrap();
+        assert_eq!(service.stats.errors.timeout.load(Ordering::Relaxed), 1);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_after_idle_timeout() {
+        let limits = Limits {
+            idle_timeout: Some(Duration::from_secs(5)),
+            ..limits()
+        };
+        let (service, _) = service(Protocol::Framed, limits);
+        let (mut client, task) = connect(&service, &CancellationToken::new());
+        client.write_all(&frames(&[b"once"])).await.unwrap();
+        let mut input = BytesMut::new();
+        read_reply(&mut client, &mut input).await;
+        task.await.unwrap();
+        assert_eq!(service.stats.idle_closed.load(Ordering::Relaxed), 1);
+        assert_eq!(service.stats.active(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_ends_a_connection_waiting_between_requests_but_not_an_exchange() {
+        let (service, go) = service(Protocol::Framed, limits());
+        let stop = CancellationToken::new();
+        let (mut client, task) = connect(&service, &stop);
+        client.write_all(&frames(&[b"wait"])).await.unwrap();
+        tokio::task::yield_now().await;
+        stop.cancel();
+        go.notify_one();
+        let mut input = BytesMut::new();
+        // The exchange in progress still gets its reply; then the connection ends.
+        assert_eq!(
+            &read_reply(&mut client, &mut input).await.payload[..],
+            b"\"waited\""
+        );
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fixed_reply_needs_no_handler() {
+        let service = Arc::new(Service {
+            protocol: Protocol::Classic,
+            limits: limits(),
+            responder: Responder::Fixed(Bytes::from_static(SEED_REPLY)),
+            stats: Stats::default(),
+            log: Arc::new(NoLog),
+        });
+        let (mut client, _task) = connect(&service, &CancellationToken::new());
+        client
+            .write_all(&frames(&[b"msg from client"]))
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, SEED_REPLY);
+    }
+
+    #[test]
+    fn shutdown_drops_an_exchange_stuck_past_its_grace() {
+        let (service, _go) = service(Protocol::Framed, limits());
+        let service = Arc::try_unwrap(service).ok().expect("only owner");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let endpoint = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        };
+        let server = rt
+            .block_on(Server::bind(&endpoint, 16, service, 8))
+            .unwrap();
+        let Address::Inet(addr) = server.address().clone() else {
+            panic!("a TCP address")
+        };
+        server.start().unwrap();
+        rt.block_on(async {
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            client.write_all(&frames(&[b"wait"])).await.unwrap();
+            while server.service().stats.requests() == 0 {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // The handler never finishes; shutdown with a short grace still does.
+            server.begin_shutdown(Some(Duration::from_millis(20))).await;
+            assert!(server.is_finished());
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            assert_eq!(server.service().stats.active(), 0);
+        });
+        assert_eq!(server.start(), Err(AlreadyStopped));
     }
 }

@@ -105,7 +105,12 @@ impl AsyncClient {
     }
 
     /// Classic exchanges, one connection each, one after the other.
-    fn classic<'py>(&self, py: Python<'py>, frames: Vec<Bytes>, one: bool) -> PyResult<Bound<'py, PyAny>> {
+    fn classic<'py>(
+        &self,
+        py: Python<'py>,
+        frames: Vec<Bytes>,
+        one: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let endpoint = self.pipeline.endpoint().clone();
         let (timeout, max_reply) = (self.timeout, self.max_reply);
         let work = async move {
@@ -115,16 +120,17 @@ impl AsyncClient {
             }
             Ok(replies)
         };
-        self.bridge(py)?.spawn(py, work, move |py, replies: Vec<Vec<u8>>| {
-            let values = replies
-                .iter()
-                .map(|reply| json::loads(py, reply))
-                .collect::<PyResult<Vec<_>>>()?;
-            if one {
-                return Ok(values.into_iter().next().expect("one reply").unbind());
-            }
-            Ok(PyList::new(py, values)?.into_any().unbind())
-        })
+        self.bridge(py)?
+            .spawn(py, work, move |py, replies: Vec<Vec<u8>>| {
+                let values = replies
+                    .iter()
+                    .map(|reply| json::loads(py, reply))
+                    .collect::<PyResult<Vec<_>>>()?;
+                if one {
+                    return Ok(values.into_iter().next().expect("one reply").unbind());
+                }
+                Ok(PyList::new(py, values)?.into_any().unbind())
+            })
     }
 }
 

@@ -31,7 +31,9 @@ pub type LoopJob = Box<dyn FnOnce(Python<'_>) + Send>;
 pub type OnLoopEnd = Box<dyn FnOnce() + Send>;
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A queue of jobs for one event loop.
@@ -219,10 +221,7 @@ pub fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: PyResult<Py<P
     }
     let _ = match outcome {
         Ok(value) => future.call_method1(pyo3::intern!(py, "set_result"), (value,)),
-        Err(err) => future.call_method1(
-            pyo3::intern!(py, "set_exception"),
-            (err.into_value(py),),
-        ),
+        Err(err) => future.call_method1(pyo3::intern!(py, "set_exception"), (err.into_value(py),)),
     };
 }
 

@@ -323,7 +323,11 @@ impl Drop for Client {
         // The connection closes with its runtime (which never blocks here: the shutdown is in
         // the background, in case the last reference goes on some runtime's thread).
         self.state.get_mut().connection = None;
-        if let Some(runtime) = caller.runtime.take().and_then(|rt| Arc::try_unwrap(rt).ok()) {
+        if let Some(runtime) = caller
+            .runtime
+            .take()
+            .and_then(|rt| Arc::try_unwrap(rt).ok())
+        {
             runtime.shutdown_background();
         }
     }

@@ -285,9 +285,9 @@ impl Handler for Arc<PyHandler> {
                         args,
                         finish: Box::new(move |py, outcome| match outcome {
                             Ok(value) => handler.reply_with(py, value, reply, &slot),
-                            Err(err) => drop(
-                                reply.send(Err(python_failure(py, FailureKind::Handler, err))),
-                            ),
+                            Err(err) => {
+                                drop(reply.send(Err(python_failure(py, FailureKind::Handler, err))))
+                            }
                         }),
                     })
                 }));
@@ -375,10 +375,7 @@ impl Log for PyLog {
                 .and_then(|m| m.getattr("log"))
                 .ok()?
                 .unbind();
-            let args = (level, message, exc)
-                .into_pyobject(py)
-                .ok()?
-                .unbind();
+            let args = (level, message, exc).into_pyobject(py).ok()?.unbind();
             Some(Call {
                 function,
                 args,

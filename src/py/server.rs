@@ -300,10 +300,13 @@ impl Server {
         _exc_value: Option<Bound<'_, PyAny>>,
         _traceback: Option<Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        let interrupted = exc_type.is_some_and(|t| {
-            t.is(py.get_type::<pyo3::exceptions::PyKeyboardInterrupt>())
-        });
-        let grace = if interrupted { INTERRUPT_GRACE } else { EXIT_GRACE };
+        let interrupted =
+            exc_type.is_some_and(|t| t.is(py.get_type::<pyo3::exceptions::PyKeyboardInterrupt>()));
+        let grace = if interrupted {
+            INTERRUPT_GRACE
+        } else {
+            EXIT_GRACE
+        };
         self.wind_down(py, Some(grace))?;
         Ok(false)
     }

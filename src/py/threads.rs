@@ -123,12 +123,7 @@ fn spawn_thread(py: Python<'_>, pool: &Arc<Pool>) -> PyResult<()> {
         .getattr("run_handler_jobs")?;
     let kwargs = PyDict::new(py);
     kwargs.set_item("target", run)?;
-    kwargs.set_item(
-        "args",
-        (JobSource {
-            pool: pool.clone(),
-        },),
-    )?;
+    kwargs.set_item("args", (JobSource { pool: pool.clone() },))?;
     kwargs.set_item("daemon", true)?;
     kwargs.set_item("name", format!("framesock-handler ({})", pool.name))?;
     py.import("threading")?
