@@ -154,8 +154,9 @@ class Server:
 
     The socket is bound when the object is made (so ``address`` is known and "address in use"
     is raised here); ``start()`` or ``serve_forever()`` begin accepting. A static ``response``
-    is served without ever taking the GIL; a ``handler`` is called with the GIL once per
-    request, on one of the engine's threads.
+    is served without ever taking the GIL; a ``handler`` is called once per request on one of
+    the server's handler threads (at most ``handler_threads`` at once), never on the I/O
+    threads: a handler that blocks delays only its own exchange.
 
     Failures cost one exchange or one connection, never the server: they are counted in
     ``stats()``, logged on the ``framesock`` logger, and in the framed protocol answered with an
@@ -177,6 +178,7 @@ class Server:
         max_connections: int = 1024,
         backlog: int = 1024,
         request_as: _RequestAs = "text",
+        handler_threads: Optional[int] = None,
     ) -> "Server":
         """Bind the server.
 
@@ -195,6 +197,9 @@ class Server:
             max_connections: Connections served at once; accepting waits while it is reached.
             backlog: Listen backlog.
             request_as: What the handler receives: ``"text"``, ``"bytes"`` or ``"json"``.
+            handler_threads: Most handler calls running at once (threads are started as
+                needed, one kept in reserve). None: ``min(32, cores + 4)``, as
+                ``concurrent.futures.ThreadPoolExecutor``.
 
         Raises:
             OSError: The address cannot be bound.
@@ -214,7 +219,8 @@ class Server:
         """
 
     def serve_forever(self) -> None:
-        """Serve until ``shutdown()``; Ctrl-C shuts down and raises KeyboardInterrupt.
+        """Serve until ``shutdown()``; Ctrl-C shuts down (exchanges in progress get 0.1 s)
+        and raises KeyboardInterrupt.
 
         Raises:
             RuntimeError: The server was shut down.
@@ -224,8 +230,10 @@ class Server:
         """Stop accepting at once, let in-flight exchanges finish, close every connection.
 
         Connections waiting between requests are closed at once; exchanges in progress get up
-        to ``timeout`` seconds, then are dropped. Safe from any thread; from inside a handler it
-        begins the shutdown and returns without waiting.
+        to ``timeout`` seconds, then are dropped (None: wait for them). Returns within about
+        ``timeout`` whatever the handlers do: a handler still running is abandoned (its
+        connection closed) and its thread left to finish on its own. Safe from any thread; from
+        inside a handler it begins the shutdown and returns without waiting.
         """
 
     def _shutdown_async(self, timeout: Optional[float]) -> Awaitable[None]:
@@ -233,7 +241,8 @@ class Server:
     def _finished(self) -> Awaitable[None]:
         """framesock.aio: completes once shutdown has finished."""
     def _use_event_loop(self) -> None:
-        """framesock.aio: awaitables returned by the handler run on the running loop."""
+        """framesock.aio: awaitables returned by the handler run on the running loop, and the
+        server shuts down when that loop is torn down."""
     def stats(self) -> dict[str, Any]:
         """Counters: ``connections_accepted``, ``connections_active``, ``requests``,
         ``bytes_in``, ``bytes_out``, ``idle_closed`` and ``errors`` by kind (``handler``,
@@ -241,11 +250,13 @@ class Server:
         """
 
     def __enter__(self) -> "Server":
-        """Start serving; the block's end shuts down."""
+        """Start serving; the block's end shuts down (5 s grace; 0.1 s after Ctrl-C)."""
 
     def __exit__(
         self,
-        *exc_info: Union[type[BaseException], BaseException, TracebackType, None],
+        exc_type: Optional[type[BaseException]] = None,
+        _exc_value: Optional[BaseException] = None,
+        _traceback: Optional[TracebackType] = None,
     ) -> bool: ...
 
 @final
@@ -303,6 +314,14 @@ class Client:
         self,
         *exc_info: Union[type[BaseException], BaseException, TracebackType, None],
     ) -> bool: ...
+
+# Hooks that framesock/__init__.py registers with atexit and os.register_at_fork.
+
+def _at_exit() -> None:
+    """Close handler threads and event-loop bridges, then stop the engine's runtime."""
+
+def _after_fork_in_child() -> None:
+    """In a forked child: start a fresh engine on next use instead of the parent's."""
 
 # The engine of framesock.aio (python/framesock/aio.py holds the documented API).
 

@@ -77,8 +77,8 @@ class Client:
     With ``protocol="framed"`` every request of this client shares one connection and
     concurrent ``request()`` calls are pipelined on it: each is written as soon as it is made
     and the replies come back in order. A cancelled request leaves the connection usable (its
-    reply is read and dropped), except when it is cancelled halfway through writing a large
-    message: then the connection is closed and the next request opens a new one.
+    request is written whole, its reply read and dropped). The connection closes with
+    ``close()``, when the client is dropped, or when the event loop it was used on is torn down.
     """
 
     def __init__(
@@ -116,8 +116,10 @@ class Server:
     """``framesock.Server`` for asyncio.
 
     The socket is bound when the object is made. ``handler`` may be a plain function (called
-    on framesock's I/O threads, as with the blocking ``Server``) or a coroutine function: its
-    coroutines run on the event loop that called ``start()``, many requests' at once.
+    on the server's handler threads, as with the blocking ``Server``) or a coroutine function:
+    its coroutines run as Tasks on the event loop that called ``start()``, many requests' at
+    once. When that loop is torn down (``asyncio.run()`` returning) without ``shutdown()``, the
+    server shuts down: it stops accepting and drops its connections.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class Server:
         max_connections: int = 1024,
         backlog: int = 1024,
         request_as: str = "text",
+        handler_threads: Optional[int] = None,
     ) -> None:
         self._server = _framesock.Server(
             handler,
@@ -149,6 +152,7 @@ class Server:
             max_connections=max_connections,
             backlog=backlog,
             request_as=request_as,
+            handler_threads=handler_threads,
         )
 
     @property
