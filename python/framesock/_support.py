@@ -10,9 +10,21 @@ ends the way any Python thread does.
 from __future__ import annotations
 
 import logging
+import threading
+import traceback
 from typing import Any, Callable
 
 logger = logging.getLogger("framesock")
+
+
+def start_handler_thread(source: Any) -> None:
+    """Starts a handler thread that runs the jobs of ``source``."""
+    thread = threading.Thread(target=run_handler_jobs, args=(source,), name=source.thread_name, daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        source.not_started()
+        raise
 
 
 def run_handler_jobs(pool: Any) -> None:
@@ -21,6 +33,16 @@ def run_handler_jobs(pool: Any) -> None:
         job = pool.next_job()
         if job is None:
             return
+        reserve = job.take_reserve()
+        if reserve is not None:
+            # Started here rather than in Rust: starting a thread waits for it.
+            try:
+                start_handler_thread(reserve)
+            except Exception:  # noqa: BLE001 - no new thread; the pool goes on with those it has
+                traceback.print_exc()
+            reserve = None
+        if job.function is None:
+            continue
         try:
             result = job.function(*job.args)
         except BaseException as err:  # noqa: BLE001 - the job reports it (error reply, log)

@@ -72,6 +72,10 @@ fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
             .unwrap_or(false)
 }
 
+/// How long a request may wait in the handler threads' queue before another thread is woken
+/// for it (see `HandlerThreads::submit`).
+const RESCUE_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Where a handler's reply goes.
 type ReplySender = oneshot::Sender<Result<Bytes, Failure>>;
 
@@ -256,6 +260,7 @@ impl Handler for Arc<PyHandler> {
         let (reply, replied) = oneshot::channel();
         let slot = Arc::new(TaskSlot::default());
         let on_loop = self.event_loop.get();
+        let mut woke = true;
         match on_loop {
             Some((bridge, true)) => {
                 let this = self.clone();
@@ -267,7 +272,7 @@ impl Handler for Arc<PyHandler> {
             _ => {
                 let this = self.clone();
                 let slot = slot.clone();
-                self.threads.submit(Box::new(move |py| {
+                woke = self.threads.submit(Box::new(move |py| {
                     if reply.is_closed() {
                         return None; // abandoned while queued: its connection is gone
                     }
@@ -293,6 +298,7 @@ impl Handler for Arc<PyHandler> {
                 }));
             }
         }
+        let threads = self.threads.clone();
         let guard = CancelOnDrop {
             slot,
             bridge: on_loop.map(|(bridge, _)| bridge.clone()),
@@ -301,7 +307,24 @@ impl Handler for Arc<PyHandler> {
         Box::pin(async move {
             // Moved in whole (not just the field written below), so it lives with the future.
             let mut guard = guard;
-            let outcome = replied.await;
+            let mut replied = replied;
+            let outcome = if woke {
+                replied.await
+            } else {
+                // An awake handler thread will take this once its call returns; if no thread
+                // takes any work for a while, they may all be stuck in handlers: wake another.
+                loop {
+                    tokio::select! {
+                        biased;
+                        outcome = &mut replied => break outcome,
+                        () = tokio::time::sleep(RESCUE_AFTER) => {
+                            if !threads.rescue(RESCUE_AFTER) {
+                                break replied.await; // taken: no more looking
+                            }
+                        }
+                    }
+                }
+            };
             guard.done = true;
             outcome.unwrap_or_else(|_| {
                 Err(Failure::new(
@@ -360,7 +383,7 @@ pub struct PyLog {
 impl Log for PyLog {
     fn log(&self, level: Level, message: String, failure: Option<&Failure>) {
         let cause = failure.and_then(|f| f.cause.clone());
-        self.threads.submit(Box::new(move |py| {
+        let woke = self.threads.submit(Box::new(move |py| {
             let level = match level {
                 Level::Debug => 10,
                 Level::Warning => 30,
@@ -388,5 +411,9 @@ impl Log for PyLog {
                 }),
             })
         }));
+        if !woke {
+            // Records are rare; one need not wait behind a handler that may be stuck.
+            self.threads.rescue(std::time::Duration::ZERO);
+        }
     }
 }
