@@ -27,34 +27,35 @@ def start_handler_thread(source: Any) -> None:
         raise
 
 
-def run_handler_jobs(pool: Any) -> None:
-    """Runs the pool's jobs until it closes (``next_job()`` returns None)."""
+def run_handler_jobs(source: Any) -> None:
+    """Runs the calls ``source`` hands out until its pool closes (``next_job()`` gives None)."""
     while True:
-        job = pool.next_job()
+        job = source.next_job()
         if job is None:
             return
-        reserve = job.take_reserve()
+        function, argument, reserve = job
         if reserve is not None:
             # Started here rather than in Rust: starting a thread waits for it.
             try:
                 start_handler_thread(reserve)
             except Exception:  # noqa: BLE001 - no new thread; the pool goes on with those it has
                 traceback.print_exc()
-            reserve = None
-        if job.function is None:
+        if function is None:
             continue
         try:
-            result = job.function(*job.args)
-        except BaseException as err:  # noqa: BLE001 - the job reports it (error reply, log)
-            job.fail(err)
+            result = function(argument)
+        except BaseException as err:  # noqa: BLE001 - the pool reports it (error reply, log)
+            source.fail(err)
         else:
-            job.done(result)
+            source.done(result)
         # Drop the references now rather than when the next job comes, which may be never.
-        job = result = err = None  # noqa: F841
+        job = function = argument = reserve = result = err = None  # noqa: F841
 
 
-def log(level: int, message: str, exc: BaseException | None) -> None:
-    """One record on the ``framesock`` logger, with the exception's traceback if there is one."""
+def log(record: tuple[int, str, BaseException | None]) -> None:
+    """One record ``(level, message, exception)`` on the ``framesock`` logger, with the
+    exception's traceback if there is one."""
+    level, message, exc = record
     logger.log(level, message, exc_info=exc)
 
 

@@ -72,10 +72,6 @@ fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
             .unwrap_or(false)
 }
 
-/// How long a request may wait in the handler threads' queue before another thread is woken
-/// for it (see `HandlerThreads::submit`).
-const RESCUE_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Where a handler's reply goes.
 type ReplySender = oneshot::Sender<Result<Bytes, Failure>>;
 
@@ -260,7 +256,6 @@ impl Handler for Arc<PyHandler> {
         let (reply, replied) = oneshot::channel();
         let slot = Arc::new(TaskSlot::default());
         let on_loop = self.event_loop.get();
-        let mut woke = true;
         match on_loop {
             Some((bridge, true)) => {
                 let this = self.clone();
@@ -272,7 +267,7 @@ impl Handler for Arc<PyHandler> {
             _ => {
                 let this = self.clone();
                 let slot = slot.clone();
-                woke = self.threads.submit(Box::new(move |py| {
+                self.threads.submit(Box::new(move |py| {
                     if reply.is_closed() {
                         return None; // abandoned while queued: its connection is gone
                     }
@@ -283,11 +278,10 @@ impl Handler for Arc<PyHandler> {
                             return None;
                         }
                     };
-                    let args = pyo3::types::PyTuple::new(py, [request]).ok()?.unbind();
                     let handler = this.clone();
                     Some(Call {
                         function: this.callable.clone_ref(py),
-                        args,
+                        argument: request.unbind(),
                         finish: Box::new(move |py, outcome| match outcome {
                             Ok(value) => handler.reply_with(py, value, reply, &slot),
                             Err(err) => {
@@ -298,7 +292,6 @@ impl Handler for Arc<PyHandler> {
                 }));
             }
         }
-        let threads = self.threads.clone();
         let guard = CancelOnDrop {
             slot,
             bridge: on_loop.map(|(bridge, _)| bridge.clone()),
@@ -307,24 +300,7 @@ impl Handler for Arc<PyHandler> {
         Box::pin(async move {
             // Moved in whole (not just the field written below), so it lives with the future.
             let mut guard = guard;
-            let mut replied = replied;
-            let outcome = if woke {
-                replied.await
-            } else {
-                // An awake handler thread will take this once its call returns; if no thread
-                // takes any work for a while, they may all be stuck in handlers: wake another.
-                loop {
-                    tokio::select! {
-                        biased;
-                        outcome = &mut replied => break outcome,
-                        () = tokio::time::sleep(RESCUE_AFTER) => {
-                            if !threads.rescue(RESCUE_AFTER) {
-                                break replied.await; // taken: no more looking
-                            }
-                        }
-                    }
-                }
-            };
+            let outcome = replied.await;
             guard.done = true;
             outcome.unwrap_or_else(|_| {
                 Err(Failure::new(
@@ -383,7 +359,7 @@ pub struct PyLog {
 impl Log for PyLog {
     fn log(&self, level: Level, message: String, failure: Option<&Failure>) {
         let cause = failure.and_then(|f| f.cause.clone());
-        let woke = self.threads.submit(Box::new(move |py| {
+        self.threads.submit(Box::new(move |py| {
             let level = match level {
                 Level::Debug => 10,
                 Level::Warning => 30,
@@ -398,10 +374,10 @@ impl Log for PyLog {
                 .and_then(|m| m.getattr("log"))
                 .ok()?
                 .unbind();
-            let args = (level, message, exc).into_pyobject(py).ok()?.unbind();
+            let record = (level, message, exc).into_pyobject(py).ok()?.into_any();
             Some(Call {
                 function,
-                args,
+                argument: record.unbind(),
                 finish: Box::new(|py, outcome| {
                     // Logging must never take the server down; a broken logging setup is its
                     // own problem, reported as logging itself reports such things.
@@ -411,9 +387,5 @@ impl Log for PyLog {
                 }),
             })
         }));
-        if !woke {
-            // Records are rare; one need not wait behind a handler that may be stuck.
-            self.threads.rescue(std::time::Duration::ZERO);
-        }
     }
 }

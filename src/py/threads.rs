@@ -7,24 +7,25 @@
 //! exit every pool closes and its idle threads leave before finalization begins.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
 /// Turns a queued item into a call for a handler thread, with the GIL; `None` when there is
 /// nothing left to call (the item finished on its own, e.g. a request that is not JSON).
 pub type Prepare = Box<dyn FnOnce(Python<'_>) -> Option<Call> + Send>;
 
-/// What a call's outcome is handed to: the value `function(*args)` returned, or its exception.
+/// What a call's outcome is handed to: the value `function(argument)` returned, or its
+/// exception.
 pub type Finish = Box<dyn for<'py> FnOnce(Python<'py>, PyResult<Bound<'py, PyAny>>) + Send>;
 
-/// `function(*args)`, made by a handler thread; then `finish` with the outcome.
+/// `function(argument)`, made by a handler thread; then `finish` with the outcome.
 pub struct Call {
     pub function: Py<PyAny>,
-    pub args: Py<PyTuple>,
+    pub argument: Py<PyAny>,
     pub finish: Finish,
 }
 
@@ -32,6 +33,8 @@ struct PoolState {
     queue: VecDeque<Prepare>,
     /// When a thread last took work from the queue.
     last_take: Instant,
+    /// Whether the watchdog is looking at the queue.
+    watching: bool,
     threads: usize,
     /// Threads started in reserve that have not reached their first wait yet.
     starting: usize,
@@ -47,6 +50,8 @@ struct PoolState {
 
 struct Pool {
     name: String,
+    /// Tells the watchdog that work is queued with no thread woken for it.
+    watch: tokio::sync::Notify,
     max_threads: usize,
     state: Mutex<PoolState>,
     work: Condvar,
@@ -73,10 +78,12 @@ impl HandlerThreads {
     pub fn new(py: Python<'_>, name: &str, max_threads: usize) -> PyResult<Self> {
         let pool = Arc::new(Pool {
             name: name.to_owned(),
+            watch: tokio::sync::Notify::new(),
             max_threads: max_threads.max(1),
             state: Mutex::new(PoolState {
                 queue: VecDeque::new(),
                 last_take: Instant::now(),
+                watching: false,
                 threads: 0,
                 starting: 0,
                 asleep: 0,
@@ -92,6 +99,7 @@ impl HandlerThreads {
             pools.retain(|p| p.strong_count() > 0);
             pools.push(Arc::downgrade(&pool));
         }
+        crate::engine::runtime::handle().spawn(watchdog(pool.clone()));
         pool.state.lock().threads = 1;
         if let Err(err) = spawn_thread(py, &pool) {
             pool.state.lock().threads = 0;
@@ -105,13 +113,12 @@ impl HandlerThreads {
     ///
     /// A sleeping thread is woken only when no thread is awake: an awake thread takes the
     /// work as soon as its current call returns, and waking more threads for short calls only
-    /// makes them fight over the GIL (8 threads: 0.7x the rate of 1). Returns whether a thread
-    /// was woken; if not, the caller calls [`HandlerThreads::rescue`] should the work still
-    /// wait a little later (the awake thread may be stuck in a handler).
-    pub fn submit(&self, prepare: Prepare) -> bool {
+    /// makes them fight over the GIL (8 threads: 0.7x the rate of 1). Should the awake
+    /// threads all be stuck in handlers, the pool's watchdog wakes another (see `watchdog`).
+    pub fn submit(&self, prepare: Prepare) {
         let mut state = self.pool.state.lock();
         if state.closed {
-            return true;
+            return;
         }
         state.queue.push_back(prepare);
         let awake = state.threads - state.asleep - state.starting + state.woken;
@@ -119,28 +126,17 @@ impl HandlerThreads {
         if wake {
             state.woken += 1;
         }
+        let watch = !wake && !state.watching;
+        if watch {
+            state.watching = true;
+        }
         drop(state);
         if wake {
             self.pool.work.notify_one();
         }
-        wake
-    }
-
-    /// Wakes a sleeping thread if work is still queued and no thread has taken any for
-    /// `stalled_for` (the awake ones are all stuck in handlers). Returns whether work is still
-    /// queued, so the caller knows whether to look again later.
-    pub fn rescue(&self, stalled_for: Duration) -> bool {
-        let state = self.pool.state.lock();
-        if state.queue.is_empty() {
-            return false;
+        if watch {
+            self.pool.watch.notify_one();
         }
-        if state.last_take.elapsed() >= stalled_for && state.asleep > state.woken {
-            let mut state = state;
-            state.woken += 1;
-            drop(state);
-            self.pool.work.notify_one();
-        }
-        true
     }
 
     /// Closes the pool: queued work is dropped, idle threads leave, busy ones leave when
@@ -152,6 +148,7 @@ impl HandlerThreads {
 
 impl Pool {
     fn close(&self) {
+        self.watch.notify_one();
         let dropped = {
             let mut state = self.state.lock();
             state.closed = true;
@@ -162,11 +159,44 @@ impl Pool {
     }
 }
 
+/// How long queued work may go untaken before the watchdog wakes another thread for it.
+const STALL: Duration = Duration::from_millis(1);
+
+/// Wakes a sleeping thread whenever work has been queued for `STALL` while no thread took any
+/// (the awake ones are all stuck in handlers), so a blocked handler delays others by at most
+/// about a millisecond. It looks only while work waits with no thread woken for it: under load
+/// that is one timer per millisecond, not one per request. Ends when the pool closes.
+async fn watchdog(pool: Arc<Pool>) {
+    loop {
+        pool.watch.notified().await;
+        loop {
+            tokio::time::sleep(STALL).await;
+            let mut state = pool.state.lock();
+            if state.closed {
+                return;
+            }
+            if state.queue.is_empty() {
+                state.watching = false;
+                break;
+            }
+            if state.last_take.elapsed() >= STALL && state.asleep > state.woken {
+                state.woken += 1;
+                drop(state);
+                pool.work.notify_one();
+            }
+        }
+        if pool.state.lock().closed {
+            return;
+        }
+    }
+}
+
 /// Starts the first handler thread of `pool` (with the GIL: it is a Python thread).
 fn spawn_thread(py: Python<'_>, pool: &Arc<Pool>) -> PyResult<()> {
     let source = JobSource {
         pool: pool.clone(),
-        reserve: std::sync::atomic::AtomicBool::new(false),
+        reserve: AtomicBool::new(false),
+        current: std::sync::Mutex::new(None),
     };
     py.import("framesock._support")?
         .call_method1("start_handler_thread", (source,))?;
@@ -188,7 +218,9 @@ pub fn on_handler_thread() -> bool {
 struct JobSource {
     pool: Arc<Pool>,
     /// Set until this reserve thread's first wait.
-    reserve: std::sync::atomic::AtomicBool,
+    reserve: AtomicBool,
+    /// Where the outcome of the call being made goes.
+    current: std::sync::Mutex<Option<Finish>>,
 }
 
 #[pymethods]
@@ -199,25 +231,36 @@ impl JobSource {
         format!("framesock-handler ({})", self.pool.name)
     }
 
+    /// The current call returned `value`.
+    fn done<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) {
+        self.finish(py, Ok(value));
+    }
+
+    /// The current call raised `error`.
+    fn fail(&self, py: Python<'_>, error: Bound<'_, PyAny>) {
+        self.finish(py, Err(PyErr::from_value(error)));
+    }
+
     /// The thread meant for this source could not be started.
     fn not_started(&self) {
         let mut state = self.pool.state.lock();
         state.threads -= 1;
-        if self
-            .reserve
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.reserve.swap(false, Ordering::Relaxed) {
             state.starting -= 1;
         }
     }
 
-    /// The next call to make, waiting without the GIL; None once the pool is closed.
-    fn next_job(&self, py: Python<'_>) -> PyResult<Option<Job>> {
+    /// The next call to make, `(function, argument, reserve)`, waiting without the GIL; None
+    /// once the pool is closed. `function` is None when there is only `reserve` (a source of
+    /// work for a thread to start first); the call's outcome goes to `done` or `fail`.
+    #[allow(clippy::type_complexity)]
+    fn next_job(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Option<(Option<Py<PyAny>>, Option<Py<PyAny>>, Option<JobSource>)>> {
         ON_HANDLER_THREAD.with(|flag| flag.set(true));
         let pool = &self.pool;
-        let mut reserve = self
-            .reserve
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let mut reserve = self.reserve.swap(false, Ordering::Relaxed);
         loop {
             let mut state = pool.state.lock();
             if reserve {
@@ -243,24 +286,18 @@ impl JobSource {
                 // waits for it, and no wait may come back to Python through Rust frames.
                 let reserve = grow.then(|| JobSource {
                     pool: pool.clone(),
-                    reserve: std::sync::atomic::AtomicBool::new(true),
+                    reserve: AtomicBool::new(true),
+                    current: std::sync::Mutex::new(None),
                 });
-                let job = match prepare(py) {
-                    Some(call) => Job {
-                        function: Some(call.function),
-                        args: Some(call.args),
-                        finish: std::sync::Mutex::new(Some(call.finish)),
-                        reserve: std::sync::Mutex::new(reserve),
-                    },
-                    None if reserve.is_some() => Job {
-                        function: None,
-                        args: None,
-                        finish: std::sync::Mutex::new(None),
-                        reserve: std::sync::Mutex::new(reserve),
-                    },
+                let (function, argument) = match prepare(py) {
+                    Some(call) => {
+                        *self.current() = Some(call.finish);
+                        (Some(call.function), Some(call.argument))
+                    }
+                    None if reserve.is_some() => (None, None),
                     None => continue,
                 };
-                return Ok(Some(job));
+                return Ok(Some((function, argument, reserve)));
             }
             state.in_wait += 1;
             drop(state);
@@ -284,50 +321,18 @@ impl JobSource {
     }
 }
 
-/// One call for a handler thread (see `framesock._support.run_handler_jobs`).
-#[pyclass(frozen, module = "framesock._framesock")]
-struct Job {
-    /// What to call (None: nothing, only a thread to start).
-    #[pyo3(get)]
-    function: Option<Py<PyAny>>,
-    #[pyo3(get)]
-    args: Option<Py<PyTuple>>,
-    finish: std::sync::Mutex<Option<Finish>>,
-    /// A reserve thread to start before making the call.
-    reserve: std::sync::Mutex<Option<JobSource>>,
-}
-
-impl Job {
-    fn finish<'py>(&self, py: Python<'py>, outcome: PyResult<Bound<'py, PyAny>>) {
-        let finish = self
-            .finish
+impl JobSource {
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<Finish>> {
+        self.current
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+    }
+
+    fn finish<'py>(&self, py: Python<'py>, outcome: PyResult<Bound<'py, PyAny>>) {
+        let finish = self.current().take();
         if let Some(finish) = finish {
             finish(py, outcome);
         }
-    }
-}
-
-#[pymethods]
-impl Job {
-    /// The source of work for a reserve thread to start first (once), or None.
-    fn take_reserve(&self) -> Option<JobSource> {
-        self.reserve
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
-    }
-
-    /// The call returned `value`.
-    fn done<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) {
-        self.finish(py, Ok(value));
-    }
-
-    /// The call raised `error`.
-    fn fail(&self, py: Python<'_>, error: Bound<'_, PyAny>) {
-        self.finish(py, Err(PyErr::from_value(error)));
     }
 }
 
