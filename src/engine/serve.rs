@@ -479,23 +479,27 @@ impl From<Error> for OneShotError {
 enum Lifecycle {
     /// Bound and listening (the OS queues connections), not yet accepting.
     Bound(Listener),
-    /// The accept loop runs on the runtime of the given generation.
-    Serving {
-        accept: JoinHandle<()>,
-        generation: u64,
-    },
+    /// The accept loop runs.
+    Serving { accept: JoinHandle<()> },
     /// Shut down, or its one exchange taken; cannot start again.
     Stopped,
 }
 
-/// Why a server cannot start.
+/// Why a server cannot start (or serve its one exchange).
 #[derive(Debug, PartialEq, Eq)]
-pub struct AlreadyStopped;
+pub enum CannotStart {
+    /// It was shut down, or its one exchange was taken.
+    Stopped,
+    /// It was made before a fork (see [`Server::is_inherited`]).
+    Inherited,
+}
 
 /// A server from bind to shutdown: many connections at once, each in its own task.
 pub struct Server {
     service: Arc<Service>,
     address: Address,
+    /// The engine generation it was bound in (see `runtime::forget_after_fork`).
+    generation: u64,
     max_connections: usize,
     lifecycle: Mutex<Lifecycle>,
     /// Stops accepting and ends connections waiting between requests.
@@ -520,6 +524,7 @@ impl Server {
         Ok(Server {
             service: Arc::new(service),
             address,
+            generation: runtime::generation(),
             max_connections,
             lifecycle: Mutex::new(Lifecycle::Bound(listener)),
             stop: CancellationToken::new(),
@@ -527,6 +532,14 @@ impl Server {
             finished: CancellationToken::new(),
             connections: TaskTracker::new(),
         })
+    }
+
+    /// Whether this server came from the parent of this forked process. Its socket, tasks and
+    /// locks belong to the parent's runtime, whose threads do not exist here: touching them
+    /// (even dropping the socket, which would unregister it from the epoll instance the parent
+    /// shares) could hang the child or break the parent, so such a server is left alone.
+    pub fn is_inherited(&self) -> bool {
+        self.generation != runtime::generation()
     }
 
     /// The bound address (with the real port when 0 was asked for).
@@ -546,11 +559,13 @@ impl Server {
     }
 
     /// Starts the accept loop on the shared runtime; starting again does nothing.
-    pub fn start(&self) -> std::result::Result<(), AlreadyStopped> {
+    pub fn start(&self) -> std::result::Result<(), CannotStart> {
+        if self.is_inherited() {
+            return Err(CannotStart::Inherited);
+        }
         let mut lifecycle = self.lifecycle();
         match std::mem::replace(&mut *lifecycle, Lifecycle::Stopped) {
             Lifecycle::Bound(listener) => {
-                let generation = runtime::generation();
                 let accept = runtime::handle().spawn(accept_loop(
                     self.service.clone(),
                     listener,
@@ -559,14 +574,14 @@ impl Server {
                     self.abort.clone(),
                     self.connections.clone(),
                 ));
-                *lifecycle = Lifecycle::Serving { accept, generation };
+                *lifecycle = Lifecycle::Serving { accept };
                 Ok(())
             }
             serving @ Lifecycle::Serving { .. } => {
                 *lifecycle = serving;
                 Ok(())
             }
-            Lifecycle::Stopped => Err(AlreadyStopped),
+            Lifecycle::Stopped => Err(CannotStart::Stopped),
         }
     }
 
@@ -575,9 +590,9 @@ impl Server {
         self.finished.clone().cancelled_owned()
     }
 
-    /// Whether shutdown has finished.
+    /// Whether shutdown has finished (an inherited server counts as finished).
     pub fn is_finished(&self) -> bool {
-        self.finished.is_cancelled()
+        self.is_inherited() || self.finished.is_cancelled()
     }
 
     /// Serves exactly one connection and one request on the bound socket, like the seed:
@@ -587,12 +602,15 @@ impl Server {
         &self,
     ) -> std::result::Result<
         impl std::future::Future<Output = std::result::Result<Exchange, OneShotError>> + Send + 'static,
-        AlreadyStopped,
+        CannotStart,
     > {
+        if self.is_inherited() {
+            return Err(CannotStart::Inherited);
+        }
         let Lifecycle::Bound(listener) =
             std::mem::replace(&mut *self.lifecycle(), Lifecycle::Stopped)
         else {
-            return Err(AlreadyStopped);
+            return Err(CannotStart::Stopped);
         };
         let service = self.service.clone();
         let local = self.address.clone();
@@ -640,27 +658,28 @@ impl Server {
         &self,
         grace: Option<Duration>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.stop.cancel();
-        let previous = std::mem::replace(&mut *self.lifecycle(), Lifecycle::Stopped);
-        let (accept, inherited) = match previous {
-            Lifecycle::Serving { accept, generation } => {
-                let inherited = generation != runtime::generation();
-                (Some(accept), inherited)
-            }
-            // Never started (the listener is dropped here) or already stopped.
-            _ => (None, false),
-        };
-        let connections = self.connections.clone();
-        let abort = self.abort.clone();
-        let finished = self.finished.clone();
+        let inherited = self.is_inherited();
+        let mut state = None;
+        if !inherited {
+            self.stop.cancel();
+            let previous = std::mem::replace(&mut *self.lifecycle(), Lifecycle::Stopped);
+            let accept = match previous {
+                Lifecycle::Serving { accept, .. } => Some(accept),
+                // Never started (the listener is dropped here) or already stopped.
+                _ => None,
+            };
+            state = Some((
+                accept,
+                self.connections.clone(),
+                self.abort.clone(),
+                self.finished.clone(),
+            ));
+        }
         async move {
-            if inherited {
-                // Started by the parent of this forked process: its tasks never run here, so
-                // there is nothing to wait for (and waiting would be forever).
-                std::mem::forget(accept);
-                finished.cancel();
+            // Inherited through fork: nothing of it runs here, and nothing of it is touched.
+            let Some((accept, connections, abort, finished)) = state else {
                 return;
-            }
+            };
             if let Some(accept) = accept {
                 let _ = accept.await;
             }
@@ -685,6 +704,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.is_inherited() {
+            return; // see `is_inherited`; the owner should not drop it at all
+        }
         // A server dropped without shutdown must not leave connections served forever.
         self.stop.cancel();
         self.abort.cancel();
@@ -966,6 +988,6 @@ mod tests {
             assert!(rest.is_empty());
             assert_eq!(server.service().stats.active(), 0);
         });
-        assert_eq!(server.start(), Err(AlreadyStopped));
+        assert_eq!(server.start(), Err(CannotStart::Stopped));
     }
 }

@@ -47,6 +47,9 @@ pub struct AsyncClient {
     closed: AtomicBool,
     /// The loop whose end was last asked to close the connection.
     watched: Mutex<Weak<LoopBridge>>,
+    /// The engine generation it was made in: after a fork the connection belongs to the
+    /// parent's runtime and is left alone (like `serve::Server::is_inherited`).
+    generation: u64,
 }
 
 impl AsyncClient {
@@ -54,7 +57,16 @@ impl AsyncClient {
         if self.closed.load(Ordering::Relaxed) {
             return Err(PyValueError::new_err("the client is closed"));
         }
+        if self.is_inherited() {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "this client was made before os.fork(); make a new one in this process",
+            ));
+        }
         Ok(())
+    }
+
+    fn is_inherited(&self) -> bool {
+        self.generation != runtime::generation()
     }
 
     /// The running loop's bridge; the connection closes when that loop is torn down.
@@ -159,6 +171,7 @@ impl AsyncClient {
             max_reply,
             closed: AtomicBool::new(false),
             watched: Mutex::new(Weak::new()),
+            generation: runtime::generation(),
         })
     }
 
@@ -213,12 +226,18 @@ impl AsyncClient {
     /// Closes the connection; requests still waiting fail, later ones raise ValueError.
     fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
-        self.pipeline.close("the client was closed");
+        if !self.is_inherited() {
+            self.pipeline.close("the client was closed");
+        }
     }
 }
 
 impl Drop for AsyncClient {
     fn drop(&mut self) {
+        if self.is_inherited() {
+            std::mem::forget(self.pipeline.clone());
+            return;
+        }
         // Dropped without close(): the connection must not stay open on the server.
         self.pipeline.close("the client was closed");
     }

@@ -11,7 +11,9 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::engine::handler::{Log, NoLog, Responder};
 use crate::engine::net::Address;
-use crate::engine::serve::{self, Exchange, Limits, OneShotError, Protocol, Service, Stats};
+use crate::engine::serve::{
+    self, CannotStart, Exchange, Limits, OneShotError, Protocol, Service, Stats,
+};
 use crate::py::args;
 use crate::py::bridge::LoopBridge;
 use crate::py::errors::failure_error;
@@ -40,6 +42,16 @@ pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'p
             .into_any(),
     };
     Ok(object)
+}
+
+/// Why a server cannot start, for Python.
+fn cannot_start(why: CannotStart) -> PyErr {
+    PyRuntimeError::new_err(match why {
+        CannotStart::Stopped => "the server was shut down (or is already serving its one exchange)",
+        CannotStart::Inherited => {
+            "this server was made before os.fork(); make a new one in this process"
+        }
+    })
 }
 
 /// Seconds in-flight exchanges get to finish when the context manager shuts down.
@@ -206,9 +218,7 @@ impl Server {
 
     /// Starts serving in the background and returns; calling it again does nothing.
     fn start(&self) -> PyResult<()> {
-        self.core
-            .start()
-            .map_err(|_| PyRuntimeError::new_err("the server was shut down"))
+        self.core.start().map_err(cannot_start)
     }
 
     /// Serves until `shutdown()` is called (from another thread or a handler); Ctrl-C shuts the
@@ -406,9 +416,7 @@ impl Server {
         impl std::future::Future<Output = Result<Exchange, OneShotError>> + Send + 'static,
         OneShotResult,
     )> {
-        let exchange = self.core.serve_one().map_err(|_| {
-            PyRuntimeError::new_err("the server is already serving or was shut down")
-        })?;
+        let exchange = self.core.serve_one().map_err(cannot_start)?;
         let result = OneShotResult {
             handler: self.handler.clone(),
             value: Python::attach(|py| self.value.as_ref().map(|v| v.clone_ref(py))),
@@ -420,6 +428,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.core.is_inherited() {
+            // Made before a fork: the engine server is never dropped here (see
+            // `serve::Server::is_inherited`).
+            std::mem::forget(self.core.clone());
+            return;
+        }
         if let Some(threads) = &self.threads {
             threads.close();
         }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crate::engine::runtime;
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 
@@ -50,6 +51,10 @@ struct PoolState {
 
 struct Pool {
     name: String,
+    /// The engine generation the pool was made in: a pool inherited through `fork` is left
+    /// alone in the child (its threads, and the waiters its locks know of, exist only in the
+    /// parent; waking them would touch memory the child does not have).
+    generation: u64,
     /// Tells the watchdog that work is queued with no thread woken for it.
     watch: tokio::sync::Notify,
     max_threads: usize,
@@ -78,6 +83,7 @@ impl HandlerThreads {
     pub fn new(py: Python<'_>, name: &str, max_threads: usize) -> PyResult<Self> {
         let pool = Arc::new(Pool {
             name: name.to_owned(),
+            generation: runtime::generation(),
             watch: tokio::sync::Notify::new(),
             max_threads: max_threads.max(1),
             state: Mutex::new(PoolState {
@@ -99,7 +105,7 @@ impl HandlerThreads {
             pools.retain(|p| p.strong_count() > 0);
             pools.push(Arc::downgrade(&pool));
         }
-        crate::engine::runtime::handle().spawn(watchdog(pool.clone()));
+        runtime::handle().spawn(watchdog(pool.clone()));
         pool.state.lock().threads = 1;
         if let Err(err) = spawn_thread(py, &pool) {
             pool.state.lock().threads = 0;
@@ -116,6 +122,9 @@ impl HandlerThreads {
     /// makes them fight over the GIL (8 threads: 0.7x the rate of 1). Should the awake
     /// threads all be stuck in handlers, the pool's watchdog wakes another (see `watchdog`).
     pub fn submit(&self, prepare: Prepare) {
+        if self.pool.is_inherited() {
+            return;
+        }
         let mut state = self.pool.state.lock();
         if state.closed {
             return;
@@ -147,7 +156,14 @@ impl HandlerThreads {
 }
 
 impl Pool {
+    fn is_inherited(&self) -> bool {
+        self.generation != runtime::generation()
+    }
+
     fn close(&self) {
+        if self.is_inherited() {
+            return;
+        }
         self.watch.notify_one();
         let dropped = {
             let mut state = self.state.lock();
@@ -339,7 +355,12 @@ impl JobSource {
 /// Closes every pool and waits (without the GIL, at most `limit`) until no handler thread is
 /// left inside a GIL-free wait, so none comes back to Python from Rust after this returns.
 pub fn close_all(py: Python<'_>, limit: Duration) {
-    let pools: Vec<Arc<Pool>> = POOLS.lock().drain(..).filter_map(|p| p.upgrade()).collect();
+    let pools: Vec<Arc<Pool>> = POOLS
+        .lock()
+        .drain(..)
+        .filter_map(|p| p.upgrade())
+        .filter(|p| !p.is_inherited())
+        .collect();
     for pool in &pools {
         pool.close();
     }
