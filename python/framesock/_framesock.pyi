@@ -17,6 +17,8 @@ __all__ = [
     "RemoteError",
     "Server",
     "__version__",
+    "_after_fork_in_child",
+    "_at_exit",
     "start_client",
     "start_server",
     "start_server_async",
