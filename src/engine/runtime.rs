@@ -20,6 +20,15 @@ static GENERATION: AtomicU64 = AtomicU64::new(0);
 /// The shared runtime and the generation it was made in.
 static SHARED: Mutex<Option<(u64, Arc<Runtime>)>> = Mutex::new(None);
 
+thread_local! {
+    static ENGINE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is one of the shared runtime's worker threads.
+pub fn on_engine_thread() -> bool {
+    ENGINE_THREAD.with(|flag| flag.get())
+}
+
 /// The current generation (see [`forget_after_fork`]).
 pub fn generation() -> u64 {
     GENERATION.load(Ordering::Acquire)
@@ -37,6 +46,7 @@ pub fn handle() -> Handle {
             let runtime = Arc::new(
                 tokio::runtime::Builder::new_multi_thread()
                     .thread_name("framesock-io")
+                    .on_thread_start(|| ENGINE_THREAD.with(|flag| flag.set(true)))
                     .enable_all()
                     .build()
                     .expect("framesock: cannot start the tokio runtime"),

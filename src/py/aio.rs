@@ -22,8 +22,9 @@ use crate::engine::runtime;
 use crate::engine::serve::Protocol;
 use crate::py::bridge::{resolve, LoopBridge};
 use crate::py::client::{message_payload, put_request, reply_value, ClientConfig};
+use crate::py::gil::GilDrop;
 use crate::py::json;
-use crate::py::server::{address_object, one_shot_server};
+use crate::py::server::one_shot_server;
 
 /// Reply frames as Python values: one value, or a list for `request_many`.
 fn replies_object(py: Python<'_>, frames: &[Frame], one: bool) -> PyResult<Py<PyAny>> {
@@ -98,7 +99,7 @@ impl AsyncClient {
         let future = bridge
             .event_loop(py)
             .call_method0(pyo3::intern!(py, "create_future"))?;
-        let target = future.clone().unbind();
+        let target = GilDrop::new(future.clone().unbind());
         let loop_side = bridge.clone();
         self.pipeline.send(
             &runtime::handle(),
@@ -266,16 +267,15 @@ pub fn start_server_async<'py>(
         py, host, port, path, response, handler, timeout, max_frame, backlog, request_as,
     )?;
     server._use_event_loop(py)?;
-    let (exchange, result) = server.serve_one()?;
-    if let Some(ready) = ready {
-        ready.call1((address_object(py, server.address_ref())?,))?;
-    }
+    // `ready` runs here, on the event loop: this is called from a coroutine.
+    let (exchange, result) = server.serve_one(py, ready)?;
     let bridge = LoopBridge::for_running_loop(py)?;
+    // The server lives until its exchange is over, and is dropped on an engine thread.
+    let server = GilDrop::new(server);
     bridge.spawn(
         py,
         async move {
             let outcome = exchange.await;
-            // The server lives until its exchange is over.
             drop(server);
             Ok(outcome)
         },

@@ -23,6 +23,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
 use crate::engine::{self, runtime};
+use crate::py::gil::{drop_safely, GilDrop};
 
 /// Work for the event loop's thread.
 pub type LoopJob = Box<dyn FnOnce(Python<'_>) + Send>;
@@ -38,12 +39,12 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A queue of jobs for one event loop.
 pub struct LoopBridge {
-    event_loop: Py<PyAny>,
-    jobs: Mutex<Vec<LoopJob>>,
+    event_loop: GilDrop<Py<PyAny>>,
+    jobs: GilDrop<Mutex<Vec<LoopJob>>>,
     closed: AtomicBool,
     on_end: Mutex<Vec<OnLoopEnd>>,
     /// The async generator whose closing tells that the loop is being torn down.
-    watch: Mutex<Option<Py<PyAny>>>,
+    watch: GilDrop<Mutex<Option<Py<PyAny>>>>,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
 }
@@ -88,11 +89,11 @@ impl LoopBridge {
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
         let bridge = Arc::new(LoopBridge {
-            event_loop: event_loop.clone().unbind(),
-            jobs: Mutex::new(Vec::new()),
+            event_loop: GilDrop::new(event_loop.clone().unbind()),
+            jobs: GilDrop::new(Mutex::new(Vec::new())),
             closed: AtomicBool::new(false),
             on_end: Mutex::new(Vec::new()),
-            watch: Mutex::new(None),
+            watch: GilDrop::new(Mutex::new(None)),
             wake_tx,
             wake_rx,
         });
@@ -120,7 +121,7 @@ impl LoopBridge {
             let mut jobs = locked(&self.jobs);
             if self.is_closed() {
                 drop(jobs);
-                drop(job);
+                drop_safely(job);
                 return;
             }
             let was_empty = jobs.is_empty();
@@ -146,6 +147,7 @@ impl LoopBridge {
 
     /// Runs every queued job (on the loop's thread, from its reader callback).
     fn drain(&self, py: Python<'_>) {
+        crate::py::gil::bury_the_dead(py);
         let mut sink = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
         let jobs = std::mem::take(&mut *locked(&self.jobs));
@@ -191,11 +193,14 @@ impl LoopBridge {
         let future = self
             .event_loop(py)
             .call_method0(pyo3::intern!(py, "create_future"))?;
-        let target = future.clone().unbind();
+        // Dropped with the task if it is aborted, on an engine thread: see `gil`.
+        let target = GilDrop::new(future.clone().unbind());
+        let finish = GilDrop::new(finish);
         let bridge = self.clone();
         let task = runtime::handle().spawn(async move {
             let outcome = work.await;
             bridge.push(Box::new(move |py| {
+                let finish = finish.into_inner();
                 let outcome = outcome
                     .map_err(PyErr::from)
                     .and_then(|value| finish(py, value));

@@ -20,6 +20,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::engine::codec::WireError;
 use crate::engine::error::{Error, Failure};
+use crate::py::gil::GilDrop;
 
 /// The exception classes, made once per interpreter with the builtins as extra bases.
 pub struct Exceptions {
@@ -204,7 +205,7 @@ pub fn failure_error(failure: Failure) -> PyErr {
         match failure
             .cause
             .as_ref()
-            .and_then(|cause| cause.downcast_ref::<PyErr>())
+            .and_then(|cause| cause.downcast_ref::<GilDrop<PyErr>>())
         {
             Some(err) => err.clone_ref(py),
             None => pyo3::exceptions::PyRuntimeError::new_err(failure.to_string()),

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use crate::engine::error::{Failure, FailureKind};
 use crate::engine::handler::{Handler, Level, Log, PendingReply};
 use crate::py::bridge::{run_as_task, LoopBridge};
+use crate::py::gil::GilDrop;
 use crate::py::json;
 use crate::py::threads::{Call, HandlerThreads};
 
@@ -60,7 +61,7 @@ pub fn python_failure(py: Python<'_>, kind: FailureKind, err: PyErr) -> Failure 
     Failure {
         kind,
         message,
-        cause: Some(Arc::new(err)),
+        cause: Some(Arc::new(GilDrop::new(err))),
     }
 }
 
@@ -77,14 +78,14 @@ type ReplySender = oneshot::Sender<Result<Bytes, Failure>>;
 
 /// A Python callable answering requests.
 pub struct PyHandler {
-    callable: Py<PyAny>,
+    callable: GilDrop<Py<PyAny>>,
     request_as: RequestAs,
     threads: HandlerThreads,
     /// framesock.aio: the loop coroutines run on, and whether the handler is a coroutine
     /// function (called on the loop itself).
     event_loop: OnceLock<(Arc<LoopBridge>, bool)>,
     /// `start_server` shows the value the handler returned: kept here when asked.
-    last_value: Option<Mutex<Option<Py<PyAny>>>>,
+    last_value: Option<GilDrop<Mutex<Option<Py<PyAny>>>>>,
 }
 
 impl PyHandler {
@@ -95,11 +96,11 @@ impl PyHandler {
         keep_last_value: bool,
     ) -> Self {
         PyHandler {
-            callable,
+            callable: GilDrop::new(callable),
             request_as,
             threads,
             event_loop: OnceLock::new(),
-            last_value: keep_last_value.then(|| Mutex::new(None)),
+            last_value: keep_last_value.then(|| GilDrop::new(Mutex::new(None))),
         }
     }
 
@@ -220,10 +221,18 @@ impl PyHandler {
 
 /// The Task running a coroutine for one exchange, once there is one, and whether its reply is
 /// still wanted.
-#[derive(Default)]
 struct TaskSlot {
-    task: Mutex<Option<Py<PyAny>>>,
+    task: GilDrop<Mutex<Option<Py<PyAny>>>>,
     abandoned: AtomicBool,
+}
+
+impl Default for TaskSlot {
+    fn default() -> Self {
+        TaskSlot {
+            task: GilDrop::new(Mutex::new(None)),
+            abandoned: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Dropped before its reply came (the connection was dropped), it cancels the handler's Task.
@@ -367,7 +376,7 @@ impl Log for PyLog {
             };
             let exc = cause
                 .as_ref()
-                .and_then(|cause| cause.downcast_ref::<PyErr>())
+                .and_then(|cause| cause.downcast_ref::<GilDrop<PyErr>>())
                 .map(|err| err.clone_ref(py).into_value(py).into_any());
             let function = py
                 .import("framesock._support")

@@ -5,6 +5,7 @@ mod args;
 mod bridge;
 mod client;
 mod errors;
+mod gil;
 mod handlers;
 mod json;
 mod server;
@@ -28,7 +29,8 @@ const EXIT_WAIT: Duration = Duration::from_secs(1);
 fn _at_exit(py: Python<'_>) {
     threads::close_all(py, EXIT_WAIT);
     bridge::close_all(py);
-    py.detach(|| runtime::shut_down(EXIT_WAIT));
+    py.detach(|| gil::detached(|| runtime::shut_down(EXIT_WAIT)));
+    gil::bury_the_dead(py);
 }
 
 /// Runs in the child after `os.fork()`: the parent's engine threads do not exist here, so

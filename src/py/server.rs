@@ -44,6 +44,21 @@ pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'p
     Ok(object)
 }
 
+/// An asyncio future on the running loop that completes (with None) when `done` does.
+fn awaitable<'py>(
+    py: Python<'py>,
+    done: impl std::future::Future<Output = ()> + Send + 'static,
+) -> PyResult<Bound<'py, PyAny>> {
+    LoopBridge::for_running_loop(py)?.spawn(
+        py,
+        async move {
+            done.await;
+            Ok(())
+        },
+        |py, ()| Ok(py.None()),
+    )
+}
+
 /// Why a server cannot start, for Python.
 fn cannot_start(why: CannotStart) -> PyErr {
     PyRuntimeError::new_err(match why {
@@ -249,27 +264,12 @@ impl Server {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let wind_down = self.begin_shutdown(args::timeout("timeout", timeout)?);
-        LoopBridge::for_running_loop(py)?.spawn(
-            py,
-            async move {
-                wind_down.await;
-                Ok(())
-            },
-            |py, ()| Ok(py.None()),
-        )
+        awaitable(py, wind_down)
     }
 
     /// framesock.aio: an awaitable that completes once shutdown has finished.
     fn _finished<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let finished = self.core.finished();
-        LoopBridge::for_running_loop(py)?.spawn(
-            py,
-            async move {
-                finished.await;
-                Ok(())
-            },
-            |py, ()| Ok(py.None()),
-        )
+        awaitable(py, self.core.finished())
     }
 
     /// framesock.aio: coroutine handlers (and awaitables handlers return) run on the running
@@ -331,11 +331,6 @@ impl Server {
 }
 
 impl Server {
-    /// The bound address.
-    pub fn address_ref(&self) -> &Address {
-        self.core.address()
-    }
-
     /// Binds now, like socketserver: `address` is known and "address in use" raised here.
     fn bind(
         py: Python<'_>,
@@ -409,14 +404,19 @@ impl Server {
     }
 
     /// `start_server`'s one exchange on this server's socket, as a future to wait on, and
-    /// what turns its outcome into the result dict.
+    /// what turns its outcome into the result dict. `ready(address)` is called first.
     pub fn serve_one(
         &self,
+        py: Python<'_>,
+        ready: Option<Bound<'_, PyAny>>,
     ) -> PyResult<(
         impl std::future::Future<Output = Result<Exchange, OneShotError>> + Send + 'static,
         OneShotResult,
     )> {
         let exchange = self.core.serve_one().map_err(cannot_start)?;
+        if let Some(ready) = ready {
+            ready.call1((address_object(py, self.core.address())?,))?;
+        }
         let result = OneShotResult {
             handler: self.handler.clone(),
             value: Python::attach(|py| self.value.as_ref().map(|v| v.clone_ref(py))),
@@ -539,16 +539,6 @@ pub fn start_server<'py>(
     let server = one_shot_server(
         py, host, port, path, response, handler, timeout, max_frame, backlog, request_as,
     )?;
-    let (exchange, result) = server.serve_one()?;
-    if let Some(ready) = ready {
-        ready.call1((address_object(py, server.core.address())?,))?;
-    }
-    let outcome = wait::wait(py, exchange);
-    match outcome {
-        Ok(outcome) => result.into_dict(py, outcome),
-        Err(interrupted) => {
-            drop(result);
-            Err(interrupted)
-        }
-    }
+    let (exchange, result) = server.serve_one(py, ready)?;
+    wait::wait(py, exchange).and_then(|outcome| result.into_dict(py, outcome))
 }

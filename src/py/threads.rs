@@ -12,6 +12,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::engine::runtime;
+use crate::py::gil::{self, drop_safely};
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 
@@ -127,6 +128,8 @@ impl HandlerThreads {
         }
         let mut state = self.pool.state.lock();
         if state.closed {
+            drop(state);
+            drop_safely(prepare);
             return;
         }
         state.queue.push_back(prepare);
@@ -170,7 +173,7 @@ impl Pool {
             state.closed = true;
             std::mem::take(&mut state.queue)
         };
-        drop(dropped);
+        drop_safely(dropped);
         self.work.notify_all();
     }
 }
@@ -275,6 +278,7 @@ impl JobSource {
         py: Python<'_>,
     ) -> PyResult<Option<(Option<Py<PyAny>>, Option<Py<PyAny>>, Option<JobSource>)>> {
         ON_HANDLER_THREAD.with(|flag| flag.set(true));
+        gil::bury_the_dead(py);
         let pool = &self.pool;
         let mut reserve = self.reserve.swap(false, Ordering::Relaxed);
         loop {

@@ -9,6 +9,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::time::error::Elapsed;
 
 use crate::engine::runtime;
+use crate::py::gil;
 
 /// How often a waiting call comes back for the GIL to let Python run its signal handlers.
 const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
@@ -25,8 +26,11 @@ where
 {
     let mut fut = std::pin::pin!(fut);
     loop {
-        match py.detach(|| block_on(fut.as_mut())) {
-            Ok(output) => return Ok(output),
+        match py.detach(|| gil::detached(|| block_on(fut.as_mut()))) {
+            Ok(output) => {
+                gil::bury_the_dead(py);
+                return Ok(output);
+            }
             Err(_elapsed) => py.check_signals()?,
         }
     }

@@ -1,0 +1,112 @@
+//! Python references that may be dropped where the GIL is not held.
+//!
+//! pyo3 lets such a drop wait in its own pool until some thread next takes the GIL, and that
+//! pool is guarded by a lock. If an engine thread holds that lock at the instant another thread
+//! calls `fork()`, the child inherits it held by a thread that does not exist there, and the
+//! child's first call into pyo3 waits forever (measured: about 1 fork in 300 under load). So
+//! values that hold Python references and may be dropped on an engine thread are wrapped in
+//! [`GilDrop`]: dropped without the GIL, they go to a lock-free list instead, which threads
+//! that hold the GIL empty ([`bury_the_dead`]). A thread that forks in the middle of a push
+//! only loses that one value in the child.
+
+use std::ops::Deref;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use pyo3::prelude::*;
+
+use crate::engine::runtime;
+
+thread_local! {
+    static DETACHED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the calling thread marked as not holding the GIL (inside `py.detach`).
+pub fn detached<T>(f: impl FnOnce() -> T) -> T {
+    let was = DETACHED.with(|flag| flag.replace(true));
+    let result = f();
+    DETACHED.with(|flag| flag.set(was));
+    result
+}
+
+/// Whether the calling thread may hold the GIL: not an engine thread, not inside `detached`.
+fn may_hold_gil() -> bool {
+    !runtime::on_engine_thread() && !DETACHED.with(|flag| flag.get())
+}
+
+/// A value holding Python references, safe to drop on any thread (see the module doc).
+pub struct GilDrop<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> GilDrop<T> {
+    pub fn new(value: T) -> Self {
+        GilDrop(Some(value))
+    }
+
+    /// The value, to be dropped or used where the GIL is held.
+    pub fn into_inner(mut self) -> T {
+        self.0.take().expect("present until dropped")
+    }
+}
+
+impl<T: Send + 'static> Deref for GilDrop<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for GilDrop<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.0.take() {
+            if may_hold_gil() {
+                drop(value);
+            } else {
+                bury(Box::new(value));
+            }
+        }
+    }
+}
+
+/// Drops `value` now if this thread may hold the GIL, else later where one does.
+pub fn drop_safely<T: Send + 'static>(value: T) {
+    drop(GilDrop::new(value));
+}
+
+struct Grave {
+    value: Box<dyn Send>,
+    next: *mut Grave,
+}
+
+/// The values waiting to be dropped with the GIL: a lock-free stack.
+static GRAVES: AtomicPtr<Grave> = AtomicPtr::new(ptr::null_mut());
+
+fn bury(value: Box<dyn Send>) {
+    let grave = Box::into_raw(Box::new(Grave {
+        value,
+        next: ptr::null_mut(),
+    }));
+    let mut head = GRAVES.load(Ordering::Acquire);
+    loop {
+        // SAFETY: `grave` is ours until the exchange below publishes it.
+        unsafe { (*grave).next = head };
+        match GRAVES.compare_exchange_weak(head, grave, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return,
+            Err(now) => head = now,
+        }
+    }
+}
+
+/// Drops every value buried so far; call with the GIL.
+pub fn bury_the_dead(_py: Python<'_>) {
+    if GRAVES.load(Ordering::Relaxed).is_null() {
+        return;
+    }
+    let mut grave = GRAVES.swap(ptr::null_mut(), Ordering::AcqRel);
+    while !grave.is_null() {
+        // SAFETY: the swap gave this thread the whole list; each node came from Box::into_raw.
+        let boxed = unsafe { Box::from_raw(grave) };
+        grave = boxed.next;
+        drop(boxed.value);
+    }
+}
