@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::engine::runtime;
-use crate::py::gil::{self, drop_safely};
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
+
+use crate::engine::runtime;
+use crate::py::gil::{self, drop_safely};
 
 /// Turns a queued item into a call for a handler thread, with the GIL; `None` when there is
 /// nothing left to call (the item finished on its own, e.g. a request that is not JSON).
@@ -110,6 +111,7 @@ impl HandlerThreads {
         pool.state.lock().threads = 1;
         if let Err(err) = spawn_thread(py, &pool) {
             pool.state.lock().threads = 0;
+            pool.close(); // ends the watchdog
             return Err(err);
         }
         Ok(HandlerThreads { pool })
