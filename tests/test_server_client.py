@@ -405,15 +405,21 @@ def test_active_count_drops_when_shutdown_cuts_exchanges_short(serve, caplog):
     # Three clients are mid-request (half a frame sent) when shutdown's grace runs out.
     server = serve(protocol="framed", timeout=30)
     socks = [socket.create_connection(server.address, timeout=10) for _ in range(3)]
-    for sock in socks:
-        sock.sendall(frame(b"0123456789")[:7])
-    deadline = time.monotonic() + 5
-    while server.stats()["connections_active"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.stats()["connections_active"] == 3
-    with caplog.at_level(logging.CRITICAL, logger="framesock"):
-        server.shutdown(timeout=0.1)
-    assert server.stats()["connections_active"] == 0
-    for sock in socks:
-        assert sock.recv(10) == b""  # dropped
-        sock.close()
+    try:
+        for sock in socks:
+            sock.sendall(frame(b"0123456789")[:7])
+        # Wait until the server has read every half frame: closing a socket with unread input
+        # would send a reset instead of the close this test looks for.
+        deadline = time.monotonic() + 5
+        while server.stats()["bytes_in"] < 21 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stats()["connections_active"] == 3
+        assert server.stats()["bytes_in"] == 21
+        with caplog.at_level(logging.CRITICAL, logger="framesock"):
+            server.shutdown(timeout=0.1)
+        assert server.stats()["connections_active"] == 0
+        for sock in socks:
+            assert sock.recv(10) == b""  # dropped
+    finally:
+        for sock in socks:
+            sock.close()
