@@ -11,6 +11,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from typing import Any, Callable
 
 import pytest
@@ -165,3 +166,20 @@ def framesock_server():
     yield start
     for server in started:
         server.release()
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Polls ``condition()`` until it holds; fails the test if it does not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def refuses(address) -> bool:
+    """Whether nothing listens at ``address`` any more."""
+    try:
+        socket.create_connection(address[:2], timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False

@@ -11,9 +11,8 @@ import os
 import pytest
 
 import framesock
-from conftest import PeerThread
+from conftest import PeerThread, refuses, wait_until
 from framesock import aio
-from test_handler_threads import refuses, wait_until
 
 
 def open_fds() -> int:

@@ -7,25 +7,15 @@ is a fact (it completed while the other handler was still blocked), not a timing
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
 import framesock
-from conftest import PeerThread
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    """Polls ``condition()`` until it holds; fails the test if it does not within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+from conftest import PeerThread, refuses, wait_until
 
 
 class Blocker:
@@ -134,15 +124,6 @@ def test_shutdown_from_inside_a_handler():
     server.start()
     assert framesock.start_client(*server.address[:2], timeout=5) == "bye"
     wait_until(lambda: refuses(server.address))
-
-
-def refuses(address) -> bool:
-    """Whether nothing listens at ``address`` any more."""
-    try:
-        socket.create_connection(address[:2], timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
