@@ -184,3 +184,54 @@ def test_a_dropped_client_closes_its_connection():
         assert server.stats()["connections_active"] == 1
         del client
         wait_until(lambda: server.stats()["connections_active"] == 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads through ctypes.PyDLL(None), which keeps the GIL")
+def test_static_replies_go_on_while_a_handler_holds_the_gil():
+    # The handler blocks in read() *holding the GIL* (ctypes.PyDLL keeps it), until a separate
+    # process writes to a pipe; that process writes only after a static server has answered it.
+    # If static replies needed the GIL, nobody could release the handler: the test would fail
+    # (the other process gives up after its timeout and says so).
+    import ctypes
+    import os
+
+    entered_r, entered_w = os.pipe()
+    release_r, release_w = os.pipe()
+    libc = ctypes.PyDLL(None)
+
+    def handler(request):
+        os.write(entered_w, b"e")
+        buf = ctypes.create_string_buffer(1)
+        libc.read(release_r, buf, 1)  # holds the GIL while it waits
+        return buf.raw.decode()
+
+    script = textwrap.dedent(
+        """
+        import os, sys, framesock
+        entered, release, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+        os.read(entered, 1)
+        try:
+            reply = framesock.start_client(port=port, timeout=10)
+            os.write(release, b"y" if reply == {"static": True} else b"n")
+        except Exception:
+            os.write(release, b"n")
+        """
+    )
+    try:
+        with framesock.Server(handler, port=0) as blocking, framesock.Server(
+            response={"static": True}, port=0
+        ) as static:
+            peer = subprocess.Popen(
+                [sys.executable, "-c", script, str(entered_r), str(release_w), str(static.address[1])],
+                pass_fds=(entered_r, release_w),
+            )
+            try:
+                reply = framesock.start_client(*blocking.address[:2], timeout=30)
+                assert peer.wait(30) == 0
+            finally:
+                peer.kill()
+                peer.wait()
+        assert reply == "y"  # the static server answered while the GIL was held
+    finally:
+        for fd in (entered_r, entered_w, release_r, release_w):
+            os.close(fd)
