@@ -132,14 +132,16 @@ impl PyHandler {
         py: Python<'_>,
         value: Bound<'_, PyAny>,
         reply: ReplySender,
-        task: &Arc<TaskSlot>,
+        task: Option<&Arc<TaskSlot>>,
     ) {
         if is_awaitable(&value) {
             match self.event_loop.get() {
                 Some((bridge, _)) => {
                     let awaitable = value.unbind();
                     let this = self.clone();
-                    let task = task.clone();
+                    // No slot when the loop was set after this exchange began: nobody can
+                    // cancel its Task then, as before the loop was known.
+                    let task = task.cloned().unwrap_or_default();
                     bridge.push(Box::new(move |py| {
                         this.await_on_loop(py, awaitable.into_bound(py), reply, &task)
                     }));
@@ -183,7 +185,7 @@ impl PyHandler {
                 .map_err(|err| python_failure(py, FailureKind::Handler, err))
         });
         match called {
-            Ok(value) => self.reply_with(py, value, reply, task),
+            Ok(value) => self.reply_with(py, value, reply, Some(task)),
             Err(failure) => drop(reply.send(Err(failure))),
         }
     }
@@ -238,7 +240,7 @@ impl Default for TaskSlot {
 /// Dropped before its reply came (the connection was dropped), it cancels the handler's Task.
 struct CancelOnDrop {
     slot: Arc<TaskSlot>,
-    bridge: Option<Arc<LoopBridge>>,
+    bridge: Arc<LoopBridge>,
     done: bool,
 }
 
@@ -248,27 +250,26 @@ impl Drop for CancelOnDrop {
             return;
         }
         self.slot.abandoned.store(true, Ordering::Release);
-        if let Some(bridge) = &self.bridge {
-            let slot = self.slot.clone();
-            bridge.push(Box::new(move |py| {
-                let task = slot.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(task) = task {
-                    let _ = task.bind(py).call_method0("cancel");
-                }
-            }));
-        }
+        let slot = self.slot.clone();
+        self.bridge.push(Box::new(move |py| {
+            let task = slot.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(task) = task {
+                let _ = task.bind(py).call_method0("cancel");
+            }
+        }));
     }
 }
 
 impl Handler for Arc<PyHandler> {
     fn respond(&self, request: Bytes) -> PendingReply {
         let (reply, replied) = oneshot::channel();
-        let slot = Arc::new(TaskSlot::default());
         let on_loop = self.event_loop.get();
+        // Only an exchange that may become a Task on the loop needs a slot to cancel it by.
+        let slot = on_loop.map(|_| Arc::new(TaskSlot::default()));
         match on_loop {
             Some((bridge, true)) => {
                 let this = self.clone();
-                let slot = slot.clone();
+                let slot = slot.clone().expect("made for a loop");
                 bridge.push(Box::new(move |py| {
                     this.call_on_loop(py, &request, reply, &slot)
                 }));
@@ -292,7 +293,7 @@ impl Handler for Arc<PyHandler> {
                         function: this.callable.clone_ref(py),
                         argument: request.unbind(),
                         finish: Box::new(move |py, outcome| match outcome {
-                            Ok(value) => handler.reply_with(py, value, reply, &slot),
+                            Ok(value) => handler.reply_with(py, value, reply, slot.as_ref()),
                             Err(err) => {
                                 drop(reply.send(Err(python_failure(py, FailureKind::Handler, err))))
                             }
@@ -301,16 +302,18 @@ impl Handler for Arc<PyHandler> {
                 }));
             }
         }
-        let guard = CancelOnDrop {
+        let guard = slot.zip(on_loop).map(|(slot, (bridge, _))| CancelOnDrop {
             slot,
-            bridge: on_loop.map(|(bridge, _)| bridge.clone()),
+            bridge: bridge.clone(),
             done: false,
-        };
+        });
         Box::pin(async move {
             // Moved in whole (not just the field written below), so it lives with the future.
             let mut guard = guard;
             let outcome = replied.await;
-            guard.done = true;
+            if let Some(guard) = guard.as_mut() {
+                guard.done = true;
+            }
             outcome.unwrap_or_else(|_| {
                 Err(Failure::new(
                     FailureKind::Handler,
@@ -353,8 +356,7 @@ impl SendWhenDone {
         }
         let value = task.call_method0("result")?;
         // A Task's result is never awaitable in practice; reply_with would await it again.
-        self.handler
-            .reply_with(py, value, reply, &Arc::new(TaskSlot::default()));
+        self.handler.reply_with(py, value, reply, None);
         Ok(())
     }
 }
