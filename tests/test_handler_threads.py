@@ -235,3 +235,30 @@ def test_static_replies_go_on_while_a_handler_holds_the_gil():
     finally:
         for fd in (entered_r, entered_w, release_r, release_w):
             os.close(fd)
+
+
+def test_a_plain_handler_answers_one_connection_in_order_on_aio_server_too():
+    import asyncio
+
+    from framesock import aio
+
+    running = []
+    overlapped = []
+    lock = threading.Lock()
+
+    def handler(request):
+        with lock:
+            running.append(request)
+            overlapped.append(len(running) > 1)
+        threading.Event().wait(0.01)  # long enough for a second call to overlap, if allowed
+        with lock:
+            running.remove(request)
+        return request
+
+    async def main():
+        async with aio.Server(handler, port=0, protocol="framed") as server:
+            async with aio.Client(*server.address[:2], protocol="framed") as client:
+                return await client.request_many([str(i) for i in range(10)])
+
+    assert asyncio.run(main()) == [str(i) for i in range(10)]
+    assert not any(overlapped)

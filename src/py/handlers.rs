@@ -324,7 +324,9 @@ impl Handler for Arc<PyHandler> {
     }
 
     fn concurrent(&self) -> bool {
-        self.event_loop.get().is_some()
+        // Coroutine handlers of one connection's pipelined requests run as Tasks at once; a
+        // plain handler answers them one at a time, as on the blocking Server.
+        matches!(self.event_loop.get(), Some((_, true)))
     }
 }
 
