@@ -86,6 +86,16 @@ pub struct Settings {
     pub request_as: String,
 }
 
+/// What a server is for, which decides what happens to failures and to the handler's values.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// `Server`: failures are logged (so it needs handler threads for its log).
+    Serving,
+    /// `start_server`: failures are raised to the caller, and the handler's value is kept
+    /// for the result.
+    OneExchange,
+}
+
 /// Where a Python server's replies come from, and what serves its handler and its log.
 struct Replies {
     responder: Responder,
@@ -98,14 +108,13 @@ struct Replies {
 impl Replies {
     /// Checks `response` / `handler` and encodes a static response now, so a value that cannot
     /// be sent fails before anything touches the network. Handler threads are started when
-    /// there is a handler or a log to write (`logs`).
+    /// there is a handler or a log to write.
     fn new(
         py: Python<'_>,
         response: Option<Bound<'_, PyAny>>,
         handler: Option<Bound<'_, PyAny>>,
         settings: &Settings,
-        logs: bool,
-        keep_last_value: bool,
+        purpose: Use,
     ) -> PyResult<Self> {
         let request_as = args::request_as(&settings.request_as)?;
         let (fixed, callable) = match (response, handler) {
@@ -130,7 +139,7 @@ impl Replies {
                 (Some((json::loads(py, &json)?.unbind(), json)), None)
             }
         };
-        let threads = if callable.is_some() || logs {
+        let threads = if callable.is_some() || purpose == Use::Serving {
             Some(HandlerThreads::new(
                 py,
                 &settings.endpoint.to_string(),
@@ -151,7 +160,7 @@ impl Replies {
                     callable,
                     request_as,
                     threads.clone().expect("started for a handler"),
-                    keep_last_value,
+                    purpose == Use::OneExchange,
                 ));
                 Replies {
                     responder: Responder::Handler(Arc::new(handler.clone())),
@@ -222,7 +231,7 @@ impl Server {
             },
             request_as,
         };
-        Server::bind(py, settings, response, handler, true, false)
+        Server::bind(py, settings, response, handler, Use::Serving)
     }
 
     /// The bound address: `(host, port)` (the real port when 0 was asked for) or the path.
@@ -337,12 +346,11 @@ impl Server {
         settings: Settings,
         response: Option<Bound<'_, PyAny>>,
         handler: Option<Bound<'_, PyAny>>,
-        logs: bool,
-        keep_last_value: bool,
+        purpose: Use,
     ) -> PyResult<Server> {
-        let replies = Replies::new(py, response, handler, &settings, logs, keep_last_value)?;
-        let log: Arc<dyn Log> = match (&replies.threads, logs) {
-            (Some(threads), true) => Arc::new(PyLog {
+        let replies = Replies::new(py, response, handler, &settings, purpose)?;
+        let log: Arc<dyn Log> = match (&replies.threads, purpose) {
+            (Some(threads), Use::Serving) => Arc::new(PyLog {
                 threads: threads.clone(),
             }),
             _ => Arc::new(NoLog),
@@ -508,7 +516,7 @@ pub fn one_shot_server(
         handler_threads: 1,
         request_as,
     };
-    Server::bind(py, settings, response, handler, false, true)
+    Server::bind(py, settings, response, handler, Use::OneExchange)
 }
 
 /// Serves one client, one request, like the seed's server, and returns what was exchanged.
