@@ -2,7 +2,7 @@
 //! a pipelined connection shared by many concurrent requests.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::engine::codec::{self, Frame, FrameCodec, WireError};
 use crate::engine::error::{Error, Result};
+use crate::engine::lock::locked;
 use crate::engine::net::{self, Endpoint, ReadPart, Stream, WritePart};
 use crate::engine::runtime::within;
 
@@ -166,12 +167,6 @@ struct ConnState {
     backlog: VecDeque<Bytes>,
     flushing: bool,
     failed: Option<Arc<Error>>,
-}
-
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One connection shared by every request of a pipelining client.

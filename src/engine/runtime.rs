@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::runtime::{Handle, Runtime};
 
 use crate::engine::error::{Error, Result};
+use crate::engine::lock::locked;
 
 /// Bumped by [`forget_after_fork`]: objects made under an older generation belong to the
 /// parent process and its runtime.
@@ -36,9 +37,7 @@ pub fn generation() -> u64 {
 
 /// A handle on the shared multi-threaded runtime (one worker per core), started on first use.
 pub fn handle() -> Handle {
-    let mut shared = SHARED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut shared = locked(&SHARED);
     let now = generation();
     match &*shared {
         Some((made_in, runtime)) if *made_in == now => runtime.handle().clone(),
@@ -61,10 +60,7 @@ pub fn handle() -> Handle {
 /// Stops the shared runtime: its tasks are dropped (closing their sockets) and its threads
 /// end, waiting at most `grace` for them. The next [`handle`] starts a new one.
 pub fn shut_down(grace: Duration) {
-    let taken = SHARED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .take();
+    let taken = locked(&SHARED).take();
     if let Some((_, runtime)) = taken {
         // Someone else may still hold it (a task being spawned); they drop it later.
         if let Ok(runtime) = Arc::try_unwrap(runtime) {
@@ -80,10 +76,7 @@ pub fn forget_after_fork() {
     GENERATION.fetch_add(1, Ordering::AcqRel);
     // The lock may have been held by a thread of the parent at the moment of the fork; in the
     // child that thread is gone, so the lock is replaced rather than taken.
-    let old = SHARED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .take();
+    let old = locked(&SHARED).take();
     std::mem::forget(old);
 }
 

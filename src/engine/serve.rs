@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::engine::codec::{self, FrameCodec, WireError};
 use crate::engine::error::{Error, Failure, FailureKind, Result};
 use crate::engine::handler::{Level, Log, Responder};
+use crate::engine::lock::locked;
 use crate::engine::net::{Address, Endpoint, Listener};
 use crate::engine::runtime::{self, within};
 
@@ -553,9 +554,7 @@ impl Server {
     }
 
     fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
-        self.lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        locked(&self.lifecycle)
     }
 
     /// Starts the accept loop on the shared runtime; starting again does nothing.

@@ -18,6 +18,7 @@ use pyo3::types::PyList;
 use crate::engine::client::{classic_exchange, Pipeline};
 use crate::engine::codec::{self, Frame};
 use crate::engine::error::{Error, Result};
+use crate::engine::lock::locked;
 use crate::engine::runtime;
 use crate::engine::serve::Protocol;
 use crate::py::bridge::{resolve, LoopBridge};
@@ -73,7 +74,7 @@ impl AsyncClient {
     /// The running loop's bridge; the connection closes when that loop is torn down.
     fn bridge(&self, py: Python<'_>) -> PyResult<Arc<LoopBridge>> {
         let bridge = LoopBridge::for_running_loop(py)?;
-        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut watched = locked(&self.watched);
         if !std::ptr::eq(watched.as_ptr(), Arc::as_ptr(&bridge)) {
             *watched = Arc::downgrade(&bridge);
             let pipeline = Arc::downgrade(&self.pipeline);

@@ -16,12 +16,13 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
+use crate::engine::lock::locked;
 use crate::engine::{self, runtime};
 use crate::py::gil::{drop_safely, GilDrop};
 
@@ -30,12 +31,6 @@ pub type LoopJob = Box<dyn FnOnce(Python<'_>) + Send>;
 
 /// What a bridge's owner wants done when the loop ends.
 pub type OnLoopEnd = Box<dyn FnOnce() + Send>;
-
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// A queue of jobs for one event loop.
 pub struct LoopBridge {

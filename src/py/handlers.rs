@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::engine::error::{Failure, FailureKind};
 use crate::engine::handler::{Handler, Level, Log, PendingReply};
+use crate::engine::lock::locked;
 use crate::py::bridge::{run_as_task, LoopBridge};
 use crate::py::gil::GilDrop;
 use crate::py::json;
@@ -123,7 +124,7 @@ impl PyHandler {
     pub fn take_last_value(&self) -> Option<Py<PyAny>> {
         self.last_value
             .as_ref()
-            .and_then(|kept| kept.lock().unwrap_or_else(|p| p.into_inner()).take())
+            .and_then(|kept| locked(kept).take())
     }
 
     /// Sends the reply for `value`: its JSON, or on to the event loop if it is awaitable.
@@ -164,7 +165,7 @@ impl PyHandler {
             .map_err(|err| python_failure(py, FailureKind::Encode, err));
         if outcome.is_ok() {
             if let Some(kept) = &self.last_value {
-                *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(value.unbind());
+                *locked(kept) = Some(value.unbind());
             }
         }
         let _ = reply.send(outcome);
@@ -213,7 +214,7 @@ impl PyHandler {
             Ok(task) if slot.abandoned.load(Ordering::Acquire) => {
                 let _ = task.call_method0("cancel");
             }
-            Ok(task) => *slot.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.unbind()),
+            Ok(task) => *locked(&slot.task) = Some(task.unbind()),
             // The reply sender went with the callback, so the waiting exchange fails as the
             // sender drops; the reason is printed here.
             Err(err) => err.print(py),
@@ -252,7 +253,7 @@ impl Drop for CancelOnDrop {
         self.slot.abandoned.store(true, Ordering::Release);
         let slot = self.slot.clone();
         self.bridge.push(Box::new(move |py| {
-            let task = slot.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let task = locked(&slot.task).take();
             if let Some(task) = task {
                 let _ = task.bind(py).call_method0("cancel");
             }
@@ -340,7 +341,7 @@ struct SendWhenDone {
 #[pymethods]
 impl SendWhenDone {
     fn __call__(&self, py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<()> {
-        let Some(reply) = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(reply) = locked(&self.reply).take() else {
             return Ok(());
         };
         if task.call_method0("cancelled")?.is_truthy()? {

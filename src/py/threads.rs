@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 
+use crate::engine::lock::locked;
 use crate::engine::runtime;
 use crate::py::gil::{self, drop_safely};
 
@@ -345,9 +346,7 @@ impl JobSource {
 
 impl JobSource {
     fn current(&self) -> std::sync::MutexGuard<'_, Option<Finish>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        locked(&self.current)
     }
 
     fn finish<'py>(&self, py: Python<'py>, outcome: PyResult<Bound<'py, PyAny>>) {
