@@ -284,7 +284,7 @@ async def test_bad_arguments():
     with pytest.raises(ValueError):
         aio.Server(echo, port=0, protocol="udp")
     with pytest.raises(TypeError):
-        await aio.start_client(port=9, message=3.5)
+        await aio.start_client(port=9, message={1, 2})
 
 
 def test_works_on_uvloop():

@@ -93,8 +93,9 @@ def test_broken_json_says_where(raw_server):
 
 def test_trailing_garbage_is_broken_json(raw_server):
     server = raw_server(lambda conn: seed_style_server(conn, b"{} extra"))
-    with pytest.raises(framesock.JSONDecodeError, match="trailing"):
+    with pytest.raises(framesock.JSONDecodeError, match="Extra data") as caught:
         framesock.start_client(port=server.port)
+    assert (caught.value.pos, caught.value.lineno, caught.value.colno) == (3, 1, 4)
 
 
 def test_not_utf8_reply_is_broken_json(raw_server):
@@ -163,7 +164,7 @@ def test_talks_to_start_server(framesock_server):
         ({"timeout": 0}, ValueError, "timeout"),
         ({"timeout": -3}, ValueError, "timeout"),
         ({"max_reply": -5}, ValueError, "max_reply"),
-        ({"message": 12}, TypeError, "message"),
+        ({"message": object()}, TypeError, "not JSON serializable"),
         ({"message": {"a": object()}}, TypeError, "not JSON serializable"),
         ({"message": "\ud800"}, UnicodeEncodeError, "surrogate"),
     ],

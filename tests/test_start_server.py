@@ -229,7 +229,7 @@ def test_bad_arguments_fail_before_touching_the_network(kwargs, error, match):
 def test_circular_response_is_refused():
     loop: list = []
     loop.append(loop)
-    with pytest.raises(ValueError, match="circular"):
+    with pytest.raises(ValueError, match="Circular reference"):
         framesock.start_server(port=1, response=loop)
 
 

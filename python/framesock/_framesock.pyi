@@ -19,6 +19,8 @@ __all__ = [
     "__version__",
     "_after_fork_in_child",
     "_at_exit",
+    "_json_dumps",
+    "_json_loads",
     "start_client",
     "start_server",
     "start_server_async",
@@ -27,7 +29,8 @@ __all__ = [
 _JSONValue = Any
 _Address = Union[tuple[str, int], tuple[str, int, int, int], str]
 _Path = Union[str, PathLike[str]]
-_Message = Union[str, bytes, bytearray, dict[str, Any], list[Any]]
+# str and bytes are sent as they are; any other value as its JSON text (json.dumps' bytes).
+_Message = Union[str, bytes, bytearray, dict[Any, Any], list[Any], tuple[Any, ...], int, float, bool, None]
 _Protocol = Literal["classic", "framed"]
 _RequestAs = Literal["text", "bytes", "json"]
 
@@ -130,8 +133,9 @@ def start_client(
     Args:
         host: Server address (IPv4 or IPv6 literal, or a name).
         port: Server port, 0..65535.
-        message: str (sent as UTF-8), bytes, or a dict/list (sent as JSON text); the default is
-            the seed's ``"msg from client"``.
+        message: str (sent as UTF-8) or bytes (sent as they are); any other value (dict, list,
+            tuple, int, float, bool, None) is sent as its JSON text, byte for byte what
+            ``json.dumps`` writes. The default is the seed's ``"msg from client"``.
         timeout: Seconds for each step: connecting, sending the request, receiving the whole
             reply. None waits forever.
         max_reply: Largest reply accepted, in bytes.
@@ -146,7 +150,8 @@ def start_client(
         ConnectionClosedError: The server closed without replying.
         FramesockTimeoutError: A step outlived ``timeout``.
         OSError: Connecting failed (``ConnectionRefusedError``, ``socket.gaierror``, ...).
-        TypeError: ``message`` of an unsupported type.
+        TypeError: ``message`` that ``json.dumps`` cannot encode either (a set, an object).
+        ValueError: ``message`` holds NaN or an infinity (not JSON), or a circular reference.
         ValueError: Argument values out of range.
     """
 
@@ -318,6 +323,12 @@ class Client:
     ) -> bool: ...
 
 # Hooks that framesock/__init__.py registers with atexit and os.register_at_fork.
+
+def _json_loads(data: bytes) -> Any:
+    """framesock's JSON decoder (for tests and measurements; not public API)."""
+
+def _json_dumps(value: Any) -> bytes:
+    """framesock's JSON encoder (for tests and measurements; not public API)."""
 
 def _at_exit() -> None:
     """Close handler threads and event-loop bridges, then stop the engine's runtime."""

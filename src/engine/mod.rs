@@ -6,6 +6,7 @@ pub mod client;
 pub mod codec;
 pub mod error;
 pub mod handler;
+pub mod json_text;
 pub mod lock;
 pub mod net;
 pub mod runtime;

@@ -7,9 +7,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 // parking_lot's guard may cross `py.detach` (its `send_guard` feature); std's may not.
 use parking_lot::{Mutex, MutexGuard};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyList, PyString};
 use tokio_util::codec::Encoder;
 
 use crate::engine::client::{classic_exchange, framed_exchange, Connection};
@@ -23,7 +23,8 @@ use crate::py::errors;
 use crate::py::json;
 use crate::py::wait;
 
-/// The bytes a message is sent as: str as UTF-8, bytes as they are, dict/list as JSON text.
+/// The bytes a message is sent as: str as UTF-8 and bytes as they are (the seed's wire); any
+/// other value (dict, list, tuple, int, float, bool, None) as its JSON text.
 pub fn message_payload(message: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     if let Ok(text) = message.cast::<PyString>() {
         Ok(text.to_cow()?.as_bytes().to_vec())
@@ -31,13 +32,8 @@ pub fn message_payload(message: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
         Ok(raw.as_bytes().to_vec())
     } else if let Ok(raw) = message.cast::<PyByteArray>() {
         Ok(raw.to_vec())
-    } else if message.is_instance_of::<PyDict>() || message.is_instance_of::<PyList>() {
-        json::dumps(message)
     } else {
-        Err(PyTypeError::new_err(format!(
-            "message must be str, bytes, dict or list, not {}",
-            message.get_type().name()?
-        )))
+        json::dumps(message)
     }
 }
 

@@ -13,10 +13,13 @@
 
 use std::io;
 
-use pyo3::exceptions::{PyConnectionError, PyException, PyOSError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{
+    PyConnectionError, PyException, PyOSError, PyRecursionError, PyTimeoutError,
+    PyUnicodeDecodeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
 use crate::engine::codec::WireError;
 use crate::engine::error::{Error, Failure};
@@ -130,37 +133,73 @@ pub fn remote_error(py: Python<'_>, payload: &[u8]) -> PyErr {
     build().unwrap_or_else(|err| err)
 }
 
-/// `JSONDecodeError(msg, doc, pos)` for serde_json's complaint about `text`.
-pub fn json_decode_error(py: Python<'_>, text: &[u8], err: &serde_json::Error) -> PyErr {
-    // At end of input serde_json's column is the last byte read; Python points past it.
-    let byte_pos = if err.is_eof() {
-        text.len()
+/// `framesock.JSONDecodeError` for a document that Python's `json.loads` refused with `err`.
+///
+/// A `json.JSONDecodeError` keeps its message and position. The other ways `json.loads` refuses
+/// bytes become a JSONDecodeError too, so callers catch one kind: bytes that are not UTF-8 (a
+/// `UnicodeDecodeError` there; here at the first bad byte), nesting past the recursion limit (a
+/// `RecursionError` there; here at position 0), an integer past `sys.get_int_max_str_digits()`
+/// (a plain `ValueError` there; here at `near`, the byte where framesock's own parser stopped).
+pub fn refused_json(py: Python<'_>, text: &[u8], err: PyErr, near: usize) -> PyErr {
+    let classes = match exceptions(py) {
+        Ok(classes) => classes,
+        Err(other) => return other,
+    };
+    let exception = err.value(py);
+    let reason = || exception.str().map(|s| s.to_string()).unwrap_or_default();
+    let lossy = || {
+        PyString::new(py, &String::from_utf8_lossy(text))
+            .into_any()
+            .unbind()
+    };
+    let args = if exception
+        .is_instance(classes.json_decode.bind(py))
+        .unwrap_or(false)
+    {
+        return err; // already ours
+    } else if let Some((message, doc, pos)) = json_decode_error_args(exception) {
+        (message, doc, pos)
+    } else if err.is_instance_of::<PyUnicodeDecodeError>(py) {
+        let start: usize = exception
+            .getattr("start")
+            .and_then(|s| s.extract())
+            .unwrap_or(0);
+        let message = format!("not UTF-8 ({})", reason());
+        (message, lossy(), char_count(text, start))
+    } else if err.is_instance_of::<PyRecursionError>(py) {
+        (format!("nested too deeply ({})", reason()), lossy(), 0)
+    } else if err.is_instance_of::<PyValueError>(py) {
+        (reason(), lossy(), char_count(text, near))
     } else {
-        byte_offset(text, err.line(), err.column())
+        return err; // MemoryError and the like: not about the document
     };
-    let doc = String::from_utf8_lossy(text).into_owned();
-    let char_pos = String::from_utf8_lossy(&text[..byte_pos]).chars().count();
-    let message = err.to_string();
-    // serde_json appends " at line L column C"; JSONDecodeError adds its own position.
-    let message = match message.rfind(" at line ") {
-        Some(cut) => message[..cut].to_owned(),
-        None => message,
-    };
-    raise(
-        py,
-        |c| &c.json_decode,
-        (format!("invalid JSON: {message}"), doc, char_pos),
-    )
+    raise(py, |c| &c.json_decode, args)
 }
 
-/// Byte offset of serde_json's 1-based (line, column), clamped to the text.
-fn byte_offset(text: &[u8], line: usize, column: usize) -> usize {
-    let line_start: usize = text
-        .split(|&b| b == b'\n')
-        .take(line.saturating_sub(1))
-        .map(|l| l.len() + 1)
-        .sum();
-    (line_start + column.saturating_sub(1)).min(text.len())
+/// `(msg, doc, pos)` of a `json.JSONDecodeError`; None for any other exception.
+fn json_decode_error_args(exception: &Bound<'_, PyAny>) -> Option<(String, Py<PyAny>, usize)> {
+    let class = exception
+        .py()
+        .import("json")
+        .ok()?
+        .getattr("JSONDecodeError")
+        .ok()?;
+    if !exception.is_instance(&class).ok()? {
+        return None;
+    }
+    let field = |name: &str| exception.getattr(name).ok();
+    Some((
+        field("msg")?.extract().ok()?,
+        field("doc")?.unbind(),
+        field("pos")?.extract().ok()?,
+    ))
+}
+
+/// How many characters the first `bytes` bytes of `text` decode to (as `doc[:pos]` counts).
+fn char_count(text: &[u8], bytes: usize) -> usize {
+    String::from_utf8_lossy(&text[..bytes.min(text.len())])
+        .chars()
+        .count()
 }
 
 /// An `OSError` built the way the `socket` module builds one: `OSError(errno, strerror)`, which

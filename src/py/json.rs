@@ -1,58 +1,203 @@
-//! JSON bytes <-> Python objects.
+//! JSON bytes <-> Python objects, exactly as Python's own `json` module reads and writes them.
 //!
-//! Decoding builds Python objects directly from serde_json's parser events, so no intermediate
-//! `serde_json::Value` tree is built. Encoding walks the Python object with our own `Serialize` so it follows `json.dumps`
-//! exactly where it matters: the same accepted types (no bytes, sets or arbitrary sequences), the
-//! same dict-key coercions, `", "` / `": "` separators and ASCII-only output, so a default reply is
-//! byte-for-byte what the seed's server sends.
+//! Decoding reads the text with jiter (pydantic's parser) and makes each Python object as jiter
+//! meets it: keys cached, floats correctly rounded, integers of any size through `int()`.
+//! Whatever jiter refuses goes to `json.loads` itself, which either accepts it (lone surrogate
+//! escapes, a UTF-8 BOM, UTF-16/32 input) or refuses it with its own message and position. So a
+//! document decodes to what `json.loads(data)` gives, or fails as it fails there.
+//!
+//! Encoding is written here, byte for byte as `json.dumps(value)` writes: `", "` and `": "`
+//! separators, `ensure_ascii` escapes, `float.__repr__` and `int.__repr__` for numbers, the key
+//! coercions, the recursion limit and circular-reference check, and `allow_nan=False` (NaN and
+//! infinities raise `ValueError`: no JSON parser but Python's reads them).
 
-use std::cell::RefCell;
-use std::io;
+use std::fmt::Write as _;
 
+use jiter::Peek;
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::ser::{SerializeMap, SerializeSeq};
-use serde::{Serialize, Serializer};
-use serde_json::ser::Formatter;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
+use crate::engine::json_text::{escape, write_float_repr, Utf8};
 use crate::py::errors;
 
-/// Nesting deeper than this is refused (as a cycle would otherwise recurse forever).
-const MAX_DEPTH: usize = 512;
+/// Nesting deeper than this is refused. It is far past what `json.dumps` (and so framesock)
+/// writes on any Python version (about 1,000 levels up to 3.11, 1,500 on 3.12, 10,000 on
+/// 3.13), so framesock reads all it writes; and a document of nothing but brackets costs a
+/// bounded amount of memory before it is refused.
+pub const MAX_DEPTH: usize = 20_000;
 
-/// Decodes JSON text into the matching Python value (dict, list, str, int, float, bool, None).
-///
-/// serde_json's parser calls [`PyBuilder`] for each value it meets, which makes the Python
-/// object at once: no intermediate tree. (pythonize's `Pythonizer`, fed by serde-transcode, did
-/// the same job but measured 1.6x slower than orjson on 64 KiB-1 MiB documents: it collects
-/// every map into a builder and every key through a generic serializer.)
+/// Decodes JSON text into what `json.loads(text)` gives; what it refuses raises
+/// `framesock.JSONDecodeError`.
 pub fn loads<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let mut de = serde_json::Deserializer::from_slice(text);
-    let keys = KeyCache::default();
-    let value = PyBuilder { py, keys: &keys }
-        .deserialize(&mut de)
-        .and_then(|value| de.end().map(|()| value))
-        .map_err(|err| errors::json_decode_error(py, text, &err))?;
-    Ok(value)
+    match build(py, text) {
+        Ok(value) => Ok(value),
+        Err(Refused::Python(err)) => Err(err),
+        Err(Refused::TooDeep(at)) => Err(errors::refused_json(
+            py,
+            text,
+            PyValueError::new_err(format!("nested more than {MAX_DEPTH} levels deep")),
+            at,
+        )),
+        Err(Refused::Jiter(err)) => reference_loads(py, text, err.index),
+    }
 }
 
-/// Builds the Python object for one JSON value as serde_json parses it.
-#[derive(Clone, Copy)]
-struct PyBuilder<'a, 'py> {
-    py: Python<'py>,
-    keys: &'a KeyCache<'py>,
+/// Why [`build`] gave up.
+enum Refused {
+    /// jiter refused the text: `json.loads` gets the last word.
+    Jiter(jiter::JiterError),
+    /// Nesting past [`MAX_DEPTH`], at this byte.
+    TooDeep(usize),
+    /// Python failed (out of memory; an integer past `sys.get_int_max_str_digits()`).
+    Python(PyErr),
+}
+
+impl From<jiter::JiterError> for Refused {
+    fn from(err: jiter::JiterError) -> Self {
+        Refused::Jiter(err)
+    }
+}
+
+impl From<PyErr> for Refused {
+    fn from(err: PyErr) -> Self {
+        Refused::Python(err)
+    }
+}
+
+/// A list or dict still being filled. For a dict, the key whose value comes next.
+enum Open<'py> {
+    List(Bound<'py, PyList>),
+    Dict(Bound<'py, PyDict>, Bound<'py, PyString>),
+}
+
+/// Builds the Python value of `text` as jiter parses it, with a stack of open containers
+/// instead of recursion (so depth costs heap, not thread stack).
+fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused> {
+    let mut parser = jiter::Jiter::new(text).with_allow_inf_nan();
+    let mut keys = KeyCache::default();
+    let mut open: Vec<Open<'py>> = Vec::new();
+    let mut peek = parser.peek()?;
+    loop {
+        // The value that starts at `peek`, unless it opens a non-empty container.
+        let mut value = match peek {
+            Peek::Null => {
+                parser.known_null()?;
+                py.None().into_bound(py)
+            }
+            Peek::True | Peek::False => {
+                let flag = parser.known_bool(peek)?;
+                PyBool::new(py, flag).to_owned().into_any()
+            }
+            Peek::String => PyString::new(py, parser.known_str()?).into_any(),
+            Peek::Array => {
+                let first = parser.known_array()?;
+                let list = PyList::empty(py);
+                match first {
+                    None => list.into_any(),
+                    Some(first) => {
+                        check_depth(&open, &parser)?;
+                        open.push(Open::List(list));
+                        peek = first;
+                        continue;
+                    }
+                }
+            }
+            Peek::Object => {
+                let dict = PyDict::new(py);
+                match parser.known_object()? {
+                    None => dict.into_any(),
+                    Some(key) => {
+                        let key = keys.get(py, key);
+                        check_depth(&open, &parser)?;
+                        open.push(Open::Dict(dict, key));
+                        peek = parser.peek()?;
+                        continue;
+                    }
+                }
+            }
+            _ => number(py, parser.known_number_bytes(peek)?)?,
+        };
+        // Put the value in its container; each container that this completes goes in its own.
+        loop {
+            match open.last_mut() {
+                None => {
+                    parser.finish()?;
+                    return Ok(value);
+                }
+                Some(Open::List(list)) => {
+                    list.append(value)?;
+                    if let Some(next) = parser.array_step()? {
+                        peek = next;
+                        break;
+                    }
+                }
+                Some(Open::Dict(dict, key)) => {
+                    // Set item by item, so a repeated key keeps its first place and its last
+                    // value, as in json.loads.
+                    dict.set_item(&*key, value)?;
+                    if let Some(next_key) = parser.next_key()? {
+                        *key = keys.get(py, next_key);
+                        peek = parser.peek()?;
+                        break;
+                    }
+                }
+            }
+            value = match open.pop() {
+                Some(Open::List(list)) => list.into_any(),
+                Some(Open::Dict(dict, _)) => dict.into_any(),
+                None => unreachable!("a container was just filled"),
+            };
+        }
+    }
+}
+
+fn check_depth(open: &[Open<'_>], parser: &jiter::Jiter<'_>) -> Result<(), Refused> {
+    if open.len() >= MAX_DEPTH {
+        return Err(Refused::TooDeep(parser.current_index()));
+    }
+    Ok(())
+}
+
+/// A number as `json.loads` makes it: `int(text)` for integers (so huge ones follow
+/// `sys.get_int_max_str_digits()`), a correctly rounded float otherwise (`1e400` is `inf`).
+fn number<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let is_int = !text
+        .iter()
+        .any(|b| matches!(b, b'.' | b'e' | b'E' | b'I' | b'N'));
+    // jiter checked the grammar, so the text is ASCII.
+    let text = std::str::from_utf8(text).unwrap_or_default();
+    if is_int {
+        if let Ok(small) = text.parse::<i64>() {
+            let Ok(int) = small.into_pyobject(py);
+            return Ok(int.into_any());
+        }
+        return big_int(py, text);
+    }
+    // Rust reads decimal text correctly rounded, as Python's float() does; NaN and
+    // (-)Infinity are spelled the same.
+    let value: f64 = text.parse().unwrap_or(f64::NAN);
+    Ok(PyFloat::new(py, value).into_any())
+}
+
+/// `int(text)` for an integer too large for 64 bits.
+fn big_int<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
+    let text =
+        std::ffi::CString::new(text).map_err(|_| PyValueError::new_err("NUL in an integer"))?;
+    // SAFETY: the GIL is held and `text` is NUL-terminated; a NULL result has set an error.
+    unsafe {
+        let int = ffi::PyLong_FromString(text.as_ptr(), std::ptr::null_mut(), 10);
+        Bound::from_owned_ptr_or_err(py, int)
+    }
 }
 
 /// Object keys already made in this document, so a list of records reuses one `str` per key
-/// (with its hash already computed) instead of making and hashing a new one per record.
+/// (hash computed once) instead of making a new one per record.
 struct KeyCache<'py> {
-    slots: RefCell<Vec<Option<CachedKey<'py>>>>,
+    slots: Vec<Option<(Box<str>, Bound<'py, PyString>)>>,
 }
-
-/// A key's text and the Python `str` made for it.
-type CachedKey<'py> = (Box<str>, Bound<'py, PyString>);
 
 const KEY_SLOTS: usize = 256;
 const MAX_CACHED_KEY: usize = 64;
@@ -60,298 +205,300 @@ const MAX_CACHED_KEY: usize = 64;
 impl Default for KeyCache<'_> {
     fn default() -> Self {
         KeyCache {
-            slots: RefCell::new(vec![None; KEY_SLOTS]),
+            slots: vec![None; KEY_SLOTS],
         }
     }
 }
 
 impl<'py> KeyCache<'py> {
-    fn get(&self, py: Python<'py>, key: &str) -> Bound<'py, PyString> {
+    fn get(&mut self, py: Python<'py>, key: &str) -> Bound<'py, PyString> {
         if key.len() > MAX_CACHED_KEY {
             return PyString::new(py, key);
         }
         // FNV-1a over the key picks the slot; a collision just replaces the older key.
         let slot = key.bytes().fold(0x811c_9dc5u32, |h, b| {
-            (h ^ b as u32).wrapping_mul(0x0100_0193)
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         }) as usize
             % KEY_SLOTS;
-        let mut slots = self.slots.borrow_mut();
-        match &slots[slot] {
+        match &self.slots[slot] {
             Some((cached, string)) if **cached == *key => string.clone(),
             _ => {
                 let string = PyString::new(py, key);
-                slots[slot] = Some((key.into(), string.clone()));
+                self.slots[slot] = Some((key.into(), string.clone()));
                 string
             }
         }
     }
 }
 
-/// Deserializes an object key straight into a (cached) Python `str`, without an owned String.
-struct KeyBuilder<'a, 'py>(PyBuilder<'a, 'py>);
-
-impl<'de, 'py> DeserializeSeed<'de> for KeyBuilder<'_, 'py> {
-    type Value = Bound<'py, PyString>;
-
-    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
-        de.deserialize_str(self)
-    }
+/// `json.loads(text)`, for the documents jiter refuses; `near` is where jiter stopped.
+fn reference_loads<'py>(py: Python<'py>, text: &[u8], near: usize) -> PyResult<Bound<'py, PyAny>> {
+    static JSON_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let json_loads = JSON_LOADS.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("json")?.getattr("loads")?.unbind())
+    })?;
+    json_loads
+        .bind(py)
+        .call1((PyBytes::new(py, text),))
+        .map_err(|err| errors::refused_json(py, text, err, near))
 }
 
-impl<'de, 'py> Visitor<'de> for KeyBuilder<'_, 'py> {
-    type Value = Bound<'py, PyString>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object key")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.0.keys.get(self.0.py, key))
-    }
-}
-
-/// A Python failure while building (rare: out of memory), carried through serde's errors.
-fn build_error<E: serde::de::Error>(err: PyErr) -> E {
-    E::custom(err)
-}
-
-impl<'de, 'py> DeserializeSeed<'de> for PyBuilder<'_, 'py> {
-    type Value = Bound<'py, PyAny>;
-
-    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
-        de.deserialize_any(self)
-    }
-}
-
-impl<'de, 'py> Visitor<'de> for PyBuilder<'_, 'py> {
-    type Value = Bound<'py, PyAny>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Ok(self.py.None().into_bound(self.py))
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(PyBool::new(self.py, v).to_owned().into_any())
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        let Ok(int) = v.into_pyobject(self.py);
-        Ok(int.into_any())
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        let Ok(int) = v.into_pyobject(self.py);
-        Ok(int.into_any())
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(PyFloat::new(self.py, v).into_any())
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(PyString::new(self.py, v).into_any())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(8));
-        while let Some(item) = seq.next_element_seed(self)? {
-            items.push(item);
-        }
-        Ok(PyList::new(self.py, items).map_err(build_error)?.into_any())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let dict = PyDict::new(self.py);
-        while let Some(key) = map.next_key_seed(KeyBuilder(self))? {
-            let value = map.next_value_seed(self)?;
-            dict.set_item(key, value).map_err(build_error)?;
-        }
-        Ok(dict.into_any())
-    }
-}
-
-/// Encodes a Python value as JSON text in `json.dumps`' default style.
+/// Encodes a Python value as `json.dumps(value, allow_nan=False).encode()` would.
 pub fn dumps(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    let failure = RefCell::new(None);
-    let mut out = Vec::with_capacity(128);
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, DumpsStyle);
-    let walk = PyJson {
-        value,
-        depth: 0,
-        failure: &failure,
+    let mut encoder = Encoder {
+        out: Vec::with_capacity(128),
+        open: Vec::new(),
     };
-    match walk.serialize(&mut ser) {
-        Ok(()) => Ok(out),
-        Err(err) => Err(failure
-            .into_inner()
-            .unwrap_or_else(|| PyValueError::new_err(err.to_string()))),
-    }
+    encoder.value(value)?;
+    Ok(encoder.out)
 }
 
-/// A Python value seen through serde; keeps the first Python exception for `dumps` to raise.
-struct PyJson<'a, 'py> {
-    value: &'a Bound<'py, PyAny>,
-    depth: usize,
-    failure: &'a RefCell<Option<PyErr>>,
+/// Writes JSON text into `out`.
+struct Encoder {
+    out: Vec<u8>,
+    /// The lists and dicts being written, outermost first: a cycle shows as one of them twice.
+    open: Vec<usize>,
 }
 
-impl PyJson<'_, '_> {
-    fn fail<E: serde::ser::Error>(&self, err: PyErr) -> E {
-        let message = err.to_string();
-        self.failure.borrow_mut().get_or_insert(err);
-        E::custom(message)
-    }
-
-    fn child<'a, 'py>(&'a self, value: &'a Bound<'py, PyAny>) -> PyJson<'a, 'py>
-    where
-        'a: 'py,
-    {
-        PyJson {
-            value,
-            depth: self.depth + 1,
-            failure: self.failure,
-        }
-    }
-}
-
-impl Serialize for PyJson<'_, '_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let value = self.value;
-        if self.depth > MAX_DEPTH {
-            return Err(self.fail(PyValueError::new_err(
-                "value is nested too deeply to encode as JSON (circular reference?)",
-            )));
-        }
+impl Encoder {
+    /// One value, in the order of checks of `json`'s C encoder.
+    fn value(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         if let Ok(text) = value.cast::<PyString>() {
-            let text = text.to_cow().map_err(|e| self.fail(e))?;
-            ser.serialize_str(&text)
+            self.string(text)
         } else if value.is_none() {
-            ser.serialize_unit()
+            self.out.extend_from_slice(b"null");
+            Ok(())
         } else if let Ok(flag) = value.cast::<PyBool>() {
-            ser.serialize_bool(flag.is_true())
+            let text: &[u8] = if flag.is_true() { b"true" } else { b"false" };
+            self.out.extend_from_slice(text);
+            Ok(())
         } else if let Ok(int) = value.cast::<PyInt>() {
-            if let Ok(small) = int.extract::<i64>() {
-                ser.serialize_i64(small)
-            } else if let Ok(big) = int.extract::<i128>() {
-                ser.serialize_i128(big)
-            } else if let Ok(big) = int.extract::<u128>() {
-                ser.serialize_u128(big)
-            } else {
-                Err(self.fail(PyValueError::new_err("integer too large to encode as JSON")))
-            }
+            self.int(int)
         } else if let Ok(float) = value.cast::<PyFloat>() {
-            let float = float.value();
-            if !float.is_finite() {
-                return Err(self.fail(PyValueError::new_err(format!(
-                    "out of range float values are not JSON compliant: {float}"
-                ))));
-            }
-            ser.serialize_f64(float)
-        } else if let Ok(dict) = value.cast::<PyDict>() {
-            let mut map = ser.serialize_map(Some(dict.len()))?;
-            for (key, item) in dict.iter() {
-                let key = dict_key(&key).map_err(|e| self.fail(e))?;
-                map.serialize_entry(&key, &self.child(&item))?;
-            }
-            map.end()
+            self.float(float.value())
         } else if let Ok(list) = value.cast::<PyList>() {
-            let mut seq = ser.serialize_seq(Some(list.len()))?;
-            for item in list.iter() {
-                seq.serialize_element(&self.child(&item))?;
-            }
-            seq.end()
+            self.enter(value)?;
+            let written = self.list(list);
+            self.leave();
+            written
         } else if let Ok(tuple) = value.cast::<PyTuple>() {
-            let mut seq = ser.serialize_seq(Some(tuple.len()))?;
-            for item in tuple.iter() {
-                seq.serialize_element(&self.child(&item))?;
-            }
-            seq.end()
+            self.enter(value)?;
+            let written = self.tuple(tuple);
+            self.leave();
+            written
+        } else if let Ok(dict) = value.cast::<PyDict>() {
+            self.enter(value)?;
+            let written = self.dict(dict);
+            self.leave();
+            written
         } else {
-            let type_name = value
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|_| "?".to_owned());
-            Err(self.fail(PyTypeError::new_err(format!(
-                "Object of type {type_name} is not JSON serializable"
-            ))))
-        }
-    }
-}
-
-/// The key coercions of `json.dumps`: str as is; int, float, bool and None as their JSON text.
-fn dict_key(key: &Bound<'_, PyAny>) -> PyResult<String> {
-    if let Ok(text) = key.cast::<PyString>() {
-        Ok(text.to_cow()?.into_owned())
-    } else if key.is_none() {
-        Ok("null".to_owned())
-    } else if let Ok(flag) = key.cast::<PyBool>() {
-        Ok(if flag.is_true() { "true" } else { "false" }.to_owned())
-    } else if key.is_instance_of::<PyInt>() || key.is_instance_of::<PyFloat>() {
-        Ok(key.repr()?.to_cow()?.into_owned())
-    } else {
-        let type_name = key.get_type().name()?.to_string();
-        Err(PyTypeError::new_err(format!(
-            "keys must be str, int, float, bool or None, not {type_name}"
-        )))
-    }
-}
-
-/// serde_json formatting with `json.dumps`' defaults: `", "` and `": "` separators and
-/// `ensure_ascii=True` (every non-ASCII character written as `\uXXXX`).
-struct DumpsStyle;
-
-impl Formatter for DumpsStyle {
-    fn begin_array_value<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
+            Err(PyTypeError::new_err(format!(
+                "Object of type {} is not JSON serializable",
+                type_name(value)
+            )))
         }
     }
 
-    fn begin_object_key<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
-        }
-    }
-
-    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        w.write_all(b": ")
-    }
-
-    fn write_string_fragment<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        fragment: &str,
-    ) -> io::Result<()> {
-        if fragment.is_ascii() {
-            return w.write_all(fragment.as_bytes());
-        }
-        let mut units = [0u16; 2];
-        for ch in fragment.chars() {
-            if ch.is_ascii() {
-                w.write_all(&[ch as u8])?;
+    /// Opens a list or dict: Python's recursion limit applies (as in `json.dumps`), and a
+    /// container met again inside itself is a circular reference.
+    fn enter(&mut self, container: &Bound<'_, PyAny>) -> PyResult<()> {
+        // SAFETY: the GIL is held (we have a Bound); the message is a NUL-terminated C string.
+        if unsafe { ffi::Py_EnterRecursiveCall(c" while encoding a JSON object".as_ptr()) } != 0 {
+            let too_deep = PyErr::fetch(container.py());
+            return Err(if self.has_cycle() {
+                PyValueError::new_err("Circular reference detected")
             } else {
-                for unit in ch.encode_utf16(&mut units) {
-                    write!(w, "\\u{unit:04x}")?;
-                }
-            }
+                too_deep
+            });
         }
+        self.open.push(container.as_ptr() as usize);
         Ok(())
     }
+
+    fn leave(&mut self) {
+        self.open.pop();
+        // SAFETY: pairs with the successful Py_EnterRecursiveCall in `enter`.
+        unsafe { ffi::Py_LeaveRecursiveCall() };
+    }
+
+    /// Looked for only once the recursion limit is reached: a cycle always gets there.
+    fn has_cycle(&self) -> bool {
+        let mut seen = std::collections::HashSet::with_capacity(self.open.len());
+        !self.open.iter().all(|container| seen.insert(*container))
+    }
+
+    fn list(&mut self, list: &Bound<'_, PyList>) -> PyResult<()> {
+        self.out.push(b'[');
+        // By index, not by iterator: the list may change while it is written (a finalizer run
+        // by the garbage collector can run any code), and an index past the end just stops.
+        let mut index = 0;
+        while let Ok(item) = list.get_item(index) {
+            if index > 0 {
+                self.out.extend_from_slice(b", ");
+            }
+            self.value(&item)?;
+            index += 1;
+        }
+        self.out.push(b']');
+        Ok(())
+    }
+
+    fn tuple(&mut self, tuple: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.out.push(b'[');
+        for (index, item) in tuple.iter().enumerate() {
+            if index > 0 {
+                self.out.extend_from_slice(b", ");
+            }
+            self.value(&item)?;
+        }
+        self.out.push(b']');
+        Ok(())
+    }
+
+    fn dict(&mut self, dict: &Bound<'_, PyDict>) -> PyResult<()> {
+        let py = dict.py();
+        self.out.push(b'{');
+        let mut position: ffi::Py_ssize_t = 0;
+        let mut first = true;
+        loop {
+            let mut key_ptr = std::ptr::null_mut();
+            let mut value_ptr = std::ptr::null_mut();
+            // SAFETY: the GIL is held; PyDict_Next hands out borrowed references, which are
+            // owned (incref'd) at once, before anything else can run. It stays memory-safe if
+            // the dict changes meanwhile (pyo3's iterator would panic instead).
+            let more = unsafe {
+                ffi::PyDict_Next(dict.as_ptr(), &mut position, &mut key_ptr, &mut value_ptr)
+            };
+            if more == 0 {
+                break;
+            }
+            // SAFETY: both pointers are valid borrowed references (PyDict_Next returned 1).
+            let (key, item) = unsafe {
+                (
+                    Bound::from_borrowed_ptr(py, key_ptr),
+                    Bound::from_borrowed_ptr(py, value_ptr),
+                )
+            };
+            if !first {
+                self.out.extend_from_slice(b", ");
+            }
+            first = false;
+            self.key(&key)?;
+            self.out.extend_from_slice(b": ");
+            self.value(&item)?;
+        }
+        self.out.push(b'}');
+        Ok(())
+    }
+
+    /// A dict key as `json.dumps` coerces it: str as is; float, True/False/None and int as
+    /// their JSON text, in quotes.
+    fn key(&mut self, key: &Bound<'_, PyAny>) -> PyResult<()> {
+        if let Ok(text) = key.cast::<PyString>() {
+            return self.string(text);
+        }
+        self.out.push(b'"');
+        if let Ok(float) = key.cast::<PyFloat>() {
+            self.float(float.value())?;
+        } else if key.is_none() {
+            self.out.extend_from_slice(b"null");
+        } else if let Ok(flag) = key.cast::<PyBool>() {
+            let text: &[u8] = if flag.is_true() { b"true" } else { b"false" };
+            self.out.extend_from_slice(text);
+        } else if let Ok(int) = key.cast::<PyInt>() {
+            self.int(int)?;
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "keys must be str, int, float, bool or None, not {}",
+                type_name(key)
+            )));
+        }
+        self.out.push(b'"');
+        Ok(())
+    }
+
+    /// `int.__repr__` (also for subclasses such as `IntEnum`, whose own repr differs).
+    fn int(&mut self, int: &Bound<'_, PyInt>) -> PyResult<()> {
+        if let Ok(small) = int.extract::<i64>() {
+            let _ = write!(Utf8(&mut self.out), "{small}");
+            return Ok(());
+        }
+        static INT_REPR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let py = int.py();
+        let int_repr = INT_REPR.get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.get_type::<PyInt>().getattr("__repr__")?.unbind())
+        })?;
+        // Past sys.get_int_max_str_digits() this raises ValueError, as json.dumps does.
+        let digits = int_repr.bind(py).call1((int,))?;
+        let digits = digits.cast::<PyString>()?.to_cow()?;
+        self.out.extend_from_slice(digits.as_bytes());
+        Ok(())
+    }
+
+    /// `float.__repr__`: the shortest digits that read back as the same double, laid out
+    /// the way Python lays them out.
+    fn float(&mut self, value: f64) -> PyResult<()> {
+        if !value.is_finite() {
+            return Err(PyValueError::new_err(format!(
+                "Out of range float values are not JSON compliant: {}",
+                if value.is_nan() {
+                    "nan"
+                } else if value > 0.0 {
+                    "inf"
+                } else {
+                    "-inf"
+                }
+            )));
+        }
+        write_float_repr(&mut self.out, value);
+        Ok(())
+    }
+
+    /// A string in quotes with `ensure_ascii` escapes; lone surrogates (which a Python str
+    /// may hold but UTF-8 cannot) are escaped as `\udXXX`, as `json.dumps` writes them.
+    fn string(&mut self, text: &Bound<'_, PyString>) -> PyResult<()> {
+        self.out.push(b'"');
+        match text.to_cow() {
+            Ok(utf8) => escape(&mut self.out, utf8.as_bytes()),
+            Err(_) => {
+                let encoded = text.encode_surrogatepass()?;
+                escape(&mut self.out, encoded.as_bytes());
+            }
+        }
+        self.out.push(b'"');
+        Ok(())
+    }
+}
+
+/// `str.encode("utf-8", "surrogatepass")`: UTF-8, with each lone surrogate as its own 3 bytes.
+trait SurrogatePass<'py> {
+    fn encode_surrogatepass(&self) -> PyResult<Bound<'py, PyBytes>>;
+}
+
+impl<'py> SurrogatePass<'py> for Bound<'py, PyString> {
+    fn encode_surrogatepass(&self) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(self
+            .call_method1("encode", ("utf-8", "surrogatepass"))?
+            .cast_into::<PyBytes>()?)
+    }
+}
+
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map(|name| name.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// `loads`, for tests and measurements from Python (not public API).
+#[pyfunction]
+pub fn _json_loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    loads(py, data)
+}
+
+/// `dumps`, for tests and measurements from Python (not public API).
+#[pyfunction]
+pub fn _json_dumps<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    Ok(PyBytes::new(value.py(), &dumps(value)?))
 }

@@ -51,6 +51,8 @@ fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<aio::AsyncClient>()?;
     m.add_function(wrap_pyfunction!(aio::start_server_async, m)?)?;
+    m.add_function(wrap_pyfunction!(json::_json_loads, m)?)?;
+    m.add_function(wrap_pyfunction!(json::_json_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     Ok(())
