@@ -77,7 +77,7 @@ enum Open<'py> {
 /// instead of recursion (so depth costs heap, not thread stack).
 fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused> {
     let mut parser = jiter::Jiter::new(text).with_allow_inf_nan();
-    let mut keys = KeyCache::default();
+    let mut strings = StringCache::default();
     let mut open: Vec<Open<'py>> = Vec::new();
     let mut peek = parser.peek()?;
     loop {
@@ -91,7 +91,7 @@ fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused
                 let flag = parser.known_bool(peek)?;
                 PyBool::new(py, flag).to_owned().into_any()
             }
-            Peek::String => PyString::new(py, parser.known_str()?).into_any(),
+            Peek::String => strings.get(py, parser.known_str()?).into_any(),
             Peek::Array => {
                 let first = parser.known_array()?;
                 let list = PyList::empty(py);
@@ -110,7 +110,7 @@ fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused
                 match parser.known_object()? {
                     None => dict.into_any(),
                     Some(key) => {
-                        let key = keys.get(py, key);
+                        let key = strings.get(py, key);
                         check_depth(&open, &parser)?;
                         open.push(Open::Dict(dict, key));
                         peek = parser.peek()?;
@@ -128,7 +128,10 @@ fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused
                     return Ok(value);
                 }
                 Some(Open::List(list)) => {
-                    list.append(value)?;
+                    // SAFETY: the GIL is held; PyList_Append takes its own reference.
+                    if unsafe { ffi::PyList_Append(list.as_ptr(), value.as_ptr()) } != 0 {
+                        return Err(PyErr::fetch(py).into());
+                    }
                     if let Some(next) = parser.array_step()? {
                         peek = next;
                         break;
@@ -137,9 +140,14 @@ fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused
                 Some(Open::Dict(dict, key)) => {
                     // Set item by item, so a repeated key keeps its first place and its last
                     // value, as in json.loads.
-                    dict.set_item(&*key, value)?;
+                    // SAFETY: the GIL is held; PyDict_SetItem takes its own references.
+                    if unsafe { ffi::PyDict_SetItem(dict.as_ptr(), key.as_ptr(), value.as_ptr()) }
+                        != 0
+                    {
+                        return Err(PyErr::fetch(py).into());
+                    }
                     if let Some(next_key) = parser.next_key()? {
-                        *key = keys.get(py, next_key);
+                        *key = strings.get(py, next_key);
                         peek = parser.peek()?;
                         break;
                     }
@@ -164,16 +172,21 @@ fn check_depth(open: &[Open<'_>], parser: &jiter::Jiter<'_>) -> Result<(), Refus
 /// A number as `json.loads` makes it: `int(text)` for integers (so huge ones follow
 /// `sys.get_int_max_str_digits()`), a correctly rounded float otherwise (`1e400` is `inf`).
 fn number<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let is_int = !text
-        .iter()
-        .any(|b| matches!(b, b'.' | b'e' | b'E' | b'I' | b'N'));
-    // jiter checked the grammar, so the text is ASCII.
+    // jiter checked the grammar: an optional '-', then digits, '.', 'e', or NaN/Infinity.
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.len() <= 18 && digits.iter().all(u8::is_ascii_digit) {
+        let magnitude = digits
+            .iter()
+            .fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+        let Ok(int) = if negative { -magnitude } else { magnitude }.into_pyobject(py);
+        return Ok(int.into_any());
+    }
+    // The text is ASCII, so this cannot fail.
     let text = std::str::from_utf8(text).unwrap_or_default();
-    if is_int {
-        if let Ok(small) = text.parse::<i64>() {
-            let Ok(int) = small.into_pyobject(py);
-            return Ok(int.into_any());
-        }
+    if digits.iter().all(u8::is_ascii_digit) {
         return big_int(py, text);
     }
     // Rust reads decimal text correctly rounded, as Python's float() does; NaN and
@@ -193,42 +206,62 @@ fn big_int<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-/// Object keys already made in this document, so a list of records reuses one `str` per key
-/// (hash computed once) instead of making a new one per record.
-struct KeyCache<'py> {
+/// Short strings already made in this document (keys above all, and repeated short values),
+/// so a list of records reuses one `str` per key, hash already computed, instead of making
+/// and hashing a new one per record. jiter's own Python builder does the same.
+struct StringCache<'py> {
     slots: Vec<Option<(Box<str>, Bound<'py, PyString>)>>,
 }
 
-const KEY_SLOTS: usize = 256;
-const MAX_CACHED_KEY: usize = 64;
+const CACHE_SLOTS: usize = 512;
+const MAX_CACHED_STRING: usize = 64;
 
-impl Default for KeyCache<'_> {
+impl Default for StringCache<'_> {
     fn default() -> Self {
-        KeyCache {
-            slots: vec![None; KEY_SLOTS],
+        StringCache {
+            slots: vec![None; CACHE_SLOTS],
         }
     }
 }
 
-impl<'py> KeyCache<'py> {
-    fn get(&mut self, py: Python<'py>, key: &str) -> Bound<'py, PyString> {
-        if key.len() > MAX_CACHED_KEY {
-            return PyString::new(py, key);
+impl<'py> StringCache<'py> {
+    fn get(&mut self, py: Python<'py>, text: &str) -> Bound<'py, PyString> {
+        if text.len() > MAX_CACHED_STRING {
+            return PyString::new(py, text);
         }
-        // FNV-1a over the key picks the slot; a collision just replaces the older key.
-        let slot = key.bytes().fold(0x811c_9dc5u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        }) as usize
-            % KEY_SLOTS;
-        match &self.slots[slot] {
-            Some((cached, string)) if **cached == *key => string.clone(),
+        let slot = &mut self.slots[slot_of(text.as_bytes())];
+        match slot {
+            Some((cached, string)) if **cached == *text => string.clone(),
             _ => {
-                let string = PyString::new(py, key);
-                self.slots[slot] = Some((key.into(), string.clone()));
+                let string = PyString::new(py, text);
+                *slot = Some((text.into(), string.clone()));
                 string
             }
         }
     }
+}
+
+/// The cache slot of a short string: its length and first and last bytes, mixed. Cheap
+/// rather than perfect: a collision only replaces the older string.
+fn slot_of(text: &[u8]) -> usize {
+    let n = text.len();
+    let u64_at = |at: usize| u64::from_le_bytes(text[at..at + 8].try_into().unwrap_or_default());
+    let u32_at = |at: usize| {
+        u64::from(u32::from_le_bytes(
+            text[at..at + 4].try_into().unwrap_or_default(),
+        ))
+    };
+    let (head, tail) = match n {
+        8.. => (u64_at(0), u64_at(n - 8)),
+        4..=7 => (u32_at(0), u32_at(n - 4)),
+        1..=3 => (
+            u64::from(text[0]) | u64::from(text[n / 2]) << 8 | u64::from(text[n - 1]) << 16,
+            0,
+        ),
+        0 => (0, 0),
+    };
+    let mixed = (head ^ tail.rotate_left(29) ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed >> 40) as usize % CACHE_SLOTS
 }
 
 /// `json.loads(text)`, for the documents jiter refuses; `near` is where jiter stopped.
