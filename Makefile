@@ -49,7 +49,7 @@ lint: build
 
 # Not part of `make test`: a benchmark prints numbers, it does not pass or fail.
 bench: build
-	$(PY) -m pip install --quiet --disable-pip-version-check uvloop orjson pyzmq matplotlib
+	$(PY) -m pip install --quiet --disable-pip-version-check uvloop orjson jiter pyzmq matplotlib
 	cargo build --release --quiet --manifest-path bench/native/Cargo.toml
 	$(PY) bench/run.py
 

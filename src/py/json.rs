@@ -32,7 +32,12 @@ pub const MAX_DEPTH: usize = 20_000;
 /// Decodes JSON text into what `json.loads(text)` gives; what it refuses raises
 /// `framesock.JSONDecodeError`.
 pub fn loads<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    match build(py, text) {
+    let built = if text.len() >= PAUSE_GC_FROM {
+        without_gc(py, || build(py, text))?
+    } else {
+        build(py, text)
+    };
+    match built {
         Ok(value) => Ok(value),
         Err(Refused::Python(err)) => Err(err),
         Err(Refused::TooDeep(at)) => Err(errors::refused_json(
@@ -43,6 +48,35 @@ pub fn loads<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
         )),
         Err(Refused::Jiter(err)) => reference_loads(py, text, err.index),
     }
+}
+
+/// Documents from this size on are decoded with the garbage collector paused.
+const PAUSE_GC_FROM: usize = 4096;
+
+/// Runs `work` with Python's cyclic garbage collector paused, if it was running.
+///
+/// Decoding makes many lists and dicts, and each few hundred of them start a collection that
+/// walks the young objects, and now and then all of them: a fifth of the time of decoding a
+/// large document went there. The collections cannot find anything: a decoded document holds
+/// no cycles, and no other Python code runs meanwhile (the GIL is held throughout and nothing
+/// made here has a finalizer), so nobody else's garbage waits longer than this call.
+fn without_gc<T>(py: Python<'_>, work: impl FnOnce() -> T) -> PyResult<T> {
+    static GC: PyOnceLock<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
+    let (is_enabled, disable, enable) = GC.get_or_try_init(py, || {
+        let gc = py.import("gc")?;
+        Ok::<_, PyErr>((
+            gc.getattr("isenabled")?.unbind(),
+            gc.getattr("disable")?.unbind(),
+            gc.getattr("enable")?.unbind(),
+        ))
+    })?;
+    if !is_enabled.call0(py)?.is_truthy(py)? {
+        return Ok(work());
+    }
+    disable.call0(py)?;
+    let result = work();
+    enable.call0(py)?;
+    Ok(result)
 }
 
 /// Why [`build`] gave up.
@@ -77,7 +111,7 @@ enum Open<'py> {
 /// instead of recursion (so depth costs heap, not thread stack).
 fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused> {
     let mut parser = jiter::Jiter::new(text).with_allow_inf_nan();
-    let mut strings = StringCache::default();
+    let mut strings = StringCache::for_document(text.len());
     let mut open: Vec<Open<'py>> = Vec::new();
     let mut peek = parser.peek()?;
     loop {
@@ -213,23 +247,25 @@ struct StringCache<'py> {
     slots: Vec<Option<(Box<str>, Bound<'py, PyString>)>>,
 }
 
-const CACHE_SLOTS: usize = 512;
+const MAX_CACHE_SLOTS: usize = 512;
 const MAX_CACHED_STRING: usize = 64;
 
-impl Default for StringCache<'_> {
-    fn default() -> Self {
+impl<'py> StringCache<'py> {
+    /// A cache sized to the document: one slot per 16 bytes, a power of two from 16 to 512
+    /// (clearing 512 slots would cost a small document more than the cache saves).
+    fn for_document(length: usize) -> Self {
+        let slots = (length / 16).clamp(16, MAX_CACHE_SLOTS).next_power_of_two();
         StringCache {
-            slots: vec![None; CACHE_SLOTS],
+            slots: vec![None; slots.min(MAX_CACHE_SLOTS)],
         }
     }
-}
 
-impl<'py> StringCache<'py> {
     fn get(&mut self, py: Python<'py>, text: &str) -> Bound<'py, PyString> {
         if text.len() > MAX_CACHED_STRING {
             return PyString::new(py, text);
         }
-        let slot = &mut self.slots[slot_of(text.as_bytes())];
+        let mask = self.slots.len() - 1;
+        let slot = &mut self.slots[slot_of(text.as_bytes()) & mask];
         match slot {
             Some((cached, string)) if **cached == *text => string.clone(),
             _ => {
@@ -241,8 +277,8 @@ impl<'py> StringCache<'py> {
     }
 }
 
-/// The cache slot of a short string: its length and first and last bytes, mixed. Cheap
-/// rather than perfect: a collision only replaces the older string.
+/// The cache slot of a short string (before masking): its length and first and last bytes,
+/// mixed. Cheap rather than perfect: a collision only replaces the older string.
 fn slot_of(text: &[u8]) -> usize {
     let n = text.len();
     let u64_at = |at: usize| u64::from_le_bytes(text[at..at + 8].try_into().unwrap_or_default());
@@ -261,7 +297,7 @@ fn slot_of(text: &[u8]) -> usize {
         0 => (0, 0),
     };
     let mixed = (head ^ tail.rotate_left(29) ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (mixed >> 40) as usize % CACHE_SLOTS
+    (mixed >> 40) as usize
 }
 
 /// `json.loads(text)`, for the documents jiter refuses; `near` is where jiter stopped.
