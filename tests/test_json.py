@@ -395,3 +395,29 @@ def test_broken_json_texts_fail_like_json_loads(text, data):
 )
 def test_arbitrary_bytes_decode_or_fail_like_json_loads(data):
     assert_decodes_like_json(data)
+
+
+PEAK_PROGRAM = """
+import json, resource, sys
+from framesock import _framesock
+data = b"[" + b"{}," * ((8 << 20) // 3) + b"{}]"
+decode = json.loads if sys.argv[1] == "json" else _framesock._json_loads
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+value = decode(data)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def peak_growth(decoder: str) -> int:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_PROGRAM, decoder], capture_output=True, text=True, timeout=60, check=True
+    )
+    return int(done.stdout)
+
+
+def test_decoding_peaks_no_higher_than_json_loads_plus_the_bytes():
+    # 8 MiB of empty objects: the case that once peaked at 28x the request's size.
+    size = 8 << 20
+    assert peak_growth("framesock") <= peak_growth("json") + size
