@@ -110,9 +110,11 @@ def start_server(
         FramesockTimeoutError: A step outlived ``timeout``.
         JSONDecodeError: ``request_as="json"`` and the request is not JSON.
         OSError: The address could not be bound (e.g. address in use).
-        TypeError: Bad argument types, both ``response`` and ``handler``, or a reply value that
-            is not JSON-serialisable. Whatever ``handler`` raises propagates unchanged.
-        ValueError: Argument values out of range.
+        TypeError: Bad argument types, both ``response`` and ``handler``, or a reply value of a
+            type ``json.dumps`` cannot encode (a set, an object). Whatever ``handler`` raises
+            propagates unchanged.
+        ValueError: Argument values out of range, or a reply value holding NaN, an infinity or
+            a circular reference (as ``json.dumps(value, allow_nan=False)`` refuses them).
     """
 
 def start_client(
