@@ -249,6 +249,8 @@ class Server:
         """framesock.aio: ``shutdown`` as an awaitable."""
     def _finished(self) -> Awaitable[None]:
         """framesock.aio: completes once shutdown has finished."""
+    def _failure(self) -> Optional[str]:
+        """framesock.aio: why the server stopped on its own (an internal error), if it did."""
     def _use_event_loop(self) -> None:
         """framesock.aio: awaitables returned by the handler run on the running loop, and the
         server shuts down when that loop is torn down."""

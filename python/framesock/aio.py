@@ -173,6 +173,9 @@ class Server:
         except asyncio.CancelledError:
             await asyncio.shield(self.shutdown())
             raise
+        why = self._server._failure()
+        if why is not None:
+            raise RuntimeError(f"the server stopped: {why}")
 
     async def shutdown(self, timeout: Optional[float] = 5.0) -> None:
         """Stop accepting, let exchanges in progress finish (up to ``timeout``), close all.

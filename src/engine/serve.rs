@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
+use futures_util::FutureExt;
 use serde::Serialize;
+use std::panic::AssertUnwindSafe;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -62,6 +64,8 @@ struct ErrorCounts {
     timeout: AtomicU64,
     disconnected: AtomicU64,
     io: AtomicU64,
+    /// A bug in framesock (a caught panic): the connection, or the server, was ended.
+    internal: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -400,6 +404,15 @@ impl Service {
     }
 }
 
+/// The text of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
 /// The payload of a framed error reply: `{"error": kind, "message": text}`.
 pub fn error_reply(kind: &str, message: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "error": kind, "message": message }))
@@ -435,9 +448,17 @@ async fn accept_loop(
                 let abort = abort.clone();
                 tracker.spawn(async move {
                     let _slot = slot;
+                    let serve = AssertUnwindSafe(service.serve_connection(stream, peer.clone(), stop));
                     tokio::select! {
                         _ = abort.cancelled() => {}
-                        _ = service.serve_connection(stream, peer, stop) => {}
+                        served = serve.catch_unwind() => if let Err(panic) = served {
+                            bump(&service.stats.errors.internal, 1);
+                            service.log.log(
+                                Level::Error,
+                                format!("connection from {peer} ended by an internal error: {}", panic_message(&*panic)),
+                                None,
+                            );
+                        }
                     }
                 });
             }
@@ -510,6 +531,8 @@ pub struct Server {
     /// Set once shutdown has finished.
     finished: CancellationToken,
     connections: TaskTracker,
+    /// Why the server stopped on its own, if it did (a caught panic in its accept loop).
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Server {
@@ -532,6 +555,7 @@ impl Server {
             abort: CancellationToken::new(),
             finished: CancellationToken::new(),
             connections: TaskTracker::new(),
+            failure: Arc::default(),
         })
     }
 
@@ -565,7 +589,7 @@ impl Server {
         let mut lifecycle = self.lifecycle();
         match std::mem::replace(&mut *lifecycle, Lifecycle::Stopped) {
             Lifecycle::Bound(listener) => {
-                let accept = runtime::handle().spawn(accept_loop(
+                let accept = AssertUnwindSafe(accept_loop(
                     self.service.clone(),
                     listener,
                     self.max_connections,
@@ -573,6 +597,23 @@ impl Server {
                     self.abort.clone(),
                     self.connections.clone(),
                 ));
+                let service = self.service.clone();
+                let failure = self.failure.clone();
+                let wind_down = self.wind_down(Some(Duration::from_secs(5)));
+                let accept = runtime::handle().spawn(async move {
+                    if let Err(panic) = accept.catch_unwind().await {
+                        // No silent dead server: it shuts down, and callers learn why.
+                        let message = format!("internal error: {}", panic_message(&*panic));
+                        bump(&service.stats.errors.internal, 1);
+                        service.log.log(
+                            Level::Error,
+                            format!("the server stopped accepting ({message}); shutting down"),
+                            None,
+                        );
+                        *locked(&failure) = Some(message);
+                        wind_down.await;
+                    }
+                });
                 *lifecycle = Lifecycle::Serving { accept };
                 Ok(())
             }
@@ -581,6 +622,44 @@ impl Server {
                 Ok(())
             }
             Lifecycle::Stopped => Err(CannotStart::Stopped),
+        }
+    }
+
+    /// Why the server stopped on its own, if it did.
+    pub fn failure(&self) -> Option<String> {
+        locked(&self.failure).clone()
+    }
+
+    /// Stops accepting and ends connections waiting between requests (without touching the
+    /// accept task); the future drains the connections within `grace` and marks the server
+    /// finished.
+    fn wind_down(
+        &self,
+        grace: Option<Duration>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (stop, connections, abort, finished) = (
+            self.stop.clone(),
+            self.connections.clone(),
+            self.abort.clone(),
+            self.finished.clone(),
+        );
+        async move {
+            stop.cancel();
+            connections.close();
+            let drained = match grace {
+                Some(grace) => tokio::time::timeout(grace, connections.wait())
+                    .await
+                    .is_ok(),
+                None => {
+                    connections.wait().await;
+                    true
+                }
+            };
+            if !drained {
+                abort.cancel();
+                connections.wait().await;
+            }
+            finished.cancel();
         }
     }
 
@@ -667,36 +746,17 @@ impl Server {
                 // Never started (the listener is dropped here) or already stopped.
                 _ => None,
             };
-            state = Some((
-                accept,
-                self.connections.clone(),
-                self.abort.clone(),
-                self.finished.clone(),
-            ));
+            state = Some((accept, self.wind_down(grace)));
         }
         async move {
             // Inherited through fork: nothing of it runs here, and nothing of it is touched.
-            let Some((accept, connections, abort, finished)) = state else {
+            let Some((accept, wind_down)) = state else {
                 return;
             };
             if let Some(accept) = accept {
                 let _ = accept.await;
             }
-            connections.close();
-            let drained = match grace {
-                Some(grace) => tokio::time::timeout(grace, connections.wait())
-                    .await
-                    .is_ok(),
-                None => {
-                    connections.wait().await;
-                    true
-                }
-            };
-            if !drained {
-                abort.cancel();
-                connections.wait().await;
-            }
-            finished.cancel();
+            wind_down.await;
         }
     }
 }
@@ -734,6 +794,7 @@ mod tests {
             Box::pin(async move {
                 match &request[..] {
                     b"fail" => Err(Failure::new(FailureKind::Handler, "ValueError: no")),
+                    b"panic" => panic!("a bug in a handler"),
                     b"wait" => {
                         go.notified().await;
                         Ok(Bytes::from_static(b"\"waited\""))
@@ -792,7 +853,10 @@ mod tests {
             .collect()
     }
 
-    async fn read_reply(client: &mut DuplexStream, input: &mut BytesMut) -> codec::Frame {
+    async fn read_reply<S: AsyncRead + Unpin>(
+        client: &mut S,
+        input: &mut BytesMut,
+    ) -> codec::Frame {
         codec::read_frame(client, input, &mut FrameCodec::replies(1 << 20))
             .await
             .unwrap()
@@ -951,6 +1015,45 @@ mod tests {
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, SEED_REPLY);
+    }
+
+    #[test]
+    fn a_panic_while_serving_ends_that_connection_only() {
+        let (service, _go) = service(Protocol::Framed, limits());
+        let service = Arc::try_unwrap(service).ok().expect("only owner");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let endpoint = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        };
+        let server = rt
+            .block_on(Server::bind(&endpoint, 16, service, 8))
+            .unwrap();
+        let Address::Inet(addr) = server.address().clone() else {
+            panic!("a TCP address")
+        };
+        server.start().unwrap();
+        rt.block_on(async {
+            let mut doomed = tokio::net::TcpStream::connect(addr).await.unwrap();
+            doomed.write_all(&frames(&[b"panic"])).await.unwrap();
+            let mut nothing = Vec::new();
+            let _ = doomed.read_to_end(&mut nothing).await;
+            assert!(nothing.is_empty());
+            let mut fine = tokio::net::TcpStream::connect(addr).await.unwrap();
+            fine.write_all(&frames(&[b"ok"])).await.unwrap();
+            let mut input = BytesMut::new();
+            assert_eq!(
+                &read_reply(&mut fine, &mut input).await.payload[..],
+                b"\"ok\""
+            );
+        });
+        let stats = &server.service().stats;
+        assert_eq!(stats.errors.internal.load(Ordering::Relaxed), 1);
+        assert!(server.failure().is_none());
+        rt.block_on(server.begin_shutdown(Some(Duration::from_secs(1))));
     }
 
     #[test]

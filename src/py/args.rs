@@ -20,13 +20,17 @@ pub fn port(number: i64) -> PyResult<u16> {
         .map_err(|_| PyValueError::new_err(format!("port must be in 0..65535, got {number}")))
 }
 
-/// A timeout in seconds: None for none, otherwise a positive finite number.
+/// The longest timeout accepted, in seconds (about 31 years): longer is None's job, and
+/// durations past it overflow clocks.
+pub const MAX_TIMEOUT: f64 = 1e9;
+
+/// A timeout in seconds: None for none, otherwise a number in (0, MAX_TIMEOUT].
 pub fn timeout(name: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
     match value {
         None => Ok(None),
-        Some(secs) if secs.is_finite() && secs > 0.0 => Ok(Some(Duration::from_secs_f64(secs))),
+        Some(secs) if secs > 0.0 && secs <= MAX_TIMEOUT => Ok(Some(Duration::from_secs_f64(secs))),
         Some(secs) => Err(PyValueError::new_err(format!(
-            "{name} must be a positive number of seconds or None, got {secs}"
+            "{name} must be None or a number of seconds in (0, {MAX_TIMEOUT:e}], got {secs}"
         ))),
     }
 }
@@ -74,14 +78,12 @@ pub fn request_as(name: &str) -> PyResult<RequestAs> {
     }
 }
 
-/// A count that must be at least 1 (`max_connections`, `handler_threads`).
-pub fn positive(name: &str, number: i64) -> PyResult<usize> {
+/// A count in 1..=`max` (`max_connections`, `handler_threads`).
+pub fn count(name: &str, number: i64, max: usize) -> PyResult<usize> {
     usize::try_from(number)
         .ok()
-        .filter(|&n| n > 0)
-        .ok_or_else(|| {
-            PyValueError::new_err(format!("{name} must be a positive integer, got {number}"))
-        })
+        .filter(|&n| n > 0 && n <= max)
+        .ok_or_else(|| PyValueError::new_err(format!("{name} must be in 1..{max}, got {number}")))
 }
 
 /// TCP `host:port`, or a Unix socket when `path` is given.

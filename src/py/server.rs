@@ -69,6 +69,12 @@ fn cannot_start(why: CannotStart) -> PyErr {
     })
 }
 
+/// The most `max_connections` accepted: far past what one process's file descriptors allow.
+const MAX_CONNECTIONS: usize = 1 << 24;
+
+/// The most `handler_threads` accepted.
+const MAX_HANDLER_THREADS: usize = 4096;
+
 /// Seconds in-flight exchanges get to finish when the context manager shuts down.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -223,10 +229,10 @@ impl Server {
                 idle_timeout: args::timeout("idle_timeout", idle_timeout)?,
                 max_frame: args::byte_limit("max_frame", max_frame)?,
             },
-            max_connections: args::positive("max_connections", max_connections)?,
+            max_connections: args::count("max_connections", max_connections, MAX_CONNECTIONS)?,
             backlog: args::backlog(backlog)?,
             handler_threads: match handler_threads {
-                Some(count) => args::positive("handler_threads", count)?,
+                Some(count) => args::count("handler_threads", count, MAX_HANDLER_THREADS)?,
                 None => threads::default_thread_count(),
             },
             request_as,
@@ -250,7 +256,12 @@ impl Server {
     fn serve_forever(&self, py: Python<'_>) -> PyResult<()> {
         self.start()?;
         match wait::wait(py, self.core.finished()) {
-            Ok(()) => Ok(()),
+            Ok(()) => match self.core.failure() {
+                Some(why) => Err(PyRuntimeError::new_err(format!(
+                    "the server stopped: {why}"
+                ))),
+                None => Ok(()),
+            },
             Err(interrupted) => {
                 self.wind_down(py, Some(INTERRUPT_GRACE))?;
                 Err(interrupted)
@@ -274,6 +285,11 @@ impl Server {
     ) -> PyResult<Bound<'py, PyAny>> {
         let wind_down = self.begin_shutdown(args::timeout("timeout", timeout)?);
         awaitable(py, wind_down)
+    }
+
+    /// framesock.aio: why the server stopped on its own (an internal error), if it did.
+    fn _failure(&self) -> Option<String> {
+        self.core.failure()
     }
 
     /// framesock.aio: an awaitable that completes once shutdown has finished.
