@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -25,7 +25,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Endpoint::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Endpoint::Unix(path) => write!(f, "{}", path.display()),
+            Endpoint::Unix(path) => write_unix_path(f, path),
         }
     }
 }
@@ -42,8 +42,16 @@ impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Address::Inet(addr) => addr.fmt(f),
-            Address::Unix(path) => write!(f, "{}", path.display()),
+            Address::Unix(path) => write_unix_path(f, path),
         }
+    }
+}
+
+/// A socket path for people: an abstract name as `@name` (the way `ss` shows it).
+fn write_unix_path(f: &mut std::fmt::Formatter<'_>, path: &Path) -> std::fmt::Result {
+    match abstract_name(path) {
+        Some(name) => write!(f, "@{}", String::from_utf8_lossy(name)),
+        None => write!(f, "{}", path.display()),
     }
 }
 
@@ -68,7 +76,105 @@ pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
 /// A listening TCP or Unix socket.
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener),
+    Unix(UnixListener, SocketFile),
+}
+
+/// The file a Unix socket was bound to, removed when the listener goes (if it is still ours:
+/// another server may have replaced it since). None for an abstract name, which has no file.
+pub struct SocketFile(Option<(PathBuf, (u64, u64))>);
+
+impl SocketFile {
+    fn of(path: &Path) -> SocketFile {
+        SocketFile(identity(path).map(|id| (path.to_owned(), id)))
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some((path, id)) = &self.0 {
+            if identity(path) == Some(*id) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// A file's (device, inode), to tell whether it is still the same file.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
+
+/// A Linux abstract socket name, written as a path that starts with a NUL ("\0name").
+fn abstract_name(path: &Path) -> Option<&[u8]> {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().strip_prefix(b"\0")
+}
+
+#[cfg(target_os = "linux")]
+fn abstract_address(name: &[u8]) -> io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(name)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn abstract_address(_name: &[u8]) -> io::Result<std::os::unix::net::SocketAddr> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "abstract socket names exist only on Linux",
+    ))
+}
+
+/// Binds a Unix socket at `path`. A socket file left by a server that is gone (nothing
+/// accepts on it) is replaced; one where something listens stays, and "address in use" is
+/// the answer.
+fn bind_unix(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, SocketFile)> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
+    if let Some(name) = abstract_name(path) {
+        let listener = StdListener::bind_addr(&abstract_address(name)?)?;
+        return Ok((listener, SocketFile(None)));
+    }
+    match StdListener::bind(path) {
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => {
+            let is_socket = std::fs::symlink_metadata(path)
+                .map(|meta| meta.file_type().is_socket())
+                .unwrap_or(false);
+            let stale = is_socket
+                && matches!(StdStream::connect(path),
+                    Err(refused) if refused.kind() == io::ErrorKind::ConnectionRefused);
+            if !stale {
+                return Err(err);
+            }
+            std::fs::remove_file(path)?;
+            let listener = StdListener::bind(path)?;
+            Ok((listener, SocketFile::of(path)))
+        }
+        Err(err) => Err(err),
+        Ok(listener) => Ok((listener, SocketFile::of(path))),
+    }
+}
+
+/// The path-like name of a Unix socket address: its path, "\0name" for an abstract one, empty
+/// for an unnamed one.
+fn unix_address(addr: &tokio::net::unix::SocketAddr) -> PathBuf {
+    if let Some(path) = addr.as_pathname() {
+        return path.to_owned();
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::ffi::OsStrExt;
+        let std_addr: std::os::unix::net::SocketAddr = addr.clone().into();
+        if let Some(name) = std_addr.as_abstract_name() {
+            let mut bytes = vec![0u8];
+            bytes.extend_from_slice(name);
+            return PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
+        }
+    }
+    PathBuf::new()
 }
 
 impl Listener {
@@ -97,10 +203,11 @@ impl Listener {
                     err,
                     doing: format!("listen on {}", path.display()),
                 };
-                let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(os)?;
+                let (std_listener, file) = bind_unix(path).map_err(os)?;
                 std_listener.set_nonblocking(true).map_err(os)?;
                 Ok(Listener::Unix(
                     UnixListener::from_std(std_listener).map_err(os)?,
+                    file,
                 ))
             }
         }
@@ -114,11 +221,9 @@ impl Listener {
         };
         match self {
             Listener::Tcp(listener) => Ok(Address::Inet(listener.local_addr().map_err(os)?)),
-            Listener::Unix(listener) => {
+            Listener::Unix(listener, _) => {
                 let addr = listener.local_addr().map_err(os)?;
-                Ok(Address::Unix(
-                    addr.as_pathname().map(PathBuf::from).unwrap_or_default(),
-                ))
+                Ok(Address::Unix(unix_address(&addr)))
             }
         }
     }
@@ -132,10 +237,9 @@ impl Listener {
                 stream.set_nodelay(true)?;
                 Ok((Stream::Tcp(stream), Address::Inet(peer)))
             }
-            Listener::Unix(listener) => {
+            Listener::Unix(listener, _) => {
                 let (stream, peer) = listener.accept().await?;
-                let path = peer.as_pathname().map(PathBuf::from).unwrap_or_default();
-                Ok((Stream::Unix(stream), Address::Unix(path)))
+                Ok((Stream::Unix(stream), Address::Unix(unix_address(&peer))))
             }
         }
     }
@@ -166,13 +270,22 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream> {
             }
             Err(last_error.expect("resolve returns at least one address"))
         }
-        Endpoint::Unix(path) => UnixStream::connect(path)
-            .await
-            .map(Stream::Unix)
-            .map_err(|err| Error::Os {
+        Endpoint::Unix(path) => {
+            let connected = match abstract_name(path) {
+                // Connecting a Unix socket does not block: done at once or refused.
+                Some(name) => abstract_address(name)
+                    .and_then(|addr| std::os::unix::net::UnixStream::connect_addr(&addr))
+                    .and_then(|stream| {
+                        stream.set_nonblocking(true)?;
+                        UnixStream::from_std(stream)
+                    }),
+                None => UnixStream::connect(path).await,
+            };
+            connected.map(Stream::Unix).map_err(|err| Error::Os {
                 err,
                 doing: format!("connect to {}", path.display()),
-            }),
+            })
+        }
     }
 }
 

@@ -90,6 +90,11 @@ pub fn count(name: &str, number: i64, max: usize) -> PyResult<usize> {
 pub fn endpoint(host: String, port: i64, path: Option<PathBuf>) -> PyResult<Endpoint> {
     let port = self::port(port)?;
     Ok(match path {
+        Some(path) if path.as_os_str().is_empty() => {
+            return Err(PyValueError::new_err(
+                "path must name a Unix socket (a file path, or \"\\0name\" for an abstract one), not \"\"",
+            ))
+        }
         Some(path) => Endpoint::Unix(path),
         None => Endpoint::Tcp { host, port },
     })
