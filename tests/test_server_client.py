@@ -201,19 +201,47 @@ def test_idle_timeout_closes_silent_connections(serve):
 
 
 def test_max_connections_is_honoured(serve):
-    server = serve(protocol="framed", max_connections=2)
-    first = framesock.Client(*server.address, protocol="framed")
-    second = framesock.Client(*server.address, protocol="framed")
-    assert first.request("1") and second.request("2")
+    # Both connections busy in a handler: a third waits (connected in the OS backlog, not
+    # served) until one is done.
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def blocking(request):
+        entered.release()
+        release.wait(10)
+        return request
+
+    server = serve(blocking, protocol="framed", max_connections=2)
+    busy = [framesock.Client(*server.address, protocol="framed") for _ in range(2)]
+    threads = [threading.Thread(target=client.request, args=(str(n),)) for n, client in enumerate(busy)]
+    for thread in threads:
+        thread.start()
+    assert entered.acquire(timeout=10) and entered.acquire(timeout=10)
     third = framesock.Client(*server.address, protocol="framed", timeout=0.3)
     with pytest.raises(framesock.FramesockTimeoutError):
-        third.request("3")  # connected (the OS backlog) but never accepted
+        third.request("3")  # connected but not served: no slot, and nobody idle to make room
     assert server.stats()["connections_active"] == 2
-    first.close()
+    release.set()
+    for thread in threads:
+        thread.join(10)
     late = framesock.Client(*server.address, protocol="framed")
-    assert late.request("4") == {"echo": "4"}  # a slot freed up
-    for client in (second, third, late):
+    assert late.request("4") == "4"  # the idle ones made room
+    for client in (*busy, third, late):
         client.close()
+
+
+def test_a_full_server_closes_its_longest_idle_connection_to_make_room(serve):
+    server = serve(protocol="framed", max_connections=2)
+    with socket.create_connection(server.address, timeout=10) as oldest:
+        wait_until(lambda: server.stats()["connections_active"] == 1)
+        with socket.create_connection(server.address, timeout=10) as newer:
+            wait_until(lambda: server.stats()["connections_active"] == 2)
+            with framesock.Client(*server.address, protocol="framed") as third:
+                assert third.request("3") == {"echo": "3"}
+            assert oldest.recv(10) == b""  # closed for room
+            newer.sendall(frame(b"still here"))
+            assert read_reply_frame(newer) == (False, b'{"echo": "still here"}')
+    assert server.stats()["idle_evicted"] == 1
 
 
 def test_shutdown_while_clients_are_mid_exchange(serve):

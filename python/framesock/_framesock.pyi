@@ -182,12 +182,14 @@ class Server:
         response: Optional[_JSONValue] = None,
         protocol: _Protocol = "classic",
         timeout: Optional[float] = 20.0,
-        idle_timeout: Optional[float] = None,
+        idle_timeout: Optional[float] = 75.0,
         max_frame: int = 16777216,
         max_connections: int = 1024,
         backlog: int = 1024,
         request_as: _RequestAs = "text",
         handler_threads: Optional[int] = None,
+        max_unsent: int = 65536,
+        max_buffered: int = 268435456,
     ) -> "Server":
         """Bind the server.
 
@@ -199,16 +201,27 @@ class Server:
             response: Static reply value when there is no handler (None: the seed's reply).
             protocol: ``"classic"`` (one request per connection, raw JSON reply ended by the
                 close) or ``"framed"`` (kept connections, framed replies, pipelining).
-            timeout: Seconds a request may take from its first byte to its last, and a reply
-                to be sent. None: no limit.
-            idle_timeout: Seconds a kept connection may stay silent between requests.
+            timeout: Seconds a request may take from its first byte to its last, and each
+                write of replies to be taken by the client. None: no limit for requests;
+                writes then get ``idle_timeout``.
+            idle_timeout: Seconds a kept connection may stay silent between requests (nginx
+                keeps idle connections 75 s). None: no limit.
             max_frame: Largest request payload, in bytes.
-            max_connections: Connections served at once; accepting waits while it is reached.
+            max_connections: Connections served at once. When it is reached, the connection
+                idle longest (silent between requests) is closed to make room; with none idle,
+                accepting waits.
             backlog: Listen backlog.
             request_as: What the handler receives: ``"text"``, ``"bytes"`` or ``"json"``.
             handler_threads: Most handler calls running at once (threads are started as
                 needed, one kept in reserve). None: ``min(32, cores + 4)``, as
                 ``concurrent.futures.ThreadPoolExecutor``.
+            max_unsent: Reply bytes a connection may have waiting for the client to read;
+                past it the connection reads no further request until they are taken
+                (backpressure).
+            max_buffered: Request bytes all connections together may hold (partly received
+                or being answered). A request that would go past it is read and dropped and
+                answered with a ``RemoteError`` of kind ``"busy"`` (framed), or its
+                connection closed (classic).
 
         Raises:
             OSError: The address cannot be bound.

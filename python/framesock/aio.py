@@ -132,12 +132,14 @@ class Server:
         response: Any = None,
         protocol: str = "classic",
         timeout: Optional[float] = 20.0,
-        idle_timeout: Optional[float] = None,
+        idle_timeout: Optional[float] = 75.0,
         max_frame: int = _MAX_LEN,
         max_connections: int = 1024,
         backlog: int = 1024,
         request_as: str = "text",
         handler_threads: Optional[int] = None,
+        max_unsent: int = 64 * 1024,
+        max_buffered: int = 256 * 1024 * 1024,
     ) -> None:
         self._server = _framesock.Server(
             handler,
@@ -153,6 +155,8 @@ class Server:
             backlog=backlog,
             request_as=request_as,
             handler_threads=handler_threads,
+            max_unsent=max_unsent,
+            max_buffered=max_buffered,
         )
 
     @property

@@ -50,7 +50,14 @@ pub struct Stats {
     requests: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Request bytes held now (partly received or being answered), against `max_buffered`.
+    bytes_buffered: AtomicU64,
     idle_closed: AtomicU64,
+    /// Idle connections closed to make room for a new one at `max_connections`.
+    idle_evicted: AtomicU64,
+    /// Requests answered `busy` (framed) or connections closed (classic) because
+    /// `max_buffered` was reached.
+    busy: AtomicU64,
     errors: ErrorCounts,
 }
 
@@ -105,6 +112,41 @@ impl Stats {
     }
 }
 
+/// The request bytes one connection holds, counted in `Stats::bytes_buffered` for as long as
+/// it holds them (also when shutdown drops its task).
+struct Charge<'a> {
+    total: &'a AtomicU64,
+    held: u64,
+}
+
+impl<'a> Charge<'a> {
+    fn new(total: &'a AtomicU64) -> Self {
+        Charge { total, held: 0 }
+    }
+
+    /// This connection now holds `bytes`.
+    fn set(&mut self, bytes: usize) {
+        let bytes = bytes as u64;
+        if bytes > self.held {
+            self.total.fetch_add(bytes - self.held, Ordering::Relaxed);
+        } else {
+            self.total.fetch_sub(self.held - bytes, Ordering::Relaxed);
+        }
+        self.held = bytes;
+    }
+
+    /// What the other connections hold.
+    fn others(&self) -> u64 {
+        self.total.load(Ordering::Relaxed).saturating_sub(self.held)
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
 /// Counts a connection as active for as long as it lives, also when shutdown drops its task.
 struct ActiveConnection<'a>(&'a AtomicU64);
 
@@ -121,8 +163,12 @@ impl Drop for ActiveConnection<'_> {
     }
 }
 
-/// The most buffered requests of one connection answered before their replies are written.
+/// The most buffered requests of one connection taken at once.
 const MAX_BATCH: usize = 256;
+
+/// How many pipelined requests of one connection a concurrent (coroutine) responder answers
+/// at once; their replies are held together, so this bounds that memory too.
+const CONCURRENT_CHUNK: usize = 16;
 
 /// Limits that apply to every connection.
 #[derive(Debug, Clone)]
@@ -132,7 +178,32 @@ pub struct Limits {
     /// For the silence between requests on a kept connection.
     pub idle_timeout: Option<Duration>,
     pub max_frame: usize,
+    /// Request bytes all connections together may hold (partly received, or being answered);
+    /// a request that would take them past it is answered `busy` instead of read.
+    pub max_buffered: usize,
+    /// Reply bytes a connection may have waiting to be sent: past this it writes them (and
+    /// reads no further request) before answering more.
+    pub max_unsent: usize,
 }
+
+impl Limits {
+    /// How long one write may wait for the peer to read: `timeout`, or without one
+    /// `idle_timeout`, so a peer that never reads cannot keep its connection forever.
+    fn write_limit(&self) -> Option<Duration> {
+        self.timeout.or(self.idle_timeout)
+    }
+}
+
+/// Default of `max_buffered`: 256 MiB, which a small machine can spare.
+pub const DEFAULT_MAX_BUFFERED: usize = 256 * 1024 * 1024;
+
+/// Default of `max_unsent`: asyncio's default write buffer high-water mark.
+pub const DEFAULT_MAX_UNSENT: usize = 64 * 1024;
+
+/// After refusing a request's header, how long and how many of its bytes the server keeps
+/// reading (and dropping) before it closes, so the client can finish sending and read why.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What one classic exchange came to.
 enum Classic {
@@ -152,34 +223,151 @@ pub struct Service {
     pub responder: Responder,
     pub stats: Stats,
     pub log: Arc<dyn Log>,
+    /// The connections silent between requests, for making room when the server is full.
+    idle: IdleConnections,
+    /// How many peer problems were logged in the current window.
+    peer_log: Mutex<PeerLogWindow>,
+}
+
+/// Peer problems logged (and held back) since `started`.
+struct PeerLogWindow {
+    started: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+/// At most this many peer-problem records per window.
+const PEER_LOG_BURST: u32 = 10;
+const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Connections waiting for a request, oldest first, each with the token that closes it.
+#[derive(Default)]
+struct IdleConnections {
+    next: AtomicU64,
+    waiting: Mutex<std::collections::BTreeMap<u64, CancellationToken>>,
+    /// Told whenever a connection becomes idle (a full server waiting for room takes it).
+    became_idle: tokio::sync::Notify,
+}
+
+impl IdleConnections {
+    /// Registers a connection as idle until the guard goes; `closed()` fires if it is evicted.
+    fn enter(&self) -> IdleGuard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        locked(&self.waiting).insert(id, token.clone());
+        self.became_idle.notify_one();
+        IdleGuard {
+            set: self,
+            id,
+            token,
+        }
+    }
+
+    /// Closes the connection idle longest; false if none is idle.
+    fn evict_oldest(&self) -> bool {
+        match locked(&self.waiting).pop_first() {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct IdleGuard<'a> {
+    set: &'a IdleConnections,
+    id: u64,
+    token: CancellationToken,
+}
+
+impl IdleGuard<'_> {
+    fn evicted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        locked(&self.set.waiting).remove(&self.id);
+    }
 }
 
 impl Service {
-    /// Counts and logs a failed exchange; returns the framed error reply's JSON.
+    pub fn new(
+        protocol: Protocol,
+        limits: Limits,
+        responder: Responder,
+        log: Arc<dyn Log>,
+    ) -> Self {
+        Service {
+            protocol,
+            limits,
+            responder,
+            stats: Stats::default(),
+            log,
+            idle: IdleConnections::default(),
+            peer_log: Mutex::new(PeerLogWindow {
+                started: Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Counts and logs a failed exchange; returns the framed error reply's JSON. A handler
+    /// that failed is the program's problem: ERROR, with its traceback. A request that was
+    /// bad is the peer's: see `peer_problem`.
     fn exchange_failed(&self, failure: &Failure, peer: &Address) -> Vec<u8> {
         bump(self.stats.failure(failure.kind), 1);
         let kind = failure.kind.name();
-        self.log.log(
-            Level::Error,
-            format!("request from {peer} failed ({kind}): {}", failure.message),
-            Some(failure),
-        );
+        let message = format!("request from {peer} failed ({kind}): {}", failure.message);
+        match failure.kind {
+            FailureKind::BadRequest => self.peer_problem(message),
+            FailureKind::Handler | FailureKind::Encode => {
+                self.log.log(Level::Error, message, Some(failure))
+            }
+        }
         error_reply(kind, &failure.message)
     }
 
     /// Counts and logs a connection that ended in error.
     fn connection_failed(&self, err: &Error, peer: &Address) {
         bump(self.stats.connection_error(err), 1);
-        let level = match err {
+        let message = format!("connection from {peer} dropped: {err}");
+        match err {
             // A client that connects and leaves without a word (a port probe) is not news.
-            Error::Wire(WireError::ClosedBeforeMessage) => Level::Debug,
-            _ => Level::Warning,
+            Error::Wire(WireError::ClosedBeforeMessage) => {
+                self.log.log(Level::Debug, message, None)
+            }
+            _ => self.peer_problem(message),
+        }
+    }
+
+    /// Logs what a peer did wrong (a bad frame, a timeout, a disconnect, no room): WARNING,
+    /// no traceback, and at most `PEER_LOG_BURST` records per `PEER_LOG_WINDOW`, so a peer that
+    /// misbehaves on purpose cannot fill the disk. What is held back is counted and said
+    /// with the next record that gets through.
+    fn peer_problem(&self, message: String) {
+        let suppressed = {
+            let mut window = locked(&self.peer_log);
+            let now = Instant::now();
+            if now.duration_since(window.started) >= PEER_LOG_WINDOW {
+                window.started = now;
+                window.logged = 0;
+            }
+            if window.logged >= PEER_LOG_BURST {
+                window.suppressed += 1;
+                return;
+            }
+            window.logged += 1;
+            std::mem::take(&mut window.suppressed)
         };
-        self.log.log(
-            level,
-            format!("connection from {peer} dropped: {err}"),
-            None,
-        );
+        let message = match suppressed {
+            0 => message,
+            n => format!("{message} ({n} similar messages suppressed)"),
+        };
+        self.log.log(Level::Warning, message, None);
     }
 
     /// Serves one accepted connection until it ends, `stop` is cancelled between requests, or
@@ -223,19 +411,57 @@ impl Service {
         let timeout = self.limits.timeout;
         let mut input = BytesMut::new();
         let mut codec = FrameCodec::new(self.limits.max_frame);
+        let mut charge = Charge::new(&self.stats.bytes_buffered);
         let read = within(
             timeout,
             || format!("waiting for the request from {peer}"),
             async {
-                let frame = codec::read_frame(stream, &mut input, &mut codec).await?;
-                frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))
+                let mut admitted = false;
+                loop {
+                    if let Some(frame) = codec.decode(&mut input)? {
+                        return Ok(Some(frame));
+                    }
+                    if !admitted && input.len() >= codec::HEADER_LEN {
+                        let declared =
+                            u32::from_be_bytes(input[..4].try_into().unwrap_or_default());
+                        let whole = codec::HEADER_LEN as u64 + u64::from(declared);
+                        if charge.others() + whole > self.limits.max_buffered as u64 {
+                            self.busy_reply(peer); // no room: the classic wire can only close
+                            return Ok(None);
+                        }
+                        admitted = true;
+                    }
+                    let read = if input.is_empty() {
+                        // Nothing of the request yet: idle, and so first to go for room.
+                        let idle = self.idle.enter();
+                        tokio::select! {
+                            _ = idle.evicted() => {
+                                bump(&self.stats.idle_evicted, 1);
+                                return Ok(None);
+                            }
+                            read = stream.read_buf(&mut input) => read,
+                        }
+                    } else {
+                        stream.read_buf(&mut input).await
+                    };
+                    if read.map_err(WireError::Io)? == 0 {
+                        let frame = codec.decode_eof(&mut input)?;
+                        return frame
+                            .map(Some)
+                            .ok_or(Error::Wire(WireError::ClosedBeforeMessage));
+                    }
+                    charge.set(input.len());
+                }
             },
         );
         // Shutdown drops a connection whose request has not arrived yet.
         let request = tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok(Classic::Stopped),
-            request = read => request?.payload,
+            request = read => match request? {
+                Some(frame) => frame.payload,
+                None => return Ok(Classic::Stopped), // refused (busy) or evicted (idle)
+            },
         };
         bump(&self.stats.requests, 1);
         bump(
@@ -255,6 +481,85 @@ impl Service {
         Ok(Classic::Answered { request, reply })
     }
 
+    /// Adds a reply to `output`, writing first whatever is there if the reply would take it
+    /// past `max_unsent`. A reply larger than that is written straight from where it is.
+    async fn queue_reply<S>(
+        &self,
+        stream: &mut S,
+        output: &mut BytesMut,
+        json: &Bytes,
+        is_error: bool,
+        peer: &Address,
+    ) -> Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
+        if json.len() > codec::MAX_REPLY_PAYLOAD {
+            let reply = error_reply("encode", "reply is too large for a frame");
+            codec::put_reply(&reply, true, output)?;
+            return Ok(());
+        }
+        if output.len() + json.len() > self.limits.max_unsent {
+            self.send(stream, output, peer).await?;
+        }
+        if json.len() > self.limits.max_unsent {
+            let declared = json.len() as u32 | if is_error { codec::ERROR_FLAG } else { 0 };
+            let mut header = BytesMut::from(&declared.to_be_bytes()[..]);
+            self.send(stream, &mut header, peer).await?;
+            self.write_bounded(stream, json, peer).await?;
+            bump(&self.stats.bytes_out, json.len() as u64);
+            return Ok(());
+        }
+        codec::put_reply(json, is_error, output)?;
+        Ok(())
+    }
+
+    /// Writes out and empties `output`, within the write limit.
+    async fn send<S>(&self, stream: &mut S, output: &mut BytesMut, peer: &Address) -> Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
+        if output.is_empty() {
+            return Ok(());
+        }
+        self.write_bounded(stream, output, peer).await?;
+        bump(&self.stats.bytes_out, output.len() as u64);
+        output.clear();
+        Ok(())
+    }
+
+    async fn write_bounded<S>(&self, stream: &mut S, bytes: &[u8], peer: &Address) -> Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
+        within(
+            self.limits.write_limit(),
+            || format!("sending replies to {peer} (it is not reading them)"),
+            async {
+                stream
+                    .write_all(bytes)
+                    .await
+                    .map_err(|e| WireError::Io(e).into())
+            },
+        )
+        .await
+    }
+
+    /// Before closing on a refused request: says "no more from us", then reads and drops what
+    /// the peer still sends, for a bounded time and number of bytes. Closing with its bytes
+    /// unread would reset the connection, and the peer, still sending, might never read why.
+    async fn linger<S>(&self, stream: &mut S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            let _ = stream.shutdown().await;
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(&mut stream.take(LINGER_BYTES), &mut sink).await;
+        })
+        .await;
+    }
+
     /// Waits for the first bytes of a request and returns how many came; `Ok(None)` if shutdown
     /// or the idle limit came first, or the peer closed cleanly.
     async fn await_request<S>(
@@ -267,6 +572,7 @@ impl Service {
         S: AsyncRead + Unpin,
     {
         input.reserve(8 * 1024);
+        let idle = self.idle.enter();
         let limit = self.limits.idle_timeout;
         let read = async {
             match limit {
@@ -279,6 +585,10 @@ impl Service {
         tokio::select! {
             biased;
             _ = stop.cancelled() => Ok(None),
+            _ = idle.evicted() => {
+                bump(&self.stats.idle_evicted, 1);
+                Ok(None)
+            }
             read = read => match read {
                 None => {
                     bump(&self.stats.idle_closed, 1);
@@ -305,8 +615,11 @@ impl Service {
         let mut codec = FrameCodec::new(self.limits.max_frame);
         let mut input = BytesMut::new();
         let mut output = BytesMut::new();
+        let mut charge = Charge::new(&self.stats.bytes_buffered);
         // When the request now arriving must be complete (its first byte started the clock).
         let mut request_deadline: Option<Instant> = None;
+        // Whether the request now arriving was held against max_buffered already.
+        let mut admitted = false;
         loop {
             // Every request already buffered (up to a bound), answered in order.
             let mut batch = Vec::new();
@@ -323,50 +636,43 @@ impl Service {
             }
             if !batch.is_empty() {
                 request_deadline = None;
+                admitted = false;
                 bump(&self.stats.requests, batch.len() as u64);
             }
-            let replies = if batch.len() > 1 && self.responder.concurrent() {
-                // Pipelined requests answered at once; join_all keeps their order.
-                join_all(batch.iter().map(|request| self.responder.reply(request))).await
+            let in_batch: usize = batch.iter().map(Bytes::len).sum();
+            charge.set(input.len() + in_batch);
+            // Pipelined requests to a concurrent responder are answered a few at a time
+            // (join_all keeps their order); the replies go out whenever they pass max_unsent.
+            let chunk = if self.responder.concurrent() {
+                CONCURRENT_CHUNK
             } else {
-                let mut replies = Vec::with_capacity(batch.len());
-                for request in &batch {
-                    replies.push(self.responder.reply(request).await);
-                }
-                replies
+                1
             };
-            for reply in replies {
-                let (json, is_error) = match reply {
-                    Ok(json) => (json, false),
-                    Err(failure) => (Bytes::from(self.exchange_failed(&failure, peer)), true),
+            for requests in batch.chunks(chunk) {
+                let replies = if requests.len() > 1 {
+                    join_all(requests.iter().map(|request| self.responder.reply(request))).await
+                } else {
+                    vec![self.responder.reply(&requests[0]).await]
                 };
-                if codec::put_reply(&json, is_error, &mut output).is_err() {
-                    let reply = error_reply("encode", "reply is too large for a frame");
-                    codec::put_reply(&reply, true, &mut output)?;
+                for reply in replies {
+                    let (json, is_error) = match reply {
+                        Ok(json) => (json, false),
+                        Err(failure) => (Bytes::from(self.exchange_failed(&failure, peer)), true),
+                    };
+                    self.queue_reply(stream, &mut output, &json, is_error, peer)
+                        .await?;
                 }
             }
             if let Some(err) = refused {
                 // The stream cannot be resynchronised after a refused header: say why, close.
                 let reply = error_reply("frame_too_large", &err.to_string());
                 codec::put_reply(&reply, true, &mut output)?;
-                let _ = stream.write_all(&output).await;
+                self.send(stream, &mut output, peer).await?;
+                self.linger(stream).await;
                 return Err(err.into());
             }
-            if !output.is_empty() {
-                within(
-                    self.limits.timeout,
-                    || format!("sending replies to {peer}"),
-                    async {
-                        stream
-                            .write_all(&output)
-                            .await
-                            .map_err(|e| WireError::Io(e).into())
-                    },
-                )
-                .await?;
-                bump(&self.stats.bytes_out, output.len() as u64);
-                output.clear();
-            }
+            self.send(stream, &mut output, peer).await?;
+            charge.set(input.len());
             if batch.len() == MAX_BATCH {
                 continue; // more requests may be buffered already
             }
@@ -385,6 +691,21 @@ impl Service {
                         .timeout
                         .unwrap_or(Duration::from_secs(86400 * 365))
             });
+            if !admitted && input.len() >= codec::HEADER_LEN {
+                // A new request's header: is there room for all it declares?
+                let declared = u32::from_be_bytes(input[..4].try_into().unwrap_or_default());
+                let whole = codec::HEADER_LEN as u64 + u64::from(declared);
+                if charge.others() + whole > self.limits.max_buffered as u64 {
+                    self.refuse_busy(stream, &mut input, whole, deadline, peer)
+                        .await?;
+                    charge.set(0);
+                    codec::put_reply(&self.busy_reply(peer), true, &mut output)?;
+                    self.send(stream, &mut output, peer).await?;
+                    request_deadline = None;
+                    continue;
+                }
+                admitted = true;
+            }
             let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)).await;
             match read {
                 Err(_elapsed) => {
@@ -397,10 +718,64 @@ impl Service {
                     codec.decode_eof(&mut input)?;
                     return Ok(());
                 }
-                Ok(Ok(n)) => bump(&self.stats.bytes_in, n as u64),
+                Ok(Ok(n)) => {
+                    bump(&self.stats.bytes_in, n as u64);
+                    charge.set(input.len());
+                }
                 Ok(Err(err)) => return Err(WireError::Io(err).into()),
             }
         }
+    }
+
+    /// Reads and drops the rest of a request (`whole` bytes with its header, the first of
+    /// which are in `input`) that there is no room to keep, by `deadline`.
+    async fn refuse_busy<S>(
+        &self,
+        stream: &mut S,
+        input: &mut BytesMut,
+        whole: u64,
+        deadline: Instant,
+        peer: &Address,
+    ) -> Result<()>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let had = input.len() as u64;
+        let pending = whole - had;
+        input.clear();
+        let mut sink = tokio::io::sink();
+        let drained = tokio::time::timeout_at(
+            deadline,
+            tokio::io::copy(&mut (&mut *stream).take(pending), &mut sink),
+        )
+        .await;
+        match drained {
+            Err(_elapsed) => Err(Error::Timeout(format!(
+                "timed out waiting for the rest of a request from {peer} (refused: server busy)"
+            ))),
+            Ok(Ok(read)) if read == pending => {
+                bump(&self.stats.bytes_in, read);
+                Ok(())
+            }
+            Ok(Ok(read)) => Err(WireError::Truncated {
+                part: codec::Part::Payload,
+                expected: (whole - codec::HEADER_LEN as u64) as usize,
+                received: (had + read) as usize - codec::HEADER_LEN,
+            }
+            .into()),
+            Ok(Err(err)) => Err(WireError::Io(err).into()),
+        }
+    }
+
+    /// Counts and logs a request refused for lack of room; returns the error reply.
+    fn busy_reply(&self, peer: &Address) -> Vec<u8> {
+        bump(&self.stats.busy, 1);
+        let message = format!(
+            "the server holds max_buffered ({} bytes) of requests; try again later",
+            self.limits.max_buffered
+        );
+        self.peer_problem(format!("request from {peer} refused: {message}"));
+        error_reply("busy", &message)
     }
 }
 
@@ -431,18 +806,41 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
-        let slot = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
+        let accepted = match accepted {
+            Ok(accepted) => {
+                // Full: the connection idle longest makes room. With none idle, the first to
+                // become idle does (or any that ends).
+                let slot = loop {
+                    if let Ok(slot) = slots.clone().try_acquire_owned() {
+                        break slot;
+                    }
+                    let idle = service.idle.became_idle.notified();
+                    if service.idle.evict_oldest() {
+                        let slot = slots.clone().acquire_owned();
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => return,
+                            slot = slot => break slot.expect("the semaphore is never closed"),
+                        }
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return,
+                        slot = slots.clone().acquire_owned() => break slot.expect("the semaphore is never closed"),
+                        _ = idle => {}
+                    }
+                };
+                Ok((accepted, slot))
+            }
+            Err(err) => Err(err),
+        };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok(((stream, peer), slot)) => {
                 let service = service.clone();
                 let stop = stop.clone();
                 let abort = abort.clone();
@@ -811,13 +1209,12 @@ mod tests {
     fn service(protocol: Protocol, limits: Limits) -> (Arc<Service>, Arc<Notify>) {
         let go = Arc::new(Notify::new());
         let handler = TestHandler { go: go.clone() };
-        let service = Service {
+        let service = Service::new(
             protocol,
             limits,
-            responder: Responder::Handler(Arc::new(handler)),
-            stats: Stats::default(),
-            log: Arc::new(NoLog),
-        };
+            Responder::Handler(Arc::new(handler)),
+            Arc::new(NoLog),
+        );
         (Arc::new(service), go)
     }
 
@@ -826,6 +1223,8 @@ mod tests {
             timeout: Some(Duration::from_secs(1)),
             idle_timeout: None,
             max_frame: 1024,
+            max_buffered: DEFAULT_MAX_BUFFERED,
+            max_unsent: DEFAULT_MAX_UNSENT,
         }
     }
 
@@ -1000,13 +1399,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_fixed_reply_needs_no_handler() {
-        let service = Arc::new(Service {
-            protocol: Protocol::Classic,
-            limits: limits(),
-            responder: Responder::Fixed(Bytes::from_static(SEED_REPLY)),
-            stats: Stats::default(),
-            log: Arc::new(NoLog),
-        });
+        let service = Arc::new(Service::new(
+            Protocol::Classic,
+            limits(),
+            Responder::Fixed(Bytes::from_static(SEED_REPLY)),
+            Arc::new(NoLog),
+        ));
         let (mut client, _task) = connect(&service, &CancellationToken::new());
         client
             .write_all(&frames(&[b"msg from client"]))

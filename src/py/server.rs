@@ -12,7 +12,8 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::engine::handler::{Log, NoLog, Responder};
 use crate::engine::net::Address;
 use crate::engine::serve::{
-    self, CannotStart, Exchange, Limits, OneShotError, Protocol, Service, Stats,
+    self, CannotStart, Exchange, Limits, OneShotError, Protocol, Service, DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_UNSENT,
 };
 use crate::py::args;
 use crate::py::bridge::LoopBridge;
@@ -71,6 +72,9 @@ fn cannot_start(why: CannotStart) -> PyErr {
 
 /// The most `max_connections` accepted: far past what one process's file descriptors allow.
 const MAX_CONNECTIONS: usize = 1 << 24;
+
+/// The most `max_unsent` / `max_buffered` accepted (1 TiB).
+const MAX_BYTES: usize = 1 << 40;
 
 /// The most `handler_threads` accepted.
 const MAX_HANDLER_THREADS: usize = 4096;
@@ -196,13 +200,16 @@ impl Server {
     #[pyo3(signature = (
         handler = None, host = String::from("127.0.0.1"), port = 8000, *, path = None,
         response = None, protocol = String::from("classic"), timeout = Some(20.0),
-        idle_timeout = None, max_frame = args::DEFAULT_MAX_LEN as i64, max_connections = 1024,
-        backlog = 1024, request_as = String::from("text"), handler_threads = None,
+        idle_timeout = Some(75.0), max_frame = args::DEFAULT_MAX_LEN as i64,
+        max_connections = 1024, backlog = 1024, request_as = String::from("text"),
+        handler_threads = None, max_unsent = DEFAULT_MAX_UNSENT as i64,
+        max_buffered = DEFAULT_MAX_BUFFERED as i64,
     ))]
     #[pyo3(
         text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
-        protocol='classic', timeout=20.0, idle_timeout=None, max_frame=16777216, \
-        max_connections=1024, backlog=1024, request_as='text', handler_threads=None)"
+        protocol='classic', timeout=20.0, idle_timeout=75.0, max_frame=16777216, \
+        max_connections=1024, backlog=1024, request_as='text', handler_threads=None, \
+        max_unsent=65536, max_buffered=268435456)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -220,6 +227,8 @@ impl Server {
         backlog: i64,
         request_as: String,
         handler_threads: Option<i64>,
+        max_unsent: i64,
+        max_buffered: i64,
     ) -> PyResult<Self> {
         let settings = Settings {
             endpoint: args::endpoint(host, port, path)?,
@@ -228,6 +237,8 @@ impl Server {
                 timeout: args::timeout("timeout", timeout)?,
                 idle_timeout: args::timeout("idle_timeout", idle_timeout)?,
                 max_frame: args::byte_limit("max_frame", max_frame)?,
+                max_unsent: args::count("max_unsent", max_unsent, MAX_BYTES)?,
+                max_buffered: args::count("max_buffered", max_buffered, MAX_BYTES)?,
             },
             max_connections: args::count("max_connections", max_connections, MAX_CONNECTIONS)?,
             backlog: args::backlog(backlog)?,
@@ -285,6 +296,11 @@ impl Server {
     ) -> PyResult<Bound<'py, PyAny>> {
         let wind_down = self.begin_shutdown(args::timeout("timeout", timeout)?);
         awaitable(py, wind_down)
+    }
+
+    /// Diagnosis only: the handler pool's counters.
+    fn _pool_state(&self) -> Option<(usize, usize, usize, usize, usize, bool, bool)> {
+        self.threads.as_ref().map(|t| t.debug_state())
     }
 
     /// framesock.aio: why the server stopped on its own (an internal error), if it did.
@@ -371,13 +387,7 @@ impl Server {
             }),
             _ => Arc::new(NoLog),
         };
-        let service = Service {
-            protocol: settings.protocol,
-            limits: settings.limits,
-            responder: replies.responder,
-            stats: Stats::default(),
-            log,
-        };
+        let service = Service::new(settings.protocol, settings.limits, replies.responder, log);
         let endpoint = settings.endpoint;
         let (backlog, max_connections) = (settings.backlog, settings.max_connections);
         let bound = wait::wait(py, async move {
@@ -526,6 +536,9 @@ pub fn one_shot_server(
             timeout: args::timeout("timeout", timeout)?,
             idle_timeout: None,
             max_frame: args::byte_limit("max_frame", max_frame)?,
+            max_unsent: DEFAULT_MAX_UNSENT,
+            // One connection: max_frame is the bound that matters.
+            max_buffered: usize::MAX,
         },
         max_connections: 1,
         backlog: args::backlog(backlog)?,

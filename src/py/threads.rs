@@ -154,6 +154,21 @@ impl HandlerThreads {
         }
     }
 
+    /// The pool's counters, for diagnosis: (queued, threads, starting, asleep, woken,
+    /// watching, generation matches).
+    pub fn debug_state(&self) -> (usize, usize, usize, usize, usize, bool, bool) {
+        let state = self.pool.state.lock();
+        (
+            state.queue.len(),
+            state.threads,
+            state.starting,
+            state.asleep,
+            state.woken,
+            state.watching,
+            !self.pool.is_inherited(),
+        )
+    }
+
     /// Closes the pool: queued work is dropped, idle threads leave, busy ones leave when
     /// their call returns.
     pub fn close(&self) {
