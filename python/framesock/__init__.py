@@ -14,6 +14,7 @@ from framesock import _framesock
 from framesock._framesock import (
     Client,
     ConnectionClosedError,
+    ProtocolError,
     FramesockError,
     FramesockTimeoutError,
     FrameTooLargeError,
@@ -28,6 +29,7 @@ from framesock._framesock import (
 __all__ = [
     "Client",
     "ConnectionClosedError",
+    "ProtocolError",
     "FrameTooLargeError",
     "FramesockError",
     "FramesockTimeoutError",

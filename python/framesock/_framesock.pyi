@@ -10,6 +10,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ConnectionClosedError",
+    "ProtocolError",
     "FrameTooLargeError",
     "FramesockError",
     "FramesockTimeoutError",
@@ -51,6 +52,11 @@ class ConnectionClosedError(FramesockError, ConnectionError):
 
     The message says how many of how many bytes arrived.
     """
+
+class ProtocolError(FramesockError, ConnectionError):
+    """The peer does not speak the protocol asked for (a framed client talking to a classic
+    server, or the reverse), or sent a reply that no request asked for. The connection is
+    dropped; the next request opens a new one."""
 
 class FramesockTimeoutError(FramesockError, TimeoutError):
     """A network step took longer than its timeout; the message names the step."""
@@ -262,6 +268,8 @@ class Server:
         """framesock.aio: ``shutdown`` as an awaitable."""
     def _finished(self) -> Awaitable[None]:
         """framesock.aio: completes once shutdown has finished."""
+    def _pool_state(self) -> Optional[tuple[int, int, int, int, int, bool, bool]]:
+        """Diagnosis only: the handler pool's counters."""
     def _failure(self) -> Optional[str]:
         """framesock.aio: why the server stopped on its own (an internal error), if it did."""
     def _use_event_loop(self) -> None:

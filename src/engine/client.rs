@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
@@ -43,14 +44,61 @@ pub async fn classic_exchange(
     within(
         timeout,
         || format!("waiting for the reply from {endpoint}"),
-        async {
-            codec::read_until_close(&mut stream, max_reply)
-                .await
-                .map_err(Into::into)
-        },
+        read_classic_reply(&mut stream, max_reply),
     )
     .await
 }
+
+/// Reads a classic reply to the server's close; a reply that is one whole frame (from a
+/// framed server, which keeps the connection open) is named at once instead of waited on.
+async fn read_classic_reply(stream: &mut Stream, max_reply: usize) -> Result<Vec<u8>> {
+    let reply = codec::read_until_close(stream, max_reply, looks_framed).await?;
+    if looks_framed(&reply) {
+        return Err(Error::Protocol(
+            "the reply is a framed reply, not classic JSON: is the server framed? \
+             (use protocol=\"framed\")"
+                .to_owned(),
+        ));
+    }
+    Ok(reply)
+}
+
+/// Whether `bytes` are exactly one framed reply: JSON text never starts with the byte 0x00 or
+/// 0x80 that a frame header of a reply under 16 MiB starts with.
+fn looks_framed(bytes: &[u8]) -> bool {
+    if bytes.len() < codec::HEADER_LEN || !matches!(bytes[0], 0x00 | 0x80) {
+        return false;
+    }
+    let declared = u32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]) as usize;
+    bytes.len() == codec::HEADER_LEN + declared
+}
+
+/// Whether the start of a framed reply's "header" is really JSON text: a classic server's
+/// reply read as a frame header (`{"ke` declares two billion bytes).
+fn looks_like_json(bytes: &[u8]) -> bool {
+    bytes.len() >= codec::HEADER_LEN
+        && bytes[..codec::HEADER_LEN]
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+        && matches!(
+            bytes[0],
+            b'{' | b'[' | b'"' | b'-' | b'0'
+                ..=b'9' | b't' | b'f' | b'n' | b' ' | b'\t' | b'\r' | b'\n'
+        )
+}
+
+/// The error for a framed reply that is really a classic one.
+fn classic_reply_error() -> Error {
+    Error::Protocol(
+        "the reply looks like classic JSON, not a frame: is the server framed? \
+         (use protocol=\"classic\")"
+            .to_owned(),
+    )
+}
+
+/// Requests from 256 KiB on are written while the reply is watched for: a server that refuses
+/// one (too large) says so at once, and the client stops sending.
+const WATCHED_WRITE: usize = 256 * 1024;
 
 /// A kept connection of the framed protocol, with the bytes read past the last reply.
 pub struct Connection {
@@ -72,6 +120,7 @@ pub async fn framed_exchange(
     timeout: Option<Duration>,
     max_reply: usize,
 ) -> Result<Vec<Frame>> {
+    check_kept(slot)?;
     if slot.is_none() {
         let stream = within(
             timeout,
@@ -86,11 +135,11 @@ pub async fn framed_exchange(
     }
     let conn = slot.as_mut().expect("connected above");
     let write_failed = |e| Error::from(WireError::Io(e));
-    if count == 1 {
-        // One frame: the server replies only once it has read all of it, so writing first and
-        // then reading cannot deadlock, and needs no split of the stream.
+    if count == 1 && frames.len() < WATCHED_WRITE {
+        // One small frame: the server replies only once it has read all of it, so writing
+        // first and then reading cannot deadlock, and needs no split of the stream.
         conn.stream.write_all(frames).await.map_err(write_failed)?;
-        return read_replies(
+        let replies = read_replies(
             &mut conn.stream,
             &mut conn.input,
             1,
@@ -98,20 +147,88 @@ pub async fn framed_exchange(
             timeout,
             max_reply,
         )
-        .await;
+        .await?;
+        return in_step(replies, &conn.input);
     }
-    let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
-    let write = async { writer.write_all(frames).await.map_err(write_failed) };
-    let read = read_replies(
-        &mut reader,
-        &mut conn.input,
-        count,
-        endpoint,
-        timeout,
-        max_reply,
-    );
-    let ((), replies) = tokio::try_join!(write, read)?;
-    Ok(replies)
+    // Written and read together, so a batch far larger than the socket buffers cannot
+    // deadlock, and a reply that comes before all is sent (a refused request) is seen at once.
+    let (replies, finished_writing) = {
+        let (mut reader, mut writer) = tokio::io::split(&mut conn.stream);
+        let write = async { writer.write_all(frames).await.map_err(write_failed) };
+        let read = read_replies(
+            &mut reader,
+            &mut conn.input,
+            count,
+            endpoint,
+            timeout,
+            max_reply,
+        );
+        tokio::pin!(write, read);
+        let mut written = false;
+        loop {
+            tokio::select! {
+                biased;
+                replies = &mut read => break (replies, written),
+                wrote = &mut write, if !written => match wrote {
+                    Ok(()) => written = true,
+                    // The server may have said why before closing: read that first.
+                    Err(err) => {
+                        let said = tokio::time::timeout(Duration::from_secs(1), &mut read).await;
+                        break (said.unwrap_or(Err(err)), false);
+                    }
+                },
+            }
+        }
+    };
+    if !finished_writing {
+        // Replies came before all was sent: the rest of the request cannot follow them.
+        *slot = None;
+        return replies;
+    }
+    in_step(replies?, &conn.input)
+}
+
+/// Checks that nothing came after the replies asked for: a reply no request asked for means
+/// the server's replies are out of step with the requests, and every later one would answer
+/// the wrong request.
+fn in_step(replies: Vec<Frame>, left: &BytesMut) -> Result<Vec<Frame>> {
+    if left.is_empty() {
+        Ok(replies)
+    } else {
+        Err(unsolicited(left.len()))
+    }
+}
+
+fn unsolicited(bytes: usize) -> Error {
+    Error::Protocol(format!(
+        "the server sent {bytes} bytes more than the replies asked for; its replies are out of \
+         step with the requests, so the connection is dropped"
+    ))
+}
+
+/// Before a kept connection is used again: a connection the server has closed meanwhile (its
+/// idle timeout) is replaced; bytes that arrived unasked mean the replies are out of step.
+fn check_kept(slot: &mut Option<Connection>) -> Result<()> {
+    let Some(conn) = slot.as_mut() else {
+        return Ok(());
+    };
+    if !conn.input.is_empty() {
+        let left = conn.input.len();
+        *slot = None;
+        return Err(unsolicited(left));
+    }
+    match conn.stream.read_buf(&mut conn.input).now_or_never() {
+        None => Ok(()), // nothing pending: the usual case
+        Some(Ok(0)) | Some(Err(_)) => {
+            // closed (or reset) while idle: open a new one
+            *slot = None;
+            Ok(())
+        }
+        Some(Ok(n)) => {
+            *slot = None;
+            Err(unsolicited(n))
+        }
+    }
 }
 
 /// Reads `count` framed replies; `timeout` bounds the wait for each.
@@ -130,9 +247,14 @@ async fn read_replies<R: AsyncRead + Unpin>(
             timeout,
             || format!("waiting for a reply from {endpoint}"),
             async {
-                codec::read_frame(reader, input, &mut codec)
-                    .await
-                    .map_err(Error::from)
+                match codec::read_frame(reader, input, &mut codec).await {
+                    Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+                        if looks_like_json(input) =>
+                    {
+                        Err(classic_reply_error())
+                    }
+                    read => read.map_err(Error::from),
+                }
             },
         )
         .await?;
@@ -441,9 +563,7 @@ async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipel
             Ok(Some(frame)) => {
                 let mut state = locked(&conn.state);
                 let Some(front) = state.waiters.front_mut() else {
-                    break Error::Wire(WireError::Io(std::io::Error::other(
-                        "the server sent a reply nobody asked for",
-                    )));
+                    break unsolicited(codec::HEADER_LEN + frame.payload.len());
                 };
                 front.frames.push(frame);
                 if front.frames.len() == front.wanted {
@@ -454,6 +574,11 @@ async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipel
                 }
             }
             Ok(None) => break Error::Wire(WireError::ClosedBeforeMessage),
+            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+                if looks_like_json(&input) =>
+            {
+                break classic_reply_error()
+            }
             Err(err) => break err.into(),
         }
     };

@@ -289,8 +289,14 @@ where
     }
 }
 
-/// Reads an unframed reply: everything up to the peer's close, at most `limit` bytes.
-pub async fn read_until_close<R>(reader: &mut R, limit: usize) -> Result<Vec<u8>, WireError>
+/// Reads an unframed reply: everything up to the peer's close, at most `limit` bytes, or
+/// less if `stop_early` says what has come is all that will (for a caller that can tell a
+/// reply of another protocol, which never closes).
+pub async fn read_until_close<R>(
+    reader: &mut R,
+    limit: usize,
+    stop_early: fn(&[u8]) -> bool,
+) -> Result<Vec<u8>, WireError>
 where
     R: AsyncRead + Unpin,
 {
@@ -311,6 +317,9 @@ where
         }
         if reply.len() > limit {
             return Err(WireError::ReplyTooLarge { limit });
+        }
+        if stop_early(&reply) {
+            break;
         }
     }
     if reply.is_empty() {
@@ -472,10 +481,15 @@ mod tests {
     fn read_until_close_enforces_limit() {
         let reply = [b'1'; 100];
         let mut exact = &reply[..];
-        assert_eq!(run(read_until_close(&mut exact, 100)).unwrap().len(), 100);
+        assert_eq!(
+            run(read_until_close(&mut exact, 100, |_| false))
+                .unwrap()
+                .len(),
+            100
+        );
         let mut over = &reply[..];
         assert!(matches!(
-            run(read_until_close(&mut over, 99)),
+            run(read_until_close(&mut over, 99, |_| false)),
             Err(WireError::ReplyTooLarge { limit: 99 })
         ));
     }
@@ -484,7 +498,7 @@ mod tests {
     fn read_until_close_refuses_empty_reply() {
         let mut empty: &[u8] = b"";
         assert!(matches!(
-            run(read_until_close(&mut empty, 10)),
+            run(read_until_close(&mut empty, 10, |_| false)),
             Err(WireError::ClosedBeforeMessage)
         ));
     }

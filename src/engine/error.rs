@@ -19,6 +19,11 @@ pub enum Error {
     Os { err: io::Error, doing: String },
     /// The host name did not resolve.
     Resolve { host: String, err: io::Error },
+    /// The peer does not speak the protocol asked for, or sent what nobody asked for; the text
+    /// says what was seen.
+    Protocol(String),
+    /// The client was closed while this exchange was in flight.
+    Closed,
 }
 
 impl fmt::Display for Error {
@@ -28,6 +33,8 @@ impl fmt::Display for Error {
             Error::Timeout(text) => f.write_str(text),
             Error::Os { err, doing } => write!(f, "{doing}: {err}"),
             Error::Resolve { host, err } => write!(f, "could not resolve host {host:?}: {err}"),
+            Error::Protocol(text) => f.write_str(text),
+            Error::Closed => f.write_str("the client was closed while this request was in flight"),
         }
     }
 }
@@ -73,6 +80,8 @@ impl Error {
                 host: host.clone(),
                 err: copy_io(err),
             },
+            Error::Protocol(text) => Error::Protocol(text.clone()),
+            Error::Closed => Error::Closed,
         }
     }
 }

@@ -103,6 +103,8 @@ pub struct Client {
     timeout: Option<Duration>,
     max_reply: usize,
     state: Mutex<ClientState>,
+    /// Cancelled by `close()`: requests in flight on other threads end at once.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl Client {
@@ -114,7 +116,7 @@ impl Client {
             Some(state) => state,
             None => py.detach(|| self.state.lock()),
         };
-        if state.closed {
+        if state.closed || self.closing.is_cancelled() {
             return Err(PyValueError::new_err("the client is closed"));
         }
         Ok(state)
@@ -154,19 +156,23 @@ impl Client {
             std::mem::forget(state.connection.take());
             state.generation = runtime::generation();
         }
+        let closing = self.closing.clone();
         let slot = &mut state.connection;
-        let outcome = self.wait(
-            py,
-            framed_exchange(
-                slot,
-                &self.endpoint,
-                frames,
-                count,
-                self.timeout,
-                self.max_reply,
-            ),
-        );
-        match outcome {
+        let outcome = self.wait(py, async {
+            tokio::select! {
+                biased;
+                _ = closing.cancelled() => Err(Error::Closed),
+                replies = framed_exchange(
+                    slot,
+                    &self.endpoint,
+                    frames,
+                    count,
+                    self.timeout,
+                    self.max_reply,
+                ) => replies,
+            }
+        });
+        let outcome = match outcome {
             Ok(Ok(replies)) => Ok(replies),
             Ok(Err(err)) => {
                 *slot = None;
@@ -176,7 +182,12 @@ impl Client {
                 *slot = None;
                 Err(interrupted)
             }
+        };
+        if self.closing.is_cancelled() {
+            state.connection = None;
+            state.closed = true;
         }
+        outcome
     }
 
     fn classic_request<'py>(
@@ -186,10 +197,14 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         drop(self.lock(py)?); // only to refuse a closed client
         let frame: Bytes = codec::encode_frame(&message_payload(message)?).map_err(Error::from)?;
-        let reply = self.wait(
-            py,
-            classic_exchange(&self.endpoint, &frame, self.timeout, self.max_reply),
-        )??;
+        let closing = self.closing.clone();
+        let reply = self.wait(py, async {
+            tokio::select! {
+                biased;
+                _ = closing.cancelled() => Err(Error::Closed),
+                reply = classic_exchange(&self.endpoint, &frame, self.timeout, self.max_reply) => reply,
+            }
+        })??;
         json::loads(py, &reply)
     }
 }
@@ -234,6 +249,7 @@ impl Client {
                 generation: runtime::generation(),
                 closed: false,
             }),
+            closing: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -281,11 +297,14 @@ impl Client {
         PyList::new(py, values)
     }
 
-    /// Closes the kept connection; later requests raise ValueError.
-    fn close(&self, py: Python<'_>) {
-        let mut state = py.detach(|| self.state.lock());
-        state.connection = None;
-        state.closed = true;
+    /// Closes the kept connection; later requests raise ValueError. Never waits: a request in
+    /// flight on another thread fails at once with ConnectionClosedError.
+    fn close(&self) {
+        self.closing.cancel();
+        if let Some(mut state) = self.state.try_lock() {
+            state.connection = None;
+            state.closed = true;
+        } // else the request in flight sees `closing`, drops the connection and marks it closed
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -293,8 +312,8 @@ impl Client {
     }
 
     #[pyo3(signature = (*_exc_info))]
-    fn __exit__(&self, py: Python<'_>, _exc_info: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.close(py);
+    fn __exit__(&self, _exc_info: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.close();
         false
     }
 

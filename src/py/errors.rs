@@ -5,6 +5,8 @@
 //! ├── FrameTooLargeError(FramesockError, ValueError)          length over max_frame / max_reply
 //! ├── JSONDecodeError(FramesockError, json.JSONDecodeError)  bytes that are not JSON
 //! ├── ConnectionClosedError(FramesockError, ConnectionError) peer left mid-frame / without reply
+//! ├── ProtocolError(FramesockError, ConnectionError)         peer speaks another protocol, or
+//! │                                                          sent a frame nobody asked for
 //! ├── FramesockTimeoutError(FramesockError, TimeoutError)     a step outlived its timeout
 //! └── RemoteError(FramesockError)                            the server sent an error reply
 //! ```
@@ -31,6 +33,7 @@ pub struct Exceptions {
     pub frame_too_large: Py<PyType>,
     pub json_decode: Py<PyType>,
     pub connection_closed: Py<PyType>,
+    pub protocol: Py<PyType>,
     pub timeout: Py<PyType>,
     pub remote: Py<PyType>,
 }
@@ -79,6 +82,14 @@ pub fn exceptions<'py>(py: Python<'py>) -> PyResult<&'py Exceptions> {
                 "ConnectionClosedError",
                 with(py.get_type::<PyConnectionError>().into_any())?,
                 "The peer closed the connection mid-frame or before replying.",
+            )?,
+            protocol: make_class(
+                py,
+                "ProtocolError",
+                with(py.get_type::<PyConnectionError>().into_any())?,
+                "The peer does not speak the protocol asked for (e.g. a framed client talking to \
+                 a classic server), or sent a reply no request asked for; the connection is \
+                 dropped and the next request opens a new one.",
             )?,
             timeout: make_class(
                 py,
@@ -224,6 +235,8 @@ impl From<Error> for PyErr {
             ) => raise(py, |c| &c.frame_too_large, (wire.to_string(),)),
             Error::Wire(wire) => raise(py, |c| &c.connection_closed, (wire.to_string(),)),
             Error::Timeout(text) => raise(py, |c| &c.timeout, (text,)),
+            Error::Protocol(text) => raise(py, |c| &c.protocol, (text,)),
+            Error::Closed => raise(py, |c| &c.connection_closed, (Error::Closed.to_string(),)),
             Error::Os { err, doing } => os_error(err, &doing),
             Error::Resolve { host, err } => {
                 let text = format!("could not resolve host {host:?}: {err}");
@@ -261,6 +274,7 @@ pub fn init(module: &Bound<'_, PyModule>) -> PyResult<()> {
         &classes.frame_too_large,
         &classes.json_decode,
         &classes.connection_closed,
+        &classes.protocol,
         &classes.timeout,
         &classes.remote,
     ] {
