@@ -133,3 +133,267 @@ def test_abstract_socket_names_work(tmp_path):
         assert server.address == name
         with framesock.Client(path=name, protocol="framed") as client:
             assert client.request("abstract") == {"key": "id", "val": 123}
+
+
+# --- hostile peers against a server --------------------------------------------------------------
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+
+from conftest import PeerThread, frame, wait_until  # noqa: E402
+
+BIG = "x" * (1 << 20)  # a 1 MiB reply
+
+
+def read_reply(sock: socket.socket) -> tuple[bool, bytes]:
+    """One framed reply from a plain socket: (is_error, payload)."""
+
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            assert chunk, "closed"
+            data += chunk
+        return data
+
+    (raw,) = struct.unpack(">I", exactly(4))
+    return bool(raw & 0x8000_0000), exactly(raw & 0x7FFF_FFFF)
+
+
+@pytest.fixture
+def server_factory():
+    started: list[framesock.Server] = []
+
+    def start(*args, **kwargs):
+        kwargs.setdefault("port", 0)
+        kwargs.setdefault("protocol", "framed")
+        server = framesock.Server(*args, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown(timeout=2.0)
+
+
+def connect(server) -> socket.socket:
+    sock = socket.create_connection(server.address[:2], timeout=10)
+    return sock
+
+
+def test_pipelined_requests_with_unread_replies_are_not_all_answered_into_memory(server_factory):
+    # 256 tiny requests that each ask for 1 MiB, replies never read: the server writes a few,
+    # stops reading while the client does not take them, and drops the connection at the
+    # write timeout. (framesock 0.1 built all 256 MiB of replies in memory first.)
+    import resource
+
+    server = server_factory(response=BIG, timeout=0.5)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hostile = [connect(server) for _ in range(4)]
+    for sock in hostile:
+        sock.sendall(frame(b"x") * 256)
+    wait_until(lambda: server.stats()["errors"]["timeout"] == 4)
+    assert server.stats()["connections_active"] == 0
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before  # KiB
+    assert grown < 200 * 1024  # unbounded, this is a GiB
+    for sock in hostile:
+        sock.close()
+
+
+def test_replies_past_max_unsent_go_out_before_more_are_answered(server_factory):
+    served = []
+    server = server_factory(lambda r: served.append(r) or BIG[:100_000], max_unsent=64 * 1024, timeout=5)
+    with connect(server) as sock:
+        sock.sendall(frame(b"a") + frame(b"b") + frame(b"c"))
+        assert read_reply(sock) == (False, json.dumps(BIG[:100_000]).encode())
+        for _ in range(2):
+            read_reply(sock)
+    assert served == ["a", "b", "c"]
+
+
+def test_silent_connections_cannot_lock_good_clients_out(server_factory):
+    server = server_factory(max_connections=8)
+    silent = [connect(server) for _ in range(8)]
+    wait_until(lambda: server.stats()["connections_active"] == 8)
+    with framesock.Client(*server.address[:2], protocol="framed", timeout=5) as good:
+        for n in range(3):
+            assert good.request(str(n)) == {"key": "id", "val": 123}
+    assert server.stats()["idle_evicted"] >= 1
+    for sock in silent:
+        sock.close()
+
+
+def test_idle_timeout_is_on_by_default():
+    assert framesock.Server.__text_signature__ is None or "idle_timeout=75.0" in framesock.Server.__text_signature__
+    import inspect
+
+    assert inspect.signature(aio.Server).parameters["idle_timeout"].default == 75.0
+
+
+def test_max_buffered_bounds_what_slow_senders_pin(server_factory):
+    server = server_factory(lambda r: len(r), max_buffered=1 << 20, max_frame=1 << 20, request_as="bytes", timeout=10)
+    slow = connect(server)
+    slow.sendall(struct.pack(">I", 900_000) + b"y" * 500_000)  # most of a big request, then nothing
+    wait_until(lambda: server.stats()["bytes_buffered"] >= 500_000)
+    with framesock.Client(*server.address[:2], protocol="framed", timeout=10, max_reply=1 << 20) as other:
+        with pytest.raises(framesock.RemoteError) as caught:
+            other.request(b"z" * 600_000)  # would take the server past max_buffered
+        assert caught.value.kind == "busy"
+        assert other.request(b"small") == 5  # the same connection goes on
+    slow.sendall(b"y" * 400_000)  # the slow one completes within its budget
+    assert read_reply(slow) == (False, b"900000")
+    slow.close()
+    assert server.stats()["busy"] == 1
+
+
+def test_a_refused_header_behind_unread_replies_cannot_hold_the_slot(server_factory):
+    server = server_factory(response=BIG, timeout=0.5, max_frame=1024)
+    with connect(server) as sock:
+        sock.sendall(frame(b"x") * 20 + struct.pack(">I", 10_000))  # then never reads
+        wait_until(lambda: server.stats()["connections_active"] == 0)
+
+
+def test_an_oversized_request_gets_frame_too_large_however_large(server_factory):
+    server = server_factory(lambda r: "ok", max_frame=1024)
+    with framesock.Client(*server.address[:2], protocol="framed", timeout=20) as client:
+        for size in (2_000, 200_000, 20 << 20):
+            with pytest.raises(framesock.RemoteError) as caught:
+                client.request(b"x" * size)
+            assert caught.value.kind == "frame_too_large", size
+            assert client.request("fine") == "ok"  # a new connection
+
+
+def test_bad_requests_are_logged_as_warnings_in_proportion(server_factory, caplog):
+    server = server_factory(lambda r: r, request_as="json")
+    with caplog.at_level(logging.DEBUG, logger="framesock"):
+        with connect(server) as sock:
+            sock.sendall(frame(b"{not json") * 200)
+            for _ in range(200):
+                assert read_reply(sock)[0]
+    records = [r for r in caplog.records if r.name == "framesock"]
+    assert records and all(r.levelno == logging.WARNING and r.exc_info is None for r in records)
+    assert len(records) <= 10  # at most 10 per 10 s; the rest counted
+    assert server.stats()["errors"]["bad_request"] == 200
+
+
+def test_handler_exceptions_keep_their_traceback(server_factory, caplog):
+    def broken(request):
+        raise KeyError("missing")
+
+    server = server_factory(broken)
+    with caplog.at_level(logging.ERROR, logger="framesock"):
+        with framesock.Client(*server.address[:2], protocol="framed") as client:
+            with pytest.raises(framesock.RemoteError):
+                client.request("x")
+        wait_until(lambda: any(r.exc_info for r in caplog.records))
+    assert any(r.levelno == logging.ERROR and r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
+# --- hostile servers against a client ------------------------------------------------------------
+
+
+def framed_server(behaviour):
+    """A framed TCP server on loopback whose connections are handled by ``behaviour(conn, n)``."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(10)
+
+    def serve():
+        for n in range(2):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                behaviour(conn, n)
+
+    thread = PeerThread(serve)
+    thread.start()
+    return listener, thread
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One request frame's payload; b"" once the client has gone (closed or reset)."""
+    data = b""
+    while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionError:
+            return b""
+        if not chunk:
+            return b""
+        data += chunk
+    return data[4:]
+
+
+def framed_reply(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def test_an_unsolicited_frame_fails_the_connection_and_the_next_request_reconnects():
+    def behaviour(conn, n):
+        if n == 0:
+            read_request(conn)
+            conn.sendall(framed_reply(b'"one"') + framed_reply(b'"unasked"'))
+            read_request(conn)  # the client must not take "unasked" as this one's reply
+        else:
+            request = read_request(conn)
+            conn.sendall(framed_reply(json.dumps(request.decode()).encode()))
+            read_request(conn)
+
+    listener, thread = framed_server(behaviour)
+    with framesock.Client("127.0.0.1", listener.getsockname()[1], protocol="framed", timeout=5) as client:
+        # The extra frame is seen with the first reply (if it came in the same read: which
+        # reply is right cannot be told, so that request fails) or before the second request.
+        try:
+            first = client.request("1")
+        except framesock.ProtocolError as err:
+            assert "out of step" in str(err)
+        else:
+            assert first == "one"
+            with pytest.raises(framesock.ProtocolError, match="out of step"):
+                client.request("2")
+        assert client.request("3") == "3"  # a new connection, in step
+    listener.close()
+    thread.outcome()
+
+
+def test_a_framed_client_names_a_classic_server():
+    with framesock.Server(port=0, protocol="classic") as server:
+        with framesock.Client(*server.address[:2], protocol="framed", timeout=5) as client:
+            with pytest.raises(framesock.ProtocolError, match="classic JSON"):
+                client.request("x")
+
+
+def test_a_classic_client_names_a_framed_server_at_once():
+    with framesock.Server(port=0, protocol="framed") as server:
+        with pytest.raises(framesock.ProtocolError, match="framed"):
+            framesock.start_client(*server.address[:2], timeout=30)  # not a 30 s wait
+
+
+def test_close_does_not_wait_for_a_request_in_flight(server_factory):
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking(request):
+        entered.set()
+        release.wait(10)
+        return request
+
+    server = server_factory(blocking)
+    client = framesock.Client(*server.address[:2], protocol="framed", timeout=None)
+    waiting = PeerThread(lambda: client.request("x"))
+    waiting.start()
+    assert entered.wait(10)
+    client.close()  # returns while the handler still blocks
+    assert not release.is_set()
+    with pytest.raises(framesock.ConnectionClosedError, match="closed"):
+        waiting.outcome()
+    with pytest.raises(ValueError, match="closed"):
+        client.request("y")
+    release.set()

@@ -148,7 +148,11 @@ pub async fn framed_exchange(
             max_reply,
         )
         .await?;
-        return in_step(replies, &conn.input);
+        let replies = in_step(replies, &conn.input)?;
+        if replies.iter().any(ends_connection) {
+            *slot = None;
+        }
+        return Ok(replies);
     }
     // Written and read together, so a batch far larger than the socket buffers cannot
     // deadlock, and a reply that comes before all is sent (a refused request) is seen at once.
@@ -185,7 +189,19 @@ pub async fn framed_exchange(
         *slot = None;
         return replies;
     }
-    in_step(replies?, &conn.input)
+    let replies = in_step(replies?, &conn.input)?;
+    if replies.iter().any(ends_connection) {
+        *slot = None; // the server closes after refusing a request's header
+    }
+    Ok(replies)
+}
+
+/// Whether the server closes the connection after this reply: a refused header
+/// (`frame_too_large`) leaves the stream out of sync, so it does.
+fn ends_connection(reply: &Frame) -> bool {
+    reply.is_error
+        && serde_json::from_slice::<serde_json::Value>(&reply.payload)
+            .is_ok_and(|error| error["error"] == "frame_too_large")
 }
 
 /// Checks that nothing came after the replies asked for: a reply no request asked for means
