@@ -8,7 +8,7 @@ PY := $(abspath $(VENV))/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PYO3_PYTHON := $(PY)
 
-.PHONY: all venv build demo test cargo-test pytest lint bench clean
+.PHONY: all venv build demo test cargo-test pytest lint bench soak clean
 
 all: build
 
@@ -52,6 +52,12 @@ bench: build
 	$(PY) -m pip install --quiet --disable-pip-version-check uvloop orjson jiter pyzmq matplotlib
 	cargo build --release --quiet --manifest-path bench/native/Cargo.toml
 	$(PY) bench/run.py
+
+# Not part of `make test` either: minutes of good and hostile clients against one server
+# (SOAK_SECONDS, default 300; SOAK_GOOD, SOAK_HOSTILE connections, default 300 each).
+soak: build
+	$(PY) -m pip install --quiet --disable-pip-version-check matplotlib
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) target bench/native/target

@@ -397,3 +397,64 @@ def test_close_does_not_wait_for_a_request_in_flight(server_factory):
     with pytest.raises(ValueError, match="closed"):
         client.request("y")
     release.set()
+
+
+# --- random sequences of hostile actions, end to end -----------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def garbage(server, data: bytes) -> None:
+    with connect(server) as sock:
+        sock.sendall(data)
+
+
+def split_frame(server, payload: bytes, cuts: list[int]) -> None:
+    whole = frame(payload)
+    points = sorted({c % (len(whole) + 1) for c in cuts} | {len(whole)})
+    with connect(server) as sock:
+        at = 0
+        for point in points:
+            sock.sendall(whole[at:point])
+            at = point
+        assert read_reply(sock) == (False, json.dumps({"echo": payload.decode()}).encode())
+
+
+def oversized(server, declared: int) -> None:
+    with connect(server) as sock:
+        sock.sendall(struct.pack(">I", declared) + b"x" * 100)
+        is_error, payload = read_reply(sock)
+        assert is_error and json.loads(payload)["error"] == "frame_too_large"
+
+
+def half_then_leave(server, payload: bytes) -> None:
+    with connect(server) as sock:
+        sock.sendall(frame(payload)[: 2 + len(payload) // 2])
+
+
+actions = st.one_of(
+    st.tuples(st.just(garbage), st.binary(max_size=64)),
+    st.tuples(st.just(split_frame), st.text("abcxyz", max_size=40).map(str.encode), st.lists(st.integers(0, 100), max_size=6)),
+    st.tuples(st.just(oversized), st.integers(4097, 2**32 - 1)),
+    st.tuples(st.just(half_then_leave), st.text("abc", min_size=1, max_size=40).map(str.encode)),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server():
+    server = framesock.Server(lambda r: {"echo": r}, port=0, protocol="framed", max_frame=4096, timeout=2)
+    server.start()
+    yield server
+    server.shutdown(timeout=2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(actions, max_size=8), st.integers(0, 1000))
+def test_random_hostile_actions_never_mix_up_a_good_clients_replies(fuzzed_server, steps, seed):
+    with framesock.Client(*fuzzed_server.address[:2], protocol="framed", timeout=5) as good:
+        for n, (action, *args) in enumerate(steps):
+            action(fuzzed_server, *args)
+            message = f"good {seed} {n}"
+            assert good.request(message) == {"echo": message}
+        assert good.request_many([f"m{i}" for i in range(5)]) == [{"echo": f"m{i}"} for i in range(5)]

@@ -1490,4 +1490,145 @@ mod tests {
         });
         assert_eq!(server.start(), Err(CannotStart::Stopped));
     }
+
+    mod fuzz {
+        //! Random requests, cut into random pieces, and random bytes: the serving loop never
+        //! panics or hangs, and answers every request with its own reply, in order.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        fn paused_runtime() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        }
+
+        /// Writes `bytes` in pieces cut at `cuts` (offsets, any order), yielding between them.
+        async fn write_in_pieces(client: &mut DuplexStream, bytes: &[u8], cuts: &[usize]) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let mut at = 0;
+            for cut in cuts {
+                if client.write_all(&bytes[at..cut]).await.is_err() {
+                    return; // the server closed (e.g. after refusing a header)
+                }
+                at = cut;
+                tokio::task::yield_now().await;
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+            #[test]
+            fn every_request_gets_its_own_reply_in_order(
+                payloads in proptest::collection::vec(
+                    prop_oneof![
+                        Just(b"fail".to_vec()),
+                        proptest::collection::vec(b'a'..=b'z', 0..300),
+                    ],
+                    1..40,
+                ),
+                cuts in proptest::collection::vec(any::<usize>(), 0..20),
+                max_unsent in 1usize..4096,
+            ) {
+                let limits = Limits { max_unsent, max_frame: 1024, ..limits() };
+                paused_runtime().block_on(async {
+                    let (service, _go) = service(Protocol::Framed, limits);
+                    let (mut client, task) = connect(&service, &CancellationToken::new());
+                    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+                    let bytes = frames(&refs);
+                    let (mut read, mut write) = tokio::io::split(&mut client);
+                    let writing = async {
+                        let mut pieces = Vec::new();
+                        let mut at = 0;
+                        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+                        cuts.push(bytes.len());
+                        cuts.sort_unstable();
+                        for cut in cuts {
+                            pieces.push(bytes[at..cut].to_vec());
+                            at = cut;
+                        }
+                        for piece in pieces {
+                            write.write_all(&piece).await.unwrap();
+                            tokio::task::yield_now().await;
+                        }
+                        write.shutdown().await.unwrap();
+                    };
+                    let reading = async {
+                        let mut input = BytesMut::new();
+                        let mut codec = FrameCodec::replies(1 << 20);
+                        let mut replies = Vec::new();
+                        for _ in 0..payloads.len() {
+                            let reply = codec::read_frame(&mut read, &mut input, &mut codec)
+                                .await
+                                .unwrap()
+                                .expect("a reply for every request");
+                            replies.push(reply);
+                        }
+                        replies
+                    };
+                    let ((), replies) = tokio::join!(writing, reading);
+                    for (payload, reply) in payloads.iter().zip(&replies) {
+                        if payload == b"fail" {
+                            assert!(reply.is_error);
+                        } else {
+                            assert!(!reply.is_error);
+                            let expected = format!("\"{}\"", String::from_utf8_lossy(payload));
+                            assert_eq!(&reply.payload[..], expected.as_bytes());
+                        }
+                    }
+                    task.await.unwrap();
+                });
+            }
+
+            #[test]
+            fn random_bytes_never_panic_or_hang(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2000),
+                cuts in proptest::collection::vec(any::<usize>(), 0..10),
+                classic in any::<bool>(),
+            ) {
+                let protocol = if classic { Protocol::Classic } else { Protocol::Framed };
+                paused_runtime().block_on(async {
+                    let (service, _go) = service(protocol, limits());
+                    let (mut client, task) = connect(&service, &CancellationToken::new());
+                    write_in_pieces(&mut client, &bytes, &cuts).await;
+                    let _ = client.shutdown().await;
+                    let mut rest = Vec::new();
+                    let _ = client.read_to_end(&mut rest).await;
+                    // Ends: by the peer's close, an error, or the request deadline (paused time
+                    // runs ahead to it), never by hanging.
+                    task.await.unwrap();
+                });
+            }
+
+            #[test]
+            fn the_codec_reads_frames_however_they_are_cut(
+                payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..100), 0..20),
+                cuts in proptest::collection::vec(any::<usize>(), 0..20),
+            ) {
+                let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+                let bytes = frames(&refs);
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+                cuts.push(bytes.len());
+                cuts.sort_unstable();
+                let mut codec = FrameCodec::new(1024);
+                let mut input = BytesMut::new();
+                let mut decoded = Vec::new();
+                let mut at = 0;
+                for cut in cuts {
+                    input.extend_from_slice(&bytes[at..cut]);
+                    at = cut;
+                    while let Some(frame) = codec.decode(&mut input).unwrap() {
+                        decoded.push(frame.payload.to_vec());
+                    }
+                }
+                prop_assert_eq!(decoded, payloads);
+            }
+        }
+    }
 }
