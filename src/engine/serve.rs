@@ -117,16 +117,29 @@ impl Stats {
 struct Charge<'a> {
     total: &'a AtomicU64,
     held: u64,
+    /// What the request now arriving declared (with its header): counted whole from its
+    /// header on, so the requests arriving together can never outgrow `max_buffered`.
+    reserved: u64,
 }
 
 impl<'a> Charge<'a> {
     fn new(total: &'a AtomicU64) -> Self {
-        Charge { total, held: 0 }
+        Charge {
+            total,
+            held: 0,
+            reserved: 0,
+        }
     }
 
-    /// This connection now holds `bytes`.
+    /// Counts the request now arriving as its whole declared size (`holding` bytes are here).
+    fn reserve(&mut self, whole: u64, holding: usize) {
+        self.reserved = whole;
+        self.set(holding);
+    }
+
+    /// This connection now holds `bytes` (or its reservation, if larger).
     fn set(&mut self, bytes: usize) {
-        let bytes = bytes as u64;
+        let bytes = (bytes as u64).max(self.reserved);
         if bytes > self.held {
             self.total.fetch_add(bytes - self.held, Ordering::Relaxed);
         } else {
@@ -429,6 +442,8 @@ impl Service {
                             self.busy_reply(peer); // no room: the classic wire can only close
                             return Ok(None);
                         }
+                        charge.reserve(whole, input.len());
+                        reserve_whole(&mut input, whole);
                         admitted = true;
                     }
                     let read = if input.is_empty() {
@@ -637,6 +652,7 @@ impl Service {
             if !batch.is_empty() {
                 request_deadline = None;
                 admitted = false;
+                charge.reserved = 0;
                 bump(&self.stats.requests, batch.len() as u64);
             }
             let in_batch: usize = batch.iter().map(Bytes::len).sum();
@@ -704,6 +720,8 @@ impl Service {
                     request_deadline = None;
                     continue;
                 }
+                charge.reserve(whole, input.len());
+                reserve_whole(&mut input, whole);
                 admitted = true;
             }
             let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)).await;
@@ -776,6 +794,16 @@ impl Service {
         );
         self.peer_problem(format!("request from {peer} refused: {message}"));
         error_reply("busy", &message)
+    }
+}
+
+/// Makes room in `input` for a large request at once, rather than by doubling: the buffer
+/// then never holds twice what was declared, and the memory is touched (resident) only as the
+/// bytes arrive.
+fn reserve_whole(input: &mut BytesMut, whole: u64) {
+    const AT_ONCE_FROM: u64 = 64 * 1024;
+    if whole >= AT_ONCE_FROM {
+        input.reserve((whole as usize).saturating_sub(input.len()));
     }
 }
 

@@ -196,6 +196,12 @@ impl Pool {
     }
 }
 
+/// The longest a sleeping handler thread goes without looking at the queue. Wake-ups are
+/// counted so that normally a thread is woken exactly when work needs one; this bounds the
+/// cost of any wake-up that goes missing (one was seen missing, rarely, in a forked child
+/// under load, with the cause not found) to this delay instead of a hang.
+const RECHECK: Duration = Duration::from_millis(100);
+
 /// How long queued work may go untaken before the watchdog wakes another thread for it.
 const STALL: Duration = Duration::from_millis(1);
 
@@ -216,8 +222,8 @@ async fn watchdog(pool: Arc<Pool>) {
                 state.watching = false;
                 break;
             }
-            if state.last_take.elapsed() >= STALL && state.asleep > state.woken {
-                state.woken += 1;
+            if state.last_take.elapsed() >= STALL && state.asleep > 0 {
+                state.woken = (state.woken + 1).min(state.asleep);
                 drop(state);
                 pool.work.notify_one();
             }
@@ -346,9 +352,13 @@ impl JobSource {
                 while !state.closed && (first || state.queue.is_empty()) {
                     first = false;
                     state.asleep += 1;
-                    pool.work.wait(&mut state);
+                    // Timed, so queued work never waits on a missed wake-up: a sleeping
+                    // thread looks at the queue at least every RECHECK whatever the counts say.
+                    let timed_out = pool.work.wait_for(&mut state, RECHECK).timed_out();
                     state.asleep -= 1;
-                    state.woken = state.woken.saturating_sub(1);
+                    if !timed_out {
+                        state.woken = state.woken.saturating_sub(1);
+                    }
                 }
             });
             let mut state = pool.state.lock();
