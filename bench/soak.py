@@ -271,7 +271,9 @@ def main() -> int:
     while fd_count(server.pid) > fds_before and time.monotonic() < deadline:
         time.sleep(0.5)
     fds_after = fd_count(server.pid)
+    time.sleep(1.5)  # a stats line from after the last client left
     final_stats = stats_lines[-1] if stats_lines else {}
+    held_after = final_stats.get("bytes_buffered", -1)
     server.terminate()
     server.wait(10)
 
@@ -280,7 +282,7 @@ def main() -> int:
     rss_peak = max(s["rss_mib"] for s in samples)
     p99s = [s["p99_ms"] for s in samples if s["replies"]]
     p50s = [s["p50_ms"] for s in samples if s["replies"]]
-    ok = tally.mixed == 0 and tally.lost == 0 and fds_after <= fds_before
+    ok = tally.mixed == 0 and tally.lost == 0 and fds_after <= fds_before and held_after == 0
     lines = [
         "# framesock soak",
         "",
@@ -297,6 +299,7 @@ def main() -> int:
         f"| hostile connections made | {sum(result['hostile_connections'].values()):,} |",
         f"| server RSS: start / peak / end | {rss_before:.0f} / {rss_peak:.0f} / {samples[-1]['rss_mib']:.0f} MiB |",
         f"| server fds: before / after all clients left | {fds_before} / {fds_after} |",
+        f"| request bytes held after all clients left (`bytes_buffered`) | {held_after} |",
         f"| good p50 per second: median / worst | {statistics.median(p50s):.2f} / {max(p50s):.2f} ms |",
         f"| good p99 per second: median / worst | {statistics.median(p99s):.2f} / {max(p99s):.2f} ms |",
         f"| server counters at the end | `{json.dumps(final_stats)}` |",

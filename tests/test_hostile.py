@@ -248,6 +248,13 @@ def test_max_buffered_bounds_what_slow_senders_pin(server_factory):
     assert read_reply(slow) == (False, b"900000")
     slow.close()
     assert server.stats()["busy"] == 1
+    # A peer that leaves mid-request gives back all it held.
+    leaver = connect(server)
+    leaver.sendall(struct.pack(">I", 900_000) + b"y" * 1000)
+    wait_until(lambda: server.stats()["bytes_buffered"] >= 900_000)
+    leaver.close()
+    wait_until(lambda: server.stats()["connections_active"] == 0)
+    assert server.stats()["bytes_buffered"] == 0
 
 
 def test_a_refused_header_behind_unread_replies_cannot_hold_the_slot(server_factory):

@@ -156,6 +156,7 @@ impl<'a> Charge<'a> {
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
+        self.reserved = 0;
         self.set(0);
     }
 }
