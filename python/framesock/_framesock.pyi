@@ -1,6 +1,7 @@
 """Type stubs for framesock's native engine (``framesock._framesock``)."""
 
 import json
+import ssl
 from os import PathLike
 from types import TracebackType
 from typing import Any, Awaitable, Callable, Iterable, Literal, Optional, Union, final
@@ -11,6 +12,9 @@ __all__ = [
     "Client",
     "ConnectionClosedError",
     "ProtocolError",
+    "ClientTLS",
+    "ServerTLS",
+    "TLSError",
     "FrameTooLargeError",
     "FramesockError",
     "FramesockTimeoutError",
@@ -58,6 +62,50 @@ class ProtocolError(FramesockError, ConnectionError):
     server, or the reverse), or sent a reply that no request asked for. The connection is
     dropped; the next request opens a new one."""
 
+class TLSError(FramesockError, ssl.SSLError):
+    """A TLS handshake failed; the message says why in words (unknown issuer, name mismatch,
+    expired, no client certificate, a peer that does not speak TLS)."""
+
+@final
+class ServerTLS:
+    """A server's TLS settings (rustls, TLS 1.2 and 1.3); immutable, reusable.
+
+    ``cert`` is the certificate chain and ``key`` the private key, each a path or PEM bytes;
+    with ``client_ca`` (path or PEM bytes) clients must present a certificate that chains to
+    it (mutual TLS). Problems raise ``ValueError`` naming the input, when the object is made.
+    """
+
+    def __new__(
+        cls,
+        cert: Union[_Path, bytes],
+        key: Union[_Path, bytes],
+        *,
+        client_ca: Union[_Path, bytes, None] = None,
+    ) -> "ServerTLS": ...
+    @property
+    def requires_client_certificate(self) -> bool: ...
+
+@final
+class ClientTLS:
+    """A client's TLS settings; immutable, reusable.
+
+    ``ca``: the CA bundle server certificates must chain to (path or PEM bytes; None: the
+    system's). ``cert``/``key``: a client certificate to present. ``server_name``: the name to
+    check the server's certificate against (default: the host connected to; an IP address is
+    checked as an IP SAN).
+    """
+
+    def __new__(
+        cls,
+        ca: Union[_Path, bytes, None] = None,
+        *,
+        cert: Union[_Path, bytes, None] = None,
+        key: Union[_Path, bytes, None] = None,
+        server_name: Optional[str] = None,
+    ) -> "ClientTLS": ...
+    @property
+    def server_name(self) -> Optional[str]: ...
+
 class FramesockTimeoutError(FramesockError, TimeoutError):
     """A network step took longer than its timeout; the message names the step."""
 
@@ -84,6 +132,7 @@ def start_server(
     request_as: _RequestAs = "text",
     ready: Optional[Callable[[_Address], object]] = None,
     path: Optional[_Path] = None,
+    tls: Optional[ServerTLS] = None,
 ) -> dict[str, Any]:
     """Serve one client and one request, like the seed's server, then close and return.
 
@@ -131,6 +180,7 @@ def start_client(
     timeout: Optional[float] = 20.0,
     max_reply: int = 16777216,
     path: Optional[_Path] = None,
+    tls: Optional[ClientTLS] = None,
 ) -> _JSONValue:
     """Send one request like the seed's client and return the decoded JSON reply.
 
@@ -196,6 +246,7 @@ class Server:
         handler_threads: Optional[int] = None,
         max_unsent: int = 65536,
         max_buffered: int = 268435456,
+        tls: Optional[ServerTLS] = None,
     ) -> "Server":
         """Bind the server.
 
@@ -308,6 +359,7 @@ class Client:
         protocol: _Protocol = "classic",
         timeout: Optional[float] = 20.0,
         max_reply: int = 16777216,
+        tls: Optional[ClientTLS] = None,
     ) -> "Client":
         """Describe the server; nothing connects until the first request.
 

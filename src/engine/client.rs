@@ -16,10 +16,12 @@ use crate::engine::error::{Error, Result};
 use crate::engine::lock::locked;
 use crate::engine::net::{self, Endpoint, ReadPart, Stream, WritePart};
 use crate::engine::runtime::within;
+use crate::engine::tls::ClientTls;
 
 /// One classic exchange: connect, send the whole frame in one write, read the reply to the close.
 pub async fn classic_exchange(
     endpoint: &Endpoint,
+    tls: Option<&ClientTls>,
     frame: &[u8],
     timeout: Option<Duration>,
     max_reply: usize,
@@ -27,7 +29,7 @@ pub async fn classic_exchange(
     let mut stream = within(
         timeout,
         || format!("connecting to {endpoint}"),
-        net::connect(endpoint),
+        open(endpoint, tls),
     )
     .await?;
     within(
@@ -53,6 +55,9 @@ pub async fn classic_exchange(
 /// framed server, which keeps the connection open) is named at once instead of waited on.
 async fn read_classic_reply(stream: &mut Stream, max_reply: usize) -> Result<Vec<u8>> {
     let reply = codec::read_until_close(stream, max_reply, looks_framed).await?;
+    if looks_like_tls(&reply) {
+        return Err(tls_reply_error());
+    }
     if looks_framed(&reply) {
         return Err(Error::Protocol(
             "the reply is a framed reply, not classic JSON: is the server framed? \
@@ -87,6 +92,19 @@ fn looks_like_json(bytes: &[u8]) -> bool {
         )
 }
 
+/// Whether a "header" is really a TLS record (handshake or alert): a TLS server answering a
+/// plain client.
+fn looks_like_tls(bytes: &[u8]) -> bool {
+    bytes.len() >= 3 && matches!(bytes[0], 0x15 | 0x16) && bytes[1] == 0x03 && bytes[2] <= 0x04
+}
+
+fn tls_reply_error() -> Error {
+    Error::Protocol(
+        "the reply looks like TLS: does the server use TLS? (pass tls=framesock.ClientTLS(...))"
+            .to_owned(),
+    )
+}
+
 /// The error for a framed reply that is really a classic one.
 fn classic_reply_error() -> Error {
     Error::Protocol(
@@ -100,6 +118,14 @@ fn classic_reply_error() -> Error {
 /// one (too large) says so at once, and the client stops sending.
 const WATCHED_WRITE: usize = 256 * 1024;
 
+/// A connection to `endpoint`, under TLS when `tls` is given.
+async fn open(endpoint: &Endpoint, tls: Option<&ClientTls>) -> Result<Stream> {
+    match tls {
+        Some(tls) => net::connect_tls(endpoint, tls).await,
+        None => net::connect(endpoint).await,
+    }
+}
+
 /// A kept connection of the framed protocol, with the bytes read past the last reply.
 pub struct Connection {
     stream: Stream,
@@ -112,9 +138,11 @@ pub struct Connection {
 /// Writing and reading run together, so a batch far larger than the socket buffers cannot
 /// deadlock with both sides blocked on full buffers. `timeout` bounds connecting and the wait
 /// for each reply.
+#[allow(clippy::too_many_arguments)]
 pub async fn framed_exchange(
     slot: &mut Option<Connection>,
     endpoint: &Endpoint,
+    tls: Option<&ClientTls>,
     frames: &[u8],
     count: usize,
     timeout: Option<Duration>,
@@ -125,7 +153,7 @@ pub async fn framed_exchange(
         let stream = within(
             timeout,
             || format!("connecting to {endpoint}"),
-            net::connect(endpoint),
+            open(endpoint, tls),
         )
         .await?;
         *slot = Some(Connection {
@@ -268,6 +296,11 @@ async fn read_replies<R: AsyncRead + Unpin>(
                         if looks_like_json(input) =>
                     {
                         Err(classic_reply_error())
+                    }
+                    Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+                        if looks_like_tls(input) =>
+                    {
+                        Err(tls_reply_error())
                     }
                     read => read.map_err(Error::from),
                 }
@@ -498,8 +531,13 @@ impl Pipeline {
             // Closed meanwhile (its requests were failed then): the new socket just closes.
             _ => return,
         };
-        let stream = match connected {
-            Ok(stream) => stream,
+        let parts = connected.and_then(|stream| {
+            stream
+                .into_split()
+                .map_err(|err| Error::from(WireError::Io(err)))
+        });
+        let (read, write) = match parts {
+            Ok(parts) => parts,
             Err(failure) => {
                 drop(slot);
                 for (_, waiter) in queued {
@@ -508,7 +546,6 @@ impl Pipeline {
                 return;
             }
         };
-        let (read, write) = stream.into_split();
         let conn = Arc::new(Conn {
             write,
             state: Mutex::default(),

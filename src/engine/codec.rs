@@ -312,8 +312,13 @@ where
                     .max(1),
             );
         }
-        if bounded.read_buf(&mut reply).await? == 0 {
-            break;
+        match bounded.read_buf(&mut reply).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            // A TLS peer that closes without saying so first (no close_notify), as many do
+            // (Python's ssl reads that as the end too): the reply ends there.
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(err) => return Err(err.into()),
         }
         if reply.len() > limit {
             return Err(WireError::ReplyTooLarge { limit });

@@ -24,6 +24,8 @@ pub enum Error {
     Protocol(String),
     /// The client was closed while this exchange was in flight.
     Closed,
+    /// A TLS handshake failed; the text says why in words.
+    Tls(String),
 }
 
 impl fmt::Display for Error {
@@ -35,6 +37,7 @@ impl fmt::Display for Error {
             Error::Resolve { host, err } => write!(f, "could not resolve host {host:?}: {err}"),
             Error::Protocol(text) => f.write_str(text),
             Error::Closed => f.write_str("the client was closed while this request was in flight"),
+            Error::Tls(text) => f.write_str(text),
         }
     }
 }
@@ -82,13 +85,21 @@ impl Error {
             },
             Error::Protocol(text) => Error::Protocol(text.clone()),
             Error::Closed => Error::Closed,
+            Error::Tls(text) => Error::Tls(text.clone()),
         }
     }
 }
 
 impl From<WireError> for Error {
     fn from(err: WireError) -> Self {
-        Error::Wire(err)
+        match err {
+            // TLS refusals that arrive after the handshake (TLS 1.3 checks the client's
+            // certificate then): said in words, as a TLS error.
+            WireError::Io(io) if crate::engine::tls::is_tls_failure(&io) => {
+                Error::Tls(crate::engine::tls::describe_failure(&io, "peer"))
+            }
+            other => Error::Wire(other),
+        }
     }
 }
 

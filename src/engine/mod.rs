@@ -11,3 +11,4 @@ pub mod lock;
 pub mod net;
 pub mod runtime;
 pub mod serve;
+pub mod tls;

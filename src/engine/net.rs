@@ -289,10 +289,33 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream> {
     }
 }
 
-/// A TCP or Unix connection; reads and writes go to whichever it is.
+/// A connection to `endpoint` under TLS: connected as `connect` does, then the handshake,
+/// with the server's certificate checked against the name `tls` gives for the host.
+pub async fn connect_tls(
+    endpoint: &Endpoint,
+    tls: &crate::engine::tls::ClientTls,
+) -> Result<Stream> {
+    let host = match endpoint {
+        Endpoint::Tcp { host, .. } => host.as_str(),
+        Endpoint::Unix(_) => "localhost",
+    };
+    let name = tls.name_for(host).map_err(Error::Tls)?;
+    let plain = connect(endpoint).await?;
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    match connector.connect(name, plain).await {
+        Ok(stream) => Ok(Stream::TlsClient(Box::new(stream))),
+        Err(err) => Err(Error::Tls(crate::engine::tls::describe_failure(
+            &err, "server",
+        ))),
+    }
+}
+
+/// A TCP or Unix connection, plain or under TLS; reads and writes go to whichever it is.
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    TlsClient(Box<tokio_rustls::client::TlsStream<Stream>>),
+    TlsServer(Box<tokio_rustls::server::TlsStream<Stream>>),
 }
 
 impl AsyncRead for Stream {
@@ -304,6 +327,8 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -317,6 +342,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -324,6 +351,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -331,23 +360,40 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
 impl Stream {
-    /// Splits the connection into a read half and a write half that can be used apart.
-    pub fn into_split(self) -> (ReadPart, WritePart) {
+    /// Splits a plain connection into a read half and a write half that can be used apart
+    /// (a TLS session's two directions share one state, so it cannot be split this way).
+    pub fn into_split(self) -> io::Result<(ReadPart, WritePart)> {
         match self {
             Stream::Tcp(s) => {
                 let (read, write) = s.into_split();
-                (ReadPart::Tcp(read), WritePart::Tcp(write))
+                Ok((ReadPart::Tcp(read), WritePart::Tcp(write)))
             }
             Stream::Unix(s) => {
                 let (read, write) = s.into_split();
-                (ReadPart::Unix(read), WritePart::Unix(write))
+                Ok((ReadPart::Unix(read), WritePart::Unix(write)))
             }
+            Stream::TlsClient(_) | Stream::TlsServer(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TLS connection cannot be shared by a pipelining client yet",
+            )),
         }
+    }
+
+    /// The certificate chain the peer presented (mutual TLS), leaf first.
+    pub fn peer_certificates(&self) -> Option<Vec<Vec<u8>>> {
+        let certs = match self {
+            Stream::TlsServer(s) => s.get_ref().1.peer_certificates(),
+            Stream::TlsClient(s) => s.get_ref().1.peer_certificates(),
+            _ => None,
+        }?;
+        Some(certs.iter().map(|c| c.as_ref().to_vec()).collect())
     }
 }
 

@@ -24,7 +24,7 @@ use crate::engine::codec::{self, FrameCodec, WireError};
 use crate::engine::error::{Error, Failure, FailureKind, Result};
 use crate::engine::handler::{Level, Log, Responder};
 use crate::engine::lock::locked;
-use crate::engine::net::{Address, Endpoint, Listener};
+use crate::engine::net::{Address, Endpoint, Listener, Stream};
 use crate::engine::runtime::{self, within};
 
 /// The seed's reply, in the bytes its `json.dumps` writes.
@@ -73,6 +73,8 @@ struct ErrorCounts {
     io: AtomicU64,
     /// A bug in framesock (a caught panic): the connection, or the server, was ended.
     internal: AtomicU64,
+    /// TLS handshakes that failed.
+    tls: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -241,6 +243,8 @@ pub struct Service {
     idle: IdleConnections,
     /// How many peer problems were logged in the current window.
     peer_log: Mutex<PeerLogWindow>,
+    /// TLS for every connection, if set.
+    tls: Option<crate::engine::tls::ServerTls>,
 }
 
 /// Peer problems logged (and held back) since `started`.
@@ -326,6 +330,46 @@ impl Service {
                 logged: 0,
                 suppressed: 0,
             }),
+            tls: None,
+        }
+    }
+
+    /// The same service with every connection under TLS.
+    pub fn with_tls(mut self, tls: Option<crate::engine::tls::ServerTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The connection as the protocol will see it: under TLS once the handshake is done (at
+    /// most `timeout`, and a peer silent in it counts as idle), or as it came. None if the
+    /// handshake failed (counted and logged here).
+    async fn secured(&self, stream: Stream, peer: &Address) -> Option<Stream> {
+        let Some(tls) = &self.tls else {
+            return Some(stream);
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+        let idle = self.idle.enter();
+        let limit = self.limits.timeout.or(self.limits.idle_timeout);
+        let handshake = within(limit, || format!("TLS handshake with {peer}"), async {
+            acceptor
+                .accept(stream)
+                .await
+                .map_err(|err| Error::Tls(crate::engine::tls::describe_failure(&err, "client")))
+        });
+        let outcome = tokio::select! {
+            _ = idle.evicted() => {
+                bump(&self.stats.idle_evicted, 1);
+                return None;
+            }
+            outcome = handshake => outcome,
+        };
+        match outcome {
+            Ok(secured) => Some(Stream::TlsServer(Box::new(secured))),
+            Err(err) => {
+                bump(&self.stats.errors.tls, 1);
+                self.peer_problem(format!("TLS handshake with {peer} failed: {err}"));
+                None
+            }
         }
     }
 
@@ -875,7 +919,11 @@ async fn accept_loop(
                 let abort = abort.clone();
                 tracker.spawn(async move {
                     let _slot = slot;
-                    let serve = AssertUnwindSafe(service.serve_connection(stream, peer.clone(), stop));
+                    let serve = AssertUnwindSafe(async {
+                        if let Some(stream) = service.secured(stream, &peer).await {
+                            service.serve_connection(stream, peer.clone(), stop).await;
+                        }
+                    });
                     tokio::select! {
                         _ = abort.cancelled() => {}
                         served = serve.catch_unwind() => if let Err(panic) = served {
@@ -1138,6 +1186,16 @@ impl Server {
                 drop(listener);
                 bump(&service.stats.accepted, 1);
                 let _active = ActiveConnection::count(&service.stats.active);
+                if service.tls.is_some() {
+                    stream = match service.secured(stream, &peer).await {
+                        Some(secured) => secured,
+                        None => {
+                            return Err(OneShotError::Net(Error::Tls(format!(
+                                "TLS handshake with {peer} failed (see the framesock log)"
+                            ))))
+                        }
+                    };
+                }
                 match service.answer_classic(&mut stream, &peer, &stop).await? {
                     Classic::Stopped => Err(OneShotError::Net(Error::Wire(
                         WireError::ClosedBeforeMessage,

@@ -130,7 +130,7 @@ impl AsyncClient {
         let work = async move {
             let mut replies = Vec::with_capacity(frames.len());
             for frame in frames {
-                replies.push(classic_exchange(&endpoint, &frame, timeout, max_reply).await?);
+                replies.push(classic_exchange(&endpoint, None, &frame, timeout, max_reply).await?);
             }
             Ok(replies)
         };
@@ -265,7 +265,7 @@ pub fn start_server_async<'py>(
     path: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let server = one_shot_server(
-        py, host, port, path, response, handler, timeout, max_frame, backlog, request_as,
+        py, host, port, path, response, handler, timeout, max_frame, backlog, request_as, None,
     )?;
     server._use_event_loop(py)?;
     // `ready` runs here, on the event loop: this is called from a coroutine.

@@ -18,9 +18,11 @@ use crate::engine::error::Error;
 use crate::engine::net::Endpoint;
 use crate::engine::runtime;
 use crate::engine::serve::Protocol;
+use crate::engine::tls::ClientTls;
 use crate::py::args;
 use crate::py::errors;
 use crate::py::json;
+use crate::py::tls::ClientTls as ClientTlsSettings;
 use crate::py::wait;
 
 /// The bytes a message is sent as: str as UTF-8 and bytes as they are (the seed's wire); any
@@ -99,6 +101,7 @@ struct CallerRuntime {
 pub struct Client {
     runtime: Mutex<CallerRuntime>,
     endpoint: Endpoint,
+    tls: Option<ClientTls>,
     protocol: Protocol,
     timeout: Option<Duration>,
     max_reply: usize,
@@ -165,6 +168,7 @@ impl Client {
                 replies = framed_exchange(
                     slot,
                     &self.endpoint,
+                    self.tls.as_ref(),
                     frames,
                     count,
                     self.timeout,
@@ -202,7 +206,13 @@ impl Client {
             tokio::select! {
                 biased;
                 _ = closing.cancelled() => Err(Error::Closed),
-                reply = classic_exchange(&self.endpoint, &frame, self.timeout, self.max_reply) => reply,
+                reply = classic_exchange(
+                    &self.endpoint,
+                    self.tls.as_ref(),
+                    &frame,
+                    self.timeout,
+                    self.max_reply,
+                ) => reply,
             }
         })??;
         json::loads(py, &reply)
@@ -215,11 +225,11 @@ impl Client {
     #[pyo3(signature = (
         host = String::from("127.0.0.1"), port = 8000, *, path = None,
         protocol = String::from("classic"), timeout = Some(20.0),
-        max_reply = args::DEFAULT_MAX_LEN as i64,
+        max_reply = args::DEFAULT_MAX_LEN as i64, tls = None,
     ))]
     #[pyo3(
         text_signature = "(host='127.0.0.1', port=8000, *, path=None, protocol='classic', \
-        timeout=20.0, max_reply=16777216)"
+        timeout=20.0, max_reply=16777216, tls=None)"
     )]
     fn new(
         host: String,
@@ -228,6 +238,7 @@ impl Client {
         protocol: String,
         timeout: Option<f64>,
         max_reply: i64,
+        tls: Option<PyRef<'_, ClientTlsSettings>>,
     ) -> PyResult<Self> {
         let ClientConfig {
             endpoint,
@@ -241,6 +252,7 @@ impl Client {
                 generation: runtime::generation(),
             }),
             endpoint,
+            tls: tls.map(|tls| tls.settings.clone()),
             protocol,
             timeout,
             max_reply,
@@ -352,12 +364,13 @@ impl Drop for Client {
 #[pyfunction]
 #[pyo3(signature = (
     host = String::from("127.0.0.1"), port = 8000, message = None, *,
-    timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64, path = None,
+    timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64, path = None, tls = None,
 ))]
 #[pyo3(
     text_signature = "(host='127.0.0.1', port=8000, message='msg from client', *, timeout=20.0, \
-    max_reply=16777216, path=None)"
+    max_reply=16777216, path=None, tls=None)"
 )]
+#[allow(clippy::too_many_arguments)]
 pub fn start_client<'py>(
     py: Python<'py>,
     host: String,
@@ -366,6 +379,7 @@ pub fn start_client<'py>(
     timeout: Option<f64>,
     max_reply: i64,
     path: Option<PathBuf>,
+    tls: Option<PyRef<'py, ClientTlsSettings>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let client = Client::new(
         host,
@@ -374,6 +388,7 @@ pub fn start_client<'py>(
         String::from("classic"),
         timeout,
         max_reply,
+        tls,
     )?;
     match message {
         Some(message) => client.classic_request(py, &message),

@@ -5,6 +5,7 @@
 //! ├── FrameTooLargeError(FramesockError, ValueError)          length over max_frame / max_reply
 //! ├── JSONDecodeError(FramesockError, json.JSONDecodeError)  bytes that are not JSON
 //! ├── ConnectionClosedError(FramesockError, ConnectionError) peer left mid-frame / without reply
+//! ├── TLSError(FramesockError, ssl.SSLError)                 a TLS handshake failed
 //! ├── ProtocolError(FramesockError, ConnectionError)         peer speaks another protocol, or
 //! │                                                          sent a frame nobody asked for
 //! ├── FramesockTimeoutError(FramesockError, TimeoutError)     a step outlived its timeout
@@ -34,6 +35,7 @@ pub struct Exceptions {
     pub json_decode: Py<PyType>,
     pub connection_closed: Py<PyType>,
     pub protocol: Py<PyType>,
+    pub tls: Py<PyType>,
     pub timeout: Py<PyType>,
     pub remote: Py<PyType>,
 }
@@ -90,6 +92,13 @@ pub fn exceptions<'py>(py: Python<'py>) -> PyResult<&'py Exceptions> {
                 "The peer does not speak the protocol asked for (e.g. a framed client talking to \
                  a classic server), or sent a reply no request asked for; the connection is \
                  dropped and the next request opens a new one.",
+            )?,
+            tls: make_class(
+                py,
+                "TLSError",
+                with(py.import("ssl")?.getattr("SSLError")?)?,
+                "A TLS handshake failed; the message says why (unknown issuer, name mismatch, \
+                 expired, no client certificate, a peer that does not speak TLS).",
             )?,
             timeout: make_class(
                 py,
@@ -236,6 +245,7 @@ impl From<Error> for PyErr {
             Error::Wire(wire) => raise(py, |c| &c.connection_closed, (wire.to_string(),)),
             Error::Timeout(text) => raise(py, |c| &c.timeout, (text,)),
             Error::Protocol(text) => raise(py, |c| &c.protocol, (text,)),
+            Error::Tls(text) => raise(py, |c| &c.tls, (text,)),
             Error::Closed => raise(py, |c| &c.connection_closed, (Error::Closed.to_string(),)),
             Error::Os { err, doing } => os_error(err, &doing),
             Error::Resolve { host, err } => {
@@ -275,6 +285,7 @@ pub fn init(module: &Bound<'_, PyModule>) -> PyResult<()> {
         &classes.json_decode,
         &classes.connection_closed,
         &classes.protocol,
+        &classes.tls,
         &classes.timeout,
         &classes.remote,
     ] {

@@ -10,6 +10,7 @@ mod handlers;
 mod json;
 mod server;
 mod threads;
+mod tls;
 mod wait;
 
 use std::time::Duration;
@@ -49,6 +50,8 @@ fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::start_client, m)?)?;
     m.add_class::<server::Server>()?;
     m.add_class::<client::Client>()?;
+    m.add_class::<tls::ServerTls>()?;
+    m.add_class::<tls::ClientTls>()?;
     m.add_class::<aio::AsyncClient>()?;
     m.add_function(wrap_pyfunction!(aio::start_server_async, m)?)?;
     m.add_function(wrap_pyfunction!(json::_json_loads, m)?)?;

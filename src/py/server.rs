@@ -21,6 +21,7 @@ use crate::py::errors::failure_error;
 use crate::py::handlers::{request_text, PyHandler, PyLog};
 use crate::py::json;
 use crate::py::threads::{self, HandlerThreads};
+use crate::py::tls::ServerTls as ServerTlsSettings;
 use crate::py::wait;
 
 /// The address as Python's `socket` gives it: `(host, port)` for IPv4,
@@ -94,6 +95,7 @@ pub struct Settings {
     pub backlog: u32,
     pub handler_threads: usize,
     pub request_as: String,
+    pub tls: Option<crate::engine::tls::ServerTls>,
 }
 
 /// What a server is for, which decides what happens to failures and to the handler's values.
@@ -203,13 +205,13 @@ impl Server {
         idle_timeout = Some(75.0), max_frame = args::DEFAULT_MAX_LEN as i64,
         max_connections = 1024, backlog = 1024, request_as = String::from("text"),
         handler_threads = None, max_unsent = DEFAULT_MAX_UNSENT as i64,
-        max_buffered = DEFAULT_MAX_BUFFERED as i64,
+        max_buffered = DEFAULT_MAX_BUFFERED as i64, tls = None,
     ))]
     #[pyo3(
         text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
         protocol='classic', timeout=20.0, idle_timeout=75.0, max_frame=16777216, \
         max_connections=1024, backlog=1024, request_as='text', handler_threads=None, \
-        max_unsent=65536, max_buffered=268435456)"
+        max_unsent=65536, max_buffered=268435456, tls=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -229,6 +231,7 @@ impl Server {
         handler_threads: Option<i64>,
         max_unsent: i64,
         max_buffered: i64,
+        tls: Option<PyRef<'_, ServerTlsSettings>>,
     ) -> PyResult<Self> {
         let settings = Settings {
             endpoint: args::endpoint(host, port, path)?,
@@ -247,6 +250,7 @@ impl Server {
                 None => threads::default_thread_count(),
             },
             request_as,
+            tls: tls.map(|tls| tls.settings.clone()),
         };
         Server::bind(py, settings, response, handler, Use::Serving)
     }
@@ -387,7 +391,8 @@ impl Server {
             }),
             _ => Arc::new(NoLog),
         };
-        let service = Service::new(settings.protocol, settings.limits, replies.responder, log);
+        let service = Service::new(settings.protocol, settings.limits, replies.responder, log)
+            .with_tls(settings.tls);
         let endpoint = settings.endpoint;
         let (backlog, max_connections) = (settings.backlog, settings.max_connections);
         let bound = wait::wait(py, async move {
@@ -528,6 +533,7 @@ pub fn one_shot_server(
     max_frame: i64,
     backlog: i64,
     request_as: String,
+    tls: Option<crate::engine::tls::ServerTls>,
 ) -> PyResult<Server> {
     let settings = Settings {
         endpoint: args::endpoint(host, port, path)?,
@@ -544,6 +550,7 @@ pub fn one_shot_server(
         backlog: args::backlog(backlog)?,
         handler_threads: 1,
         request_as,
+        tls,
     };
     Server::bind(py, settings, response, handler, Use::OneExchange)
 }
@@ -553,11 +560,12 @@ pub fn one_shot_server(
 #[pyo3(signature = (
     host = String::from("127.0.0.1"), port = 8000, response = None, *, handler = None,
     timeout = Some(20.0), max_frame = args::DEFAULT_MAX_LEN as i64, backlog = 5,
-    request_as = String::from("text"), ready = None, path = None,
+    request_as = String::from("text"), ready = None, path = None, tls = None,
 ))]
 #[pyo3(
     text_signature = "(host='127.0.0.1', port=8000, response=None, *, handler=None, \
-    timeout=20.0, max_frame=16777216, backlog=5, request_as='text', ready=None, path=None)"
+    timeout=20.0, max_frame=16777216, backlog=5, request_as='text', ready=None, path=None, \
+    tls=None)"
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -572,9 +580,11 @@ pub fn start_server<'py>(
     request_as: String,
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,
+    tls: Option<PyRef<'py, ServerTlsSettings>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let tls = tls.map(|tls| tls.settings.clone());
     let server = one_shot_server(
-        py, host, port, path, response, handler, timeout, max_frame, backlog, request_as,
+        py, host, port, path, response, handler, timeout, max_frame, backlog, request_as, tls,
     )?;
     let (exchange, result) = server.serve_one(py, ready)?;
     wait::wait(py, exchange).and_then(|outcome| result.into_dict(py, outcome))

@@ -1,0 +1,240 @@
+//! TLS settings, built once and shared: rustls with the `ring` provider, TLS 1.2 and 1.3.
+//!
+//! Certificates and keys come as PEM (a file's text, or bytes given directly), read with
+//! rustls' own PEM support; every problem is found here, when the settings are made, and
+//! described in words that name the input, before anything touches the network.
+
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// PEM text and where it came from (a path, or "the bytes given"), for messages.
+pub struct Pem {
+    pub text: Vec<u8>,
+    pub origin: String,
+}
+
+/// A problem with TLS settings, in words.
+#[derive(Debug)]
+pub struct BadSettings(pub String);
+
+impl std::fmt::Display for BadSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(pem: &Pem) -> Result<Vec<CertificateDer<'static>>, BadSettings> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem.text)
+        .collect::<Result<_, _>>()
+        .map_err(|err| BadSettings(format!("{}: not PEM certificates ({err})", pem.origin)))?;
+    if certs.is_empty() {
+        return Err(BadSettings(format!(
+            "{}: no certificate found (expected a PEM \"BEGIN CERTIFICATE\" block)",
+            pem.origin
+        )));
+    }
+    Ok(certs)
+}
+
+fn private_key(pem: &Pem) -> Result<PrivateKeyDer<'static>, BadSettings> {
+    PrivateKeyDer::from_pem_slice(&pem.text).map_err(|err| {
+        BadSettings(format!(
+            "{}: no private key found ({err}; expected a PEM \"BEGIN PRIVATE KEY\", \
+             \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\" block)",
+            pem.origin
+        ))
+    })
+}
+
+fn roots(pem: &Pem) -> Result<RootCertStore, BadSettings> {
+    let mut store = RootCertStore::empty();
+    for cert in certificates(pem)? {
+        store.add(cert).map_err(|err| {
+            BadSettings(format!(
+                "{}: not a usable CA certificate ({err})",
+                pem.origin
+            ))
+        })?;
+    }
+    Ok(store)
+}
+
+/// The operating system's trusted roots.
+fn system_roots() -> Result<RootCertStore, BadSettings> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut store = RootCertStore::empty();
+    let (added, _ignored) = store.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(BadSettings(
+            "no trusted CA certificates found on this system; pass ca=".to_owned(),
+        ));
+    }
+    Ok(store)
+}
+
+/// A server's TLS settings: its certificate chain and key, and optionally the CA that client
+/// certificates must chain to (mutual TLS: clients without one are refused).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub requires_client_certificate: bool,
+}
+
+impl ServerTls {
+    pub fn new(cert: &Pem, key: &Pem, client_ca: Option<&Pem>) -> Result<Self, BadSettings> {
+        let chain = certificates(cert)?;
+        let key = private_key(key)?;
+        let provider = provider();
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| BadSettings(err.to_string()))?;
+        let builder = match client_ca {
+            Some(ca) => {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
+                        .build()
+                        .map_err(|err| BadSettings(format!("{}: {err}", ca.origin)))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder.with_single_cert(chain, key).map_err(|err| {
+            BadSettings(format!(
+                "{} and {} do not go together: {err}",
+                cert.origin, "the key"
+            ))
+        })?;
+        Ok(ServerTls {
+            config: Arc::new(config),
+            requires_client_certificate: client_ca.is_some(),
+        })
+    }
+}
+
+/// A client's TLS settings: the CAs server certificates must chain to (None: the system's),
+/// an optional client certificate, and the name to check the server's certificate against
+/// (default: the host connected to; an IP address is checked as an IP SAN).
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<ClientConfig>,
+    pub server_name: Option<String>,
+}
+
+impl ClientTls {
+    pub fn new(
+        ca: Option<&Pem>,
+        cert: Option<&Pem>,
+        key: Option<&Pem>,
+        server_name: Option<String>,
+    ) -> Result<Self, BadSettings> {
+        let roots = match ca {
+            Some(ca) => roots(ca)?,
+            None => system_roots()?,
+        };
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| BadSettings(err.to_string()))?
+            .with_root_certificates(roots);
+        let config = match (cert, key) {
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(certificates(cert)?, private_key(key)?)
+                .map_err(|err| {
+                    BadSettings(format!(
+                        "{} and its key do not go together: {err}",
+                        cert.origin
+                    ))
+                })?,
+            (None, None) => builder.with_no_client_auth(),
+            _ => {
+                return Err(BadSettings(
+                    "cert and key go together: pass both or neither".to_owned(),
+                ))
+            }
+        };
+        if let Some(name) = &server_name {
+            ServerName::try_from(name.clone())
+                .map_err(|_| BadSettings(format!("server_name {name:?} is not a valid name")))?;
+        }
+        Ok(ClientTls {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+
+    /// The name the server's certificate must carry when connecting to `host`.
+    pub fn name_for(&self, host: &str) -> Result<ServerName<'static>, String> {
+        let name = self.server_name.as_deref().unwrap_or(host);
+        // "[::1]" from a URL-ish host, or plain "::1": both are the IPv6 address.
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(name.to_owned())
+            .map_err(|_| format!("{name:?} is not a name a certificate can be checked against"))
+    }
+}
+
+/// Whether an I/O error is rustls refusing something (rather than the socket failing).
+pub fn is_tls_failure(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|inner| inner.is::<rustls::Error>())
+}
+
+/// Why a handshake failed, in words, from the error tokio-rustls gives (a rustls error inside
+/// an I/O error, or the I/O error itself). `side` is "server" or "client": the peer's role.
+pub fn describe_failure(err: &std::io::Error, peer: &str) -> String {
+    use rustls::{AlertDescription, CertificateError, Error as TlsError};
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+    else {
+        return match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                format!("the {peer} closed the connection during the TLS handshake (does it speak TLS?)")
+            }
+            _ => format!("TLS handshake with the {peer} failed: {err}"),
+        };
+    };
+    let why = match tls {
+        TlsError::InvalidCertificate(cert) => match cert {
+            CertificateError::UnknownIssuer => format!(
+                "the {peer}'s certificate is signed by an unknown issuer (not a CA it was told to trust)"
+            ),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!("the {peer}'s certificate is not valid for the name asked for: {cert:?}")
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                format!("the {peer}'s certificate has expired")
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                format!("the {peer}'s certificate is not valid yet")
+            }
+            other => format!("the {peer}'s certificate was refused: {other:?}"),
+        },
+        TlsError::NoCertificatesPresented => {
+            format!("the {peer} presented no certificate (mutual TLS requires one)")
+        }
+        TlsError::AlertReceived(alert) => match alert {
+            AlertDescription::CertificateRequired => {
+                format!("the {peer} requires a client certificate (mutual TLS) and none was given")
+            }
+            AlertDescription::UnknownCA => {
+                format!("the {peer} does not trust the certificate presented (unknown CA)")
+            }
+            AlertDescription::BadCertificate | AlertDescription::CertificateExpired => {
+                format!("the {peer} refused the certificate presented ({alert:?})")
+            }
+            other => format!("the {peer} ended the TLS handshake ({other:?})"),
+        },
+        TlsError::InvalidMessage(_) | TlsError::InappropriateMessage { .. } => format!(
+            "the {peer} does not speak TLS (it sent something that is not a TLS record)"
+        ),
+        other => format!("TLS handshake with the {peer} failed: {other}"),
+    };
+    why
+}

@@ -1,0 +1,245 @@
+"""TLS and mutual TLS, against framesock's own peers and Python's ssl module.
+
+Certificates are made at test time with trustme (a CA, server certificates for localhost,
+127.0.0.1 and ::1, client certificates, an expired one, one for another name); no private key
+is ever written to the repository.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import struct
+import threading
+
+import pytest
+import trustme
+
+import framesock
+from conftest import PeerThread, frame, wait_until
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_cert(ca):
+    return ca.issue_cert("localhost", "127.0.0.1", "::1")
+
+
+@pytest.fixture(scope="module")
+def client_cert(ca):
+    return ca.issue_cert("client.example", common_name="client one")
+
+
+def server_tls(cert, **kwargs) -> framesock.ServerTLS:
+    return framesock.ServerTLS(cert.cert_chain_pems[0].bytes(), cert.private_key_pem.bytes(), **kwargs)
+
+
+def client_tls(ca, cert=None, **kwargs) -> framesock.ClientTLS:
+    if cert is not None:
+        kwargs.update(cert=cert.cert_chain_pems[0].bytes(), key=cert.private_key_pem.bytes())
+    return framesock.ClientTLS(ca.cert_pem.bytes(), **kwargs)
+
+
+@pytest.fixture
+def tls_server(server_cert):
+    started = []
+
+    def start(handler=lambda r: {"echo": r}, protocol="framed", **kwargs):
+        kwargs.setdefault("tls", server_tls(server_cert))
+        server = framesock.Server(handler, port=0, protocol=protocol, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown(timeout=2)
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+def test_framesock_to_framesock(tls_server, ca, protocol):
+    server = tls_server(protocol=protocol)
+    with framesock.Client(*server.address[:2], protocol=protocol, tls=client_tls(ca)) as client:
+        assert client.request("hello") == {"echo": "hello"}
+        if protocol == "framed":
+            assert client.request_many(["a", "b"]) == [{"echo": "a"}, {"echo": "b"}]
+
+
+def test_start_server_and_start_client_take_tls(server_cert, ca):
+    result = {}
+    ready = threading.Event()
+    runner = PeerThread(
+        lambda: result.update(
+            framesock.start_server(port=0, tls=server_tls(server_cert), ready=lambda a: (result.update(address=a), ready.set()))
+        )
+    )
+    runner.start()
+    assert ready.wait(10)
+    reply = framesock.start_client(*result["address"][:2], tls=client_tls(ca))
+    assert reply == {"key": "id", "val": 123}
+    runner.outcome()
+    assert result["request"] == "msg from client"
+
+
+def python_ssl_client(port: int, ca, payload: bytes, *, framed: bool, cert=None) -> bytes:
+    context = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    if cert is not None:
+        cert.configure_cert(context)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(frame(payload))
+            if framed:
+                header = b""
+                while len(header) < 4:
+                    header += sock.recv(4 - len(header))
+                (length,) = struct.unpack(">I", header)
+                data = b""
+                while len(data) < length & 0x7FFF_FFFF:
+                    data += sock.recv(65536)
+                return data
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+def test_python_ssl_client_against_framesock(tls_server, ca, protocol):
+    server = tls_server(protocol=protocol)
+    reply = python_ssl_client(server.address[1], ca, b"from ssl", framed=protocol == "framed")
+    assert reply == b'{"echo": "from ssl"}'
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+def test_framesock_client_against_a_python_ssl_server(server_cert, ca, protocol):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_cert.configure_cert(context)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve():
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as sock:
+            data = b""
+            while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+                data += sock.recv(65536)
+            reply = b'{"from": "python ssl"}'
+            # Classic: the reply ends with a close that sends no TLS close_notify first, as the
+            # seed-style servers do; framesock reads it as the end, like Python's ssl.
+            sock.sendall(struct.pack(">I", len(reply)) + reply if protocol == "framed" else reply)
+            return data[4:]
+
+    runner = PeerThread(serve)
+    runner.start()
+    with framesock.Client("127.0.0.1", listener.getsockname()[1], protocol=protocol, tls=client_tls(ca, server_name="localhost")) as client:
+        assert client.request("x") == {"from": "python ssl"}
+    assert runner.outcome() == b"x"
+    listener.close()
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+
+def test_unknown_ca_is_refused_on_the_client(tls_server):
+    server = tls_server()
+    other_ca = trustme.CA()
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(other_ca)) as client:
+        with pytest.raises(framesock.TLSError, match="unknown issuer") as caught:
+            client.request("x")
+    assert isinstance(caught.value, ssl.SSLError)
+    wait_until(lambda: server.stats()["errors"]["tls"] == 1)
+
+
+def test_wrong_server_name_is_refused(tls_server, ca):
+    server = tls_server()
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, server_name="elsewhere.example")) as client:
+        with pytest.raises(framesock.TLSError, match="not valid for the name"):
+            client.request("x")
+
+
+def test_expired_server_certificate_is_refused(tls_server, ca):
+    expired = ca.issue_cert(
+        "localhost", "127.0.0.1", not_after=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1),
+        not_before=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30),
+    )
+    server = tls_server(tls=server_tls(expired))
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca)) as client:
+        with pytest.raises(framesock.TLSError, match="expired"):
+            client.request("x")
+
+
+def test_mutual_tls_accepts_a_good_client_certificate(tls_server, ca, server_cert, client_cert):
+    server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, client_cert)) as client:
+        assert client.request("me") == {"echo": "me"}
+    assert python_ssl_client(server.address[1], ca, b"ssl me", framed=True, cert=client_cert) == b'{"echo": "ssl me"}'
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(tls_server, ca, server_cert):
+    server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca)) as client:
+        with pytest.raises(framesock.TLSError, match="requires a client certificate|certificate"):
+            client.request("x")
+    wait_until(lambda: server.stats()["errors"]["tls"] == 1)
+
+
+def test_mutual_tls_refuses_an_unknown_client_certificate(tls_server, ca, server_cert):
+    stranger = trustme.CA().issue_cert("stranger.example")
+    server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, stranger)) as client:
+        with pytest.raises((framesock.TLSError, framesock.ConnectionClosedError, ConnectionError)):
+            client.request("x")
+    wait_until(lambda: server.stats()["errors"]["tls"] == 1)
+
+
+def test_a_plain_client_against_a_tls_server_fails_quickly_and_says_so(tls_server):
+    server = tls_server()
+    with framesock.Client(*server.address[:2], protocol="framed", timeout=30) as client:
+        with pytest.raises((framesock.ProtocolError, framesock.ConnectionClosedError)):
+            client.request("x")
+
+
+def test_a_tls_client_against_a_plain_server_fails_quickly_and_says_so(ca):
+    with framesock.Server(port=0, protocol="framed") as server:
+        with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca), timeout=30) as client:
+            with pytest.raises(framesock.TLSError, match="TLS"):
+                client.request("x")
+
+
+def test_a_silent_peer_in_the_handshake_is_bounded_by_the_timeout(tls_server):
+    server = tls_server(timeout=0.3)
+    with socket.create_connection(server.address[:2], timeout=10) as silent:
+        wait_until(lambda: server.stats()["errors"]["tls"] == 1)
+        assert silent.recv(10) == b""
+
+
+def test_bad_settings_are_value_errors_naming_the_input(tmp_path, server_cert, ca):
+    with pytest.raises(ValueError, match="cert"):
+        framesock.ServerTLS(b"not pem", server_cert.private_key_pem.bytes())
+    with pytest.raises(ValueError, match="key"):
+        framesock.ServerTLS(server_cert.cert_chain_pems[0].bytes(), b"nothing here")
+    other_key = trustme.CA().issue_cert("x").private_key_pem.bytes()
+    with pytest.raises(ValueError, match="do not go together"):
+        framesock.ServerTLS(server_cert.cert_chain_pems[0].bytes(), other_key)
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ValueError, match="missing.pem"):
+        framesock.ClientTLS(str(missing))
+    with pytest.raises(ValueError, match="cert and key"):
+        framesock.ClientTLS(ca.cert_pem.bytes(), cert=server_cert.cert_chain_pems[0].bytes())
+
+
+def test_settings_from_files(tmp_path, server_cert, ca, tls_server):
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    server_cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    server_cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = tls_server(tls=framesock.ServerTLS(cert_file, str(key_file)))
+    with framesock.Client(*server.address[:2], protocol="framed", tls=framesock.ClientTLS(ca_file)) as client:
+        assert client.request("f") == {"echo": "f"}
