@@ -7,6 +7,7 @@ is ever written to the repository.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import socket
 import ssl
@@ -243,3 +244,49 @@ def test_settings_from_files(tmp_path, server_cert, ca, tls_server):
     server = tls_server(tls=framesock.ServerTLS(cert_file, str(key_file)))
     with framesock.Client(*server.address[:2], protocol="framed", tls=framesock.ClientTLS(ca_file)) as client:
         assert client.request("f") == {"echo": "f"}
+
+
+# --- asyncio -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+async def test_aio_server_and_client_over_tls(server_cert, ca, client_cert, protocol):
+    from framesock import aio
+
+    async def handler(request):
+        return {"async": request}
+
+    tls = server_tls(server_cert, client_ca=ca.cert_pem.bytes())
+    async with aio.Server(handler, port=0, protocol=protocol, tls=tls) as server:
+        async with aio.Client(*server.address[:2], protocol=protocol, tls=client_tls(ca, client_cert)) as client:
+            assert await client.request("one") == {"async": "one"}
+            replies = await asyncio.gather(*(client.request(str(n)) for n in range(20)))
+            assert replies == [{"async": str(n)} for n in range(20)]
+        async with aio.Client(*server.address[:2], protocol=protocol, tls=client_tls(ca)) as anonymous:
+            with pytest.raises((framesock.TLSError, framesock.ConnectionClosedError)):
+                await anonymous.request("no certificate")
+
+
+async def test_asyncio_streams_with_ssl_against_framesock(server_cert, ca):
+    from framesock import aio
+
+    async with aio.Server(lambda r: {"echo": r}, port=0, protocol="framed", tls=server_tls(server_cert)) as server:
+        context = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.address[1], ssl=context, server_hostname="localhost")
+        writer.write(frame(b"streams"))
+        await writer.drain()
+        (length,) = struct.unpack(">I", await reader.readexactly(4))
+        assert await reader.readexactly(length) == b'{"echo": "streams"}'
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_aio_start_server_and_start_client_take_tls(server_cert, ca):
+    from framesock import aio
+
+    loop = asyncio.get_running_loop()
+    address = loop.create_future()
+    serving = asyncio.ensure_future(aio.start_server(port=0, tls=server_tls(server_cert), ready=address.set_result))
+    reply = await aio.start_client(*(await address)[:2], tls=client_tls(ca))
+    assert reply == {"key": "id", "val": 123}
+    assert (await serving)["request"] == "msg from client"

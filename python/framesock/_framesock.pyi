@@ -426,6 +426,7 @@ def start_server_async(
     request_as: _RequestAs,
     ready: Optional[Callable[[_Address], object]],
     path: Optional[_Path],
+    tls: Optional[ServerTLS] = None,
 ) -> Awaitable[dict[str, Any]]:
     """``start_server`` as an awaitable for the running event loop (see ``framesock.aio``)."""
 
@@ -441,6 +442,7 @@ class AsyncClient:
         protocol: _Protocol,
         timeout: Optional[float],
         max_reply: int,
+        tls: Optional[ClientTLS] = None,
     ) -> "AsyncClient": ...
     def request(self, message: _Message) -> Awaitable[_JSONValue]:
         """An awaitable for the reply to one message."""

@@ -46,6 +46,7 @@ async def start_server(
     request_as: str = "text",
     ready: Optional[Callable[[Any], object]] = None,
     path: Optional[_Path] = None,
+    tls: Optional[_framesock.ServerTLS] = None,
 ) -> dict:
     """Serve one client and one request, like ``framesock.start_server``.
 
@@ -53,7 +54,7 @@ async def start_server(
     ``ready(address)`` is called on this event loop once the socket listens.
     """
     return await _framesock.start_server_async(
-        host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path
+        host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path, tls
     )
 
 
@@ -65,9 +66,10 @@ async def start_client(
     timeout: Optional[float] = 20.0,
     max_reply: int = _MAX_LEN,
     path: Optional[_Path] = None,
+    tls: Optional[_framesock.ClientTLS] = None,
 ) -> Any:
     """Send one request like ``framesock.start_client`` and return the decoded reply."""
-    async with Client(host, port, path=path, timeout=timeout, max_reply=max_reply) as client:
+    async with Client(host, port, path=path, timeout=timeout, max_reply=max_reply, tls=tls) as client:
         return await client.request(message)
 
 
@@ -90,8 +92,9 @@ class Client:
         protocol: str = "classic",
         timeout: Optional[float] = 20.0,
         max_reply: int = _MAX_LEN,
+        tls: Optional[_framesock.ClientTLS] = None,
     ) -> None:
-        self._engine = _framesock.AsyncClient(host, port, path, protocol, timeout, max_reply)
+        self._engine = _framesock.AsyncClient(host, port, path, protocol, timeout, max_reply, tls)
 
     async def request(self, message: _Message) -> Any:
         """Send one message and return the decoded reply (``RemoteError`` for an error reply)."""
@@ -140,6 +143,7 @@ class Server:
         handler_threads: Optional[int] = None,
         max_unsent: int = 64 * 1024,
         max_buffered: int = 256 * 1024 * 1024,
+        tls: Optional[_framesock.ServerTLS] = None,
     ) -> None:
         self._server = _framesock.Server(
             handler,
@@ -157,6 +161,7 @@ class Server:
             handler_threads=handler_threads,
             max_unsent=max_unsent,
             max_buffered=max_buffered,
+            tls=tls,
         )
 
     @property

@@ -396,12 +396,7 @@ impl Conn {
                     }
                 }
             };
-            let written = match self
-                .write
-                .writable()
-                .await
-                .and_then(|()| self.write.try_write(&chunk))
-            {
+            let written = match self.write.write_some(&chunk).await {
                 Ok(written) => written,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(err) => return self.fail(WireError::Io(err).into()),
@@ -464,6 +459,7 @@ enum Slot {
 /// again after a failure. Replies are matched to requests by order.
 pub struct Pipeline {
     endpoint: Endpoint,
+    tls: Option<ClientTls>,
     timeout: Option<Duration>,
     max_reply: usize,
     slot: Mutex<Slot>,
@@ -472,13 +468,24 @@ pub struct Pipeline {
 impl Pipeline {
     /// A pipeline to `endpoint`; nothing is opened yet. `timeout` bounds connecting and each
     /// reply's wait while requests are waiting.
-    pub fn new(endpoint: Endpoint, timeout: Option<Duration>, max_reply: usize) -> Arc<Self> {
+    pub fn new(
+        endpoint: Endpoint,
+        tls: Option<ClientTls>,
+        timeout: Option<Duration>,
+        max_reply: usize,
+    ) -> Arc<Self> {
         Arc::new(Pipeline {
             endpoint,
+            tls,
             timeout,
             max_reply,
             slot: Mutex::default(),
         })
+    }
+
+    /// Its TLS settings, if it uses TLS.
+    pub fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
     }
 
     /// Where this pipeline connects.
@@ -520,7 +527,7 @@ impl Pipeline {
         let connected = within(
             self.timeout,
             || format!("connecting to {}", self.endpoint),
-            net::connect(&self.endpoint),
+            open(&self.endpoint, self.tls.as_ref()),
         )
         .await;
         // Taking the queue and installing the connection happen under one lock, so a request
@@ -631,6 +638,11 @@ async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipel
                 if looks_like_json(&input) =>
             {
                 break classic_reply_error()
+            }
+            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+                if looks_like_tls(&input) =>
+            {
+                break tls_reply_error()
             }
             Err(err) => break err.into(),
         }

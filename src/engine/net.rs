@@ -367,8 +367,7 @@ impl AsyncWrite for Stream {
 }
 
 impl Stream {
-    /// Splits a plain connection into a read half and a write half that can be used apart
-    /// (a TLS session's two directions share one state, so it cannot be split this way).
+    /// Splits the connection into a read half and a write half that can be used apart.
     pub fn into_split(self) -> io::Result<(ReadPart, WritePart)> {
         match self {
             Stream::Tcp(s) => {
@@ -379,10 +378,14 @@ impl Stream {
                 let (read, write) = s.into_split();
                 Ok((ReadPart::Unix(read), WritePart::Unix(write)))
             }
-            Stream::TlsClient(_) | Stream::TlsServer(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a TLS connection cannot be shared by a pipelining client yet",
-            )),
+            // A TLS session's two directions share one state: split behind a lock.
+            tls @ (Stream::TlsClient(_) | Stream::TlsServer(_)) => {
+                let (read, write) = tokio::io::split(tls);
+                Ok((
+                    ReadPart::Tls(read),
+                    WritePart::Tls(tokio::sync::Mutex::new(write)),
+                ))
+            }
         }
     }
 
@@ -401,6 +404,7 @@ impl Stream {
 pub enum ReadPart {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<Stream>),
 }
 
 impl AsyncRead for ReadPart {
@@ -412,15 +416,18 @@ impl AsyncRead for ReadPart {
         match self.get_mut() {
             ReadPart::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ReadPart::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ReadPart::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
 
 /// The write half of a split connection: `try_write` works from any thread (it never waits),
-/// `writable` waits on the runtime.
+/// `write_some` waits on the runtime.
 pub enum WritePart {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    /// Writes go through the TLS session, so only on the runtime (`try_write` takes nothing).
+    Tls(tokio::sync::Mutex<tokio::io::WriteHalf<Stream>>),
 }
 
 impl WritePart {
@@ -429,14 +436,28 @@ impl WritePart {
         match self {
             WritePart::Tcp(s) => s.try_write(buf),
             WritePart::Unix(s) => s.try_write(buf),
+            WritePart::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
 
-    /// Waits until the socket may take more.
-    pub async fn writable(&self) -> io::Result<()> {
+    /// Waits until some of `buf` is written; how much.
+    pub async fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
+        use tokio::io::AsyncWriteExt;
         match self {
-            WritePart::Tcp(s) => s.writable().await,
-            WritePart::Unix(s) => s.writable().await,
+            WritePart::Tcp(s) => {
+                s.writable().await?;
+                s.try_write(buf)
+            }
+            WritePart::Unix(s) => {
+                s.writable().await?;
+                s.try_write(buf)
+            }
+            WritePart::Tls(s) => {
+                let mut write = s.lock().await;
+                let written = write.write(buf).await?;
+                write.flush().await?;
+                Ok(written)
+            }
         }
     }
 }

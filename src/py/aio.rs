@@ -126,11 +126,14 @@ impl AsyncClient {
         one: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let endpoint = self.pipeline.endpoint().clone();
+        let tls = self.pipeline.tls().cloned();
         let (timeout, max_reply) = (self.timeout, self.max_reply);
         let work = async move {
             let mut replies = Vec::with_capacity(frames.len());
             for frame in frames {
-                replies.push(classic_exchange(&endpoint, None, &frame, timeout, max_reply).await?);
+                replies.push(
+                    classic_exchange(&endpoint, tls.as_ref(), &frame, timeout, max_reply).await?,
+                );
             }
             Ok(replies)
         };
@@ -151,7 +154,7 @@ impl AsyncClient {
 #[pymethods]
 impl AsyncClient {
     #[new]
-    #[pyo3(signature = (host, port, path, protocol, timeout, max_reply))]
+    #[pyo3(signature = (host, port, path, protocol, timeout, max_reply, tls = None))]
     fn new(
         host: String,
         port: i64,
@@ -159,6 +162,7 @@ impl AsyncClient {
         protocol: String,
         timeout: Option<f64>,
         max_reply: i64,
+        tls: Option<PyRef<'_, crate::py::tls::ClientTls>>,
     ) -> PyResult<Self> {
         let ClientConfig {
             endpoint,
@@ -168,7 +172,12 @@ impl AsyncClient {
         } = ClientConfig::new(host, port, path, &protocol, timeout, max_reply)?;
         Ok(AsyncClient {
             protocol,
-            pipeline: Pipeline::new(endpoint, timeout, max_reply),
+            pipeline: Pipeline::new(
+                endpoint,
+                tls.map(|tls| tls.settings.clone()),
+                timeout,
+                max_reply,
+            ),
             timeout,
             max_reply,
             closed: AtomicBool::new(false),
@@ -249,7 +258,7 @@ impl Drop for AsyncClient {
 /// A handler may be a coroutine function (it runs on the caller's event loop); `ready` is
 /// called on the event loop once the socket listens.
 #[pyfunction]
-#[pyo3(signature = (host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path))]
+#[pyo3(signature = (host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path, tls = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server_async<'py>(
     py: Python<'py>,
@@ -263,9 +272,11 @@ pub fn start_server_async<'py>(
     request_as: String,
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,
+    tls: Option<PyRef<'py, crate::py::tls::ServerTls>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let tls = tls.map(|tls| tls.settings.clone());
     let server = one_shot_server(
-        py, host, port, path, response, handler, timeout, max_frame, backlog, request_as, None,
+        py, host, port, path, response, handler, timeout, max_frame, backlog, request_as, tls,
     )?;
     server._use_event_loop(py)?;
     // `ready` runs here, on the event loop: this is called from a coroutine.
