@@ -290,3 +290,56 @@ async def test_aio_start_server_and_start_client_take_tls(server_cert, ca):
     reply = await aio.start_client(*(await address)[:2], tls=client_tls(ca))
     assert reply == {"key": "id", "val": 123}
     assert (await serving)["request"] == "msg from client"
+
+
+# --- the command line and openssl ------------------------------------------------------------------
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def test_command_line_programs_over_mutual_tls(tmp_path, ca, server_cert, client_cert):
+    files = {}
+    for name, blob in [
+        ("server.pem", server_cert.cert_chain_pems[0]),
+        ("server.key", server_cert.private_key_pem),
+        ("client.pem", client_cert.cert_chain_pems[0]),
+        ("client.key", client_cert.private_key_pem),
+        ("ca.pem", ca.cert_pem),
+    ]:
+        files[name] = str(tmp_path / name)
+        blob.write_to_path(files[name])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "framesock.server", "--port", "0", "--tls-cert", files["server.pem"],
+         "--tls-key", files["server.key"], "--tls-client-ca", files["ca.pem"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        line = server.stderr.readline().decode()
+        port = line.rsplit(":", 1)[1].strip()
+        client = subprocess.run(
+            [sys.executable, "-m", "framesock.client", "--port", port, "--tls-ca", files["ca.pem"],
+             "--tls-cert", files["client.pem"], "--tls-key", files["client.key"], "--tls-server-name", "localhost"],
+            capture_output=True, timeout=30,
+        )
+        assert client.returncode == 0, client.stderr
+        assert client.stdout == b"client get json {'key': 'id', 'val': 123}\n"
+        out, _ = server.communicate(timeout=30)
+        assert out == b"rev client data b'msg from client'\n"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_openssl_s_client_talks_to_a_framesock_tls_server(tmp_path, tls_server, ca):
+    server = tls_server(protocol="classic")
+    ca_file = str(tmp_path / "ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{server.address[1]}", "-CAfile", ca_file,
+         "-verify_return_error", "-servername", "localhost", "-quiet"],
+        input=frame(b"from openssl"), capture_output=True, timeout=30,
+    )
+    assert b'{"echo": "from openssl"}' in done.stdout, done.stderr
