@@ -343,3 +343,62 @@ def test_openssl_s_client_talks_to_a_framesock_tls_server(tmp_path, tls_server, 
         input=frame(b"from openssl"), capture_output=True, timeout=30,
     )
     assert b'{"echo": "from openssl"}' in done.stdout, done.stderr
+
+
+# --- who is calling --------------------------------------------------------------------------------
+
+
+def test_handlers_that_take_a_second_argument_see_the_client_identity(tls_server, ca, server_cert, client_cert):
+    seen = []
+
+    def handler(request, caller):
+        seen.append(caller)
+        return {"subject": caller.tls_subject, "names": caller.tls_alt_names}
+
+    server = tls_server(handler, tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, client_cert)) as client:
+        reply = client.request("who am I")
+    assert "CN=client one" in reply["subject"]
+    assert reply["names"] == ["DNS:client.example"]
+    caller = seen[0]
+    assert caller.address[0] == "127.0.0.1"
+    assert caller.tls_certificate.startswith(b"0")  # DER: a SEQUENCE
+
+
+def test_without_tls_the_caller_has_an_address_only(tls_server):
+    def handler(request, caller):
+        return {"address": list(caller.address), "subject": caller.tls_subject}
+
+    with framesock.Server(handler, port=0, protocol="framed") as server:
+        with framesock.Client(*server.address[:2], protocol="framed") as client:
+            reply = client.request("x")
+    assert reply["address"][0] == "127.0.0.1" and reply["subject"] is None
+
+
+async def test_coroutine_handlers_get_the_caller_too(server_cert, ca, client_cert):
+    from framesock import aio
+
+    async def handler(request, caller):
+        return caller.tls_subject
+
+    tls = server_tls(server_cert, client_ca=ca.cert_pem.bytes())
+    async with aio.Server(handler, port=0, protocol="framed", tls=tls) as server:
+        async with aio.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, client_cert)) as client:
+            assert "CN=client one" in await client.request("x")
+
+
+def test_start_server_reports_the_client_identity(server_cert, ca, client_cert):
+    result = {}
+    ready = threading.Event()
+    tls = server_tls(server_cert, client_ca=ca.cert_pem.bytes())
+    runner = PeerThread(
+        lambda: result.update(
+            framesock.start_server(port=0, tls=tls, ready=lambda a: (result.update(address=a), ready.set()))
+        )
+    )
+    runner.start()
+    assert ready.wait(10)
+    framesock.start_client(*result["address"][:2], tls=client_tls(ca, client_cert))
+    runner.outcome()
+    assert "CN=client one" in result["tls_subject"]
+    assert result["tls_alt_names"] == ["DNS:client.example"]

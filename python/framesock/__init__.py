@@ -12,6 +12,7 @@ import os
 
 from framesock import _framesock
 from framesock._framesock import (
+    Caller,
     Client,
     ConnectionClosedError,
     ProtocolError,
@@ -30,6 +31,7 @@ from framesock._framesock import (
 )
 
 __all__ = [
+    "Caller",
     "Client",
     "ConnectionClosedError",
     "ProtocolError",

@@ -12,6 +12,7 @@ __all__ = [
     "Client",
     "ConnectionClosedError",
     "ProtocolError",
+    "Caller",
     "ClientTLS",
     "ServerTLS",
     "TLSError",
@@ -65,6 +66,24 @@ class ProtocolError(FramesockError, ConnectionError):
 class TLSError(FramesockError, ssl.SSLError):
     """A TLS handshake failed; the message says why in words (unknown issuer, name mismatch,
     expired, no client certificate, a peer that does not speak TLS)."""
+
+@final
+class Caller:
+    """Who sent a request, for a handler that takes a second argument: ``handler(request,
+    caller)``. Handlers that take one argument are called with the request alone."""
+
+    @property
+    def address(self) -> _Address:
+        """The client's address: ``(host, port)`` (IPv6: 4-tuple) or a Unix socket path."""
+    @property
+    def tls_subject(self) -> Optional[str]:
+        """The subject of the client's verified certificate (mutual TLS), RFC 4514 style."""
+    @property
+    def tls_alt_names(self) -> list[str]:
+        """The certificate's alternative names: ``"DNS:..."``, ``"IP:..."``, ``"email:..."``."""
+    @property
+    def tls_certificate(self) -> Optional[bytes]:
+        """The client's certificate (DER); None without mutual TLS."""
 
 @final
 class ServerTLS:

@@ -9,6 +9,7 @@ ends the way any Python thread does.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import traceback
@@ -33,7 +34,7 @@ def run_handler_jobs(source: Any) -> None:
         job = source.next_job()
         if job is None:
             return
-        function, argument, reserve = job
+        function, arguments, reserve = job
         if reserve is not None:
             # Started here rather than in Rust: starting a thread waits for it.
             try:
@@ -43,13 +44,25 @@ def run_handler_jobs(source: Any) -> None:
         if function is None:
             continue
         try:
-            result = function(argument)
+            result = function(*arguments)
         except BaseException as err:  # noqa: BLE001 - the pool reports it (error reply, log)
             source.fail(err)
         else:
             source.done(result)
         # Drop the references now rather than when the next job comes, which may be never.
-        job = function = argument = reserve = result = err = None  # noqa: F841
+        job = function = arguments = reserve = result = err = None  # noqa: F841
+
+
+def takes_caller(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` takes a second positional argument (the ``framesock.Caller``)."""
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): one argument
+        return False
+    positional = [
+        p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
 def log(record: tuple[int, str, BaseException | None]) -> None:

@@ -11,14 +11,33 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::engine::error::Failure;
+use crate::engine::net::Address;
+
+/// Who sent a request: the peer's address and, under mutual TLS, its verified certificate.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub address: Address,
+    pub certificate: Option<PeerCertificate>,
+}
+
+/// A client certificate the server verified (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct PeerCertificate {
+    /// The subject, as RFC 4514 writes it (e.g. `CN=client one,O=...`).
+    pub subject: String,
+    /// The subject alternative names, each as `DNS:name`, `IP:address`, `email:...` or `URI:...`.
+    pub alt_names: Vec<String>,
+    /// The certificate itself (DER).
+    pub der: Vec<u8>,
+}
 
 /// A reply on its way: the JSON text, or why there is none.
 pub type PendingReply = Pin<Box<dyn Future<Output = Result<Bytes, Failure>> + Send>>;
 
 /// Makes replies from requests.
 pub trait Handler: Send + Sync + 'static {
-    /// Starts answering `request`; dropping the future abandons the exchange.
-    fn respond(&self, request: Bytes) -> PendingReply;
+    /// Starts answering `request` from `caller`; dropping the future abandons the exchange.
+    fn respond(&self, request: Bytes, caller: &Arc<Caller>) -> PendingReply;
 
     /// Whether the replies to several pipelined requests may be worked on at once (they are
     /// still written in order). Off by default: a connection's requests are answered one by
@@ -39,10 +58,10 @@ pub enum Responder {
 
 impl Responder {
     /// The reply to one request.
-    pub async fn reply(&self, request: &Bytes) -> Result<Bytes, Failure> {
+    pub async fn reply(&self, request: &Bytes, caller: &Arc<Caller>) -> Result<Bytes, Failure> {
         match self {
             Responder::Fixed(json) => Ok(json.clone()),
-            Responder::Handler(handler) => handler.respond(request.clone()).await,
+            Responder::Handler(handler) => handler.respond(request.clone(), caller).await,
         }
     }
 

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::engine::codec::{self, FrameCodec, WireError};
 use crate::engine::error::{Error, Failure, FailureKind, Result};
-use crate::engine::handler::{Level, Log, Responder};
+use crate::engine::handler::{Caller, Level, Log, Responder};
 use crate::engine::lock::locked;
 use crate::engine::net::{Address, Endpoint, Listener, Stream};
 use crate::engine::runtime::{self, within};
@@ -430,14 +430,19 @@ impl Service {
 
     /// Serves one accepted connection until it ends, `stop` is cancelled between requests, or
     /// an error drops it.
-    pub async fn serve_connection<S>(&self, mut stream: S, peer: Address, stop: CancellationToken)
-    where
+    pub async fn serve_connection<S>(
+        &self,
+        mut stream: S,
+        caller: Arc<Caller>,
+        stop: CancellationToken,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let peer = caller.address.clone();
         bump(&self.stats.accepted, 1);
         let _active = ActiveConnection::count(&self.stats.active);
         let outcome = match self.protocol {
-            Protocol::Classic => match self.answer_classic(&mut stream, &peer, &stop).await {
+            Protocol::Classic => match self.answer_classic(&mut stream, &caller, &stop).await {
                 Ok(Classic::Answered {
                     reply: Err(failure),
                     ..
@@ -448,7 +453,7 @@ impl Service {
                 Ok(_) => Ok(()),
                 Err(err) => Err(err),
             },
-            Protocol::Framed => self.serve_framed(&mut stream, &peer, &stop).await,
+            Protocol::Framed => self.serve_framed(&mut stream, &caller, &stop).await,
         };
         if let Err(err) = outcome {
             self.connection_failed(&err, &peer);
@@ -460,12 +465,13 @@ impl Service {
     async fn answer_classic<S>(
         &self,
         stream: &mut S,
-        peer: &Address,
+        caller: &Arc<Caller>,
         stop: &CancellationToken,
     ) -> Result<Classic>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let peer = &caller.address;
         let timeout = self.limits.timeout;
         let mut input = BytesMut::new();
         let mut codec = FrameCodec::new(self.limits.max_frame);
@@ -528,7 +534,7 @@ impl Service {
             &self.stats.bytes_in,
             (codec::HEADER_LEN + request.len()) as u64,
         );
-        let reply = self.responder.reply(&request).await;
+        let reply = self.responder.reply(&request, caller).await;
         if let Ok(json) = &reply {
             within(timeout, || format!("sending the reply to {peer}"), async {
                 stream.write_all(json).await.map_err(WireError::Io)?;
@@ -666,12 +672,13 @@ impl Service {
     async fn serve_framed<S>(
         &self,
         stream: &mut S,
-        peer: &Address,
+        caller: &Arc<Caller>,
         stop: &CancellationToken,
     ) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let peer = &caller.address;
         let mut codec = FrameCodec::new(self.limits.max_frame);
         let mut input = BytesMut::new();
         let mut output = BytesMut::new();
@@ -711,9 +718,14 @@ impl Service {
             };
             for requests in batch.chunks(chunk) {
                 let replies = if requests.len() > 1 {
-                    join_all(requests.iter().map(|request| self.responder.reply(request))).await
+                    join_all(
+                        requests
+                            .iter()
+                            .map(|request| self.responder.reply(request, caller)),
+                    )
+                    .await
                 } else {
-                    vec![self.responder.reply(&requests[0]).await]
+                    vec![self.responder.reply(&requests[0], caller).await]
                 };
                 for reply in replies {
                     let (json, is_error) = match reply {
@@ -842,6 +854,19 @@ impl Service {
     }
 }
 
+/// Who is at the other end of `stream`: its address, and its verified certificate if it
+/// presented one (mutual TLS).
+fn caller_of(stream: &Stream, address: Address) -> Caller {
+    let certificate = stream
+        .peer_certificates()
+        .and_then(|chain| chain.into_iter().next())
+        .map(crate::engine::tls::describe_certificate);
+    Caller {
+        address,
+        certificate,
+    }
+}
+
 /// Makes room in `input` for a large request at once, rather than by doubling: the buffer
 /// then never holds twice what was declared, and the memory is touched (resident) only as the
 /// bytes arrive.
@@ -921,7 +946,8 @@ async fn accept_loop(
                     let _slot = slot;
                     let serve = AssertUnwindSafe(async {
                         if let Some(stream) = service.secured(stream, &peer).await {
-                            service.serve_connection(stream, peer.clone(), stop).await;
+                            let caller = Arc::new(caller_of(&stream, peer.clone()));
+                            service.serve_connection(stream, caller, stop).await;
                         }
                     });
                     tokio::select! {
@@ -952,6 +978,8 @@ async fn accept_loop(
 /// What one exchange of [`Server::serve_one`] was.
 pub struct Exchange {
     pub peer: Address,
+    /// The client's verified certificate (mutual TLS).
+    pub certificate: Option<crate::engine::handler::PeerCertificate>,
     pub local: Address,
     pub request: Bytes,
     pub reply: Bytes,
@@ -1196,12 +1224,14 @@ impl Server {
                         }
                     };
                 }
-                match service.answer_classic(&mut stream, &peer, &stop).await? {
+                let caller = Arc::new(caller_of(&stream, peer.clone()));
+                match service.answer_classic(&mut stream, &caller, &stop).await? {
                     Classic::Stopped => Err(OneShotError::Net(Error::Wire(
                         WireError::ClosedBeforeMessage,
                     ))),
                     Classic::Answered { request, reply } => Ok(Exchange {
                         peer,
+                        certificate: caller.certificate.clone(),
                         local,
                         request,
                         reply: reply.map_err(OneShotError::Failed)?,
@@ -1274,7 +1304,7 @@ mod tests {
     }
 
     impl Handler for TestHandler {
-        fn respond(&self, request: Bytes) -> PendingReply {
+        fn respond(&self, request: Bytes, _caller: &Arc<Caller>) -> PendingReply {
             let go = self.go.clone();
             Box::pin(async move {
                 match &request[..] {
@@ -1327,8 +1357,13 @@ mod tests {
         let (client, server) = duplex(64 * 1024);
         let service = service.clone();
         let stop = stop.clone();
-        let task =
-            tokio::spawn(async move { service.serve_connection(server, peer(), stop).await });
+        let task = tokio::spawn(async move {
+            let caller = Arc::new(Caller {
+                address: peer(),
+                certificate: None,
+            });
+            service.serve_connection(server, caller, stop).await
+        });
         (client, task)
     }
 

@@ -238,3 +238,49 @@ pub fn describe_failure(err: &std::io::Error, peer: &str) -> String {
     };
     why
 }
+
+/// What a verified client certificate says about its holder: subject and alternative names.
+pub fn describe_certificate(der: Vec<u8>) -> crate::engine::handler::PeerCertificate {
+    use x509_parser::extensions::GeneralName;
+    let (subject, alt_names) = match x509_parser::parse_x509_certificate(&der) {
+        Ok((_, cert)) => {
+            let alt_names = cert
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .map(|ext| {
+                    ext.value
+                        .general_names
+                        .iter()
+                        .map(|name| match name {
+                            GeneralName::DNSName(dns) => format!("DNS:{dns}"),
+                            GeneralName::RFC822Name(email) => format!("email:{email}"),
+                            GeneralName::URI(uri) => format!("URI:{uri}"),
+                            GeneralName::IPAddress(bytes) => format!("IP:{}", ip_text(bytes)),
+                            other => format!("{other}"),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (cert.subject().to_string(), alt_names)
+        }
+        Err(_) => (String::new(), Vec::new()),
+    };
+    crate::engine::handler::PeerCertificate {
+        subject,
+        alt_names,
+        der,
+    }
+}
+
+fn ip_text(bytes: &[u8]) -> String {
+    match bytes.len() {
+        4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string(),
+        16 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(bytes);
+            std::net::Ipv6Addr::from(octets).to_string()
+        }
+        _ => format!("{bytes:?}"),
+    }
+}

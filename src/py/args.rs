@@ -1,4 +1,5 @@
-//! Checks on arguments shared by every entry point, done before anything touches the network.
+//! Checks on arguments shared by every entry point, done before anything touches the network,
+//! and addresses as Python sees them.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::engine::codec::MAX_PAYLOAD;
-use crate::engine::net::Endpoint;
+use crate::engine::net::{Address, Endpoint};
 use crate::engine::serve::Protocol;
 use crate::py::handlers::RequestAs;
 
@@ -98,4 +99,26 @@ pub fn endpoint(host: String, port: i64, path: Option<PathBuf>) -> PyResult<Endp
         Some(path) => Endpoint::Unix(path),
         None => Endpoint::Tcp { host, port },
     })
+}
+
+/// The address as Python's `socket` gives it: `(host, port)` for IPv4,
+/// `(host, port, flowinfo, scope_id)` for IPv6, the path for a Unix socket.
+pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'py, PyAny>> {
+    use std::net::SocketAddr;
+    let object: Bound<'py, PyAny> = match addr {
+        Address::Inet(SocketAddr::V4(v4)) => (v4.ip().to_string(), v4.port())
+            .into_pyobject(py)?
+            .into_any(),
+        Address::Inet(SocketAddr::V6(v6)) => {
+            (v6.ip().to_string(), v6.port(), v6.flowinfo(), v6.scope_id())
+                .into_pyobject(py)?
+                .into_any()
+        }
+        Address::Unix(path) => path
+            .to_string_lossy()
+            .into_owned()
+            .into_pyobject(py)?
+            .into_any(),
+    };
+    Ok(object)
 }

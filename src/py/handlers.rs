@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use tokio::sync::oneshot;
 
 use crate::engine::error::{Failure, FailureKind};
-use crate::engine::handler::{Handler, Level, Log, PendingReply};
+use crate::engine::handler::{Caller, Handler, Level, Log, PendingReply};
 use crate::engine::lock::locked;
 use crate::py::bridge::{run_as_task, LoopBridge};
 use crate::py::gil::GilDrop;
@@ -87,21 +87,45 @@ pub struct PyHandler {
     event_loop: OnceLock<(Arc<LoopBridge>, bool)>,
     /// `start_server` shows the value the handler returned: kept here when asked.
     last_value: Option<GilDrop<Mutex<Option<Py<PyAny>>>>>,
+    /// Whether the handler takes a second argument, the `framesock.Caller`.
+    wants_caller: bool,
 }
 
 impl PyHandler {
     pub fn new(
+        py: Python<'_>,
         callable: Py<PyAny>,
         request_as: RequestAs,
         threads: HandlerThreads,
         keep_last_value: bool,
-    ) -> Self {
-        PyHandler {
+    ) -> PyResult<Self> {
+        static TAKES_CALLER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let wants_caller = TAKES_CALLER
+            .import(py, "framesock._support", "takes_caller")?
+            .call1((callable.bind(py),))?
+            .is_truthy()?;
+        Ok(PyHandler {
+            wants_caller,
             callable: GilDrop::new(callable),
             request_as,
             threads,
             event_loop: OnceLock::new(),
             last_value: keep_last_value.then(|| GilDrop::new(Mutex::new(None))),
+        })
+    }
+
+    /// The arguments of one call: the request, and the caller if the handler takes it.
+    fn arguments<'py>(
+        &self,
+        py: Python<'py>,
+        request: Bound<'py, PyAny>,
+        caller: &Arc<Caller>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        if self.wants_caller {
+            let caller = Bound::new(py, PyCaller::of(caller))?;
+            PyTuple::new(py, [request, caller.into_any()])
+        } else {
+            PyTuple::new(py, [request])
         }
     }
 
@@ -176,13 +200,17 @@ impl PyHandler {
         self: &Arc<Self>,
         py: Python<'_>,
         payload: &[u8],
+        caller: &Arc<Caller>,
         reply: ReplySender,
         task: &Arc<TaskSlot>,
     ) {
         let called = request_object(py, self.request_as, payload).and_then(|request| {
+            let arguments = self
+                .arguments(py, request, caller)
+                .map_err(|err| python_failure(py, FailureKind::Handler, err))?;
             self.callable
                 .bind(py)
-                .call1((request,))
+                .call1(arguments)
                 .map_err(|err| python_failure(py, FailureKind::Handler, err))
         });
         match called {
@@ -262,8 +290,9 @@ impl Drop for CancelOnDrop {
 }
 
 impl Handler for Arc<PyHandler> {
-    fn respond(&self, request: Bytes) -> PendingReply {
+    fn respond(&self, request: Bytes, caller: &Arc<Caller>) -> PendingReply {
         let (reply, replied) = oneshot::channel();
+        let caller = caller.clone();
         let on_loop = self.event_loop.get();
         // Only an exchange that may become a Task on the loop needs a slot to cancel it by.
         let slot = on_loop.map(|_| Arc::new(TaskSlot::default()));
@@ -272,7 +301,7 @@ impl Handler for Arc<PyHandler> {
                 let this = self.clone();
                 let slot = slot.clone().expect("made for a loop");
                 bridge.push(Box::new(move |py| {
-                    this.call_on_loop(py, &request, reply, &slot)
+                    this.call_on_loop(py, &request, &caller, reply, &slot)
                 }));
             }
             _ => {
@@ -289,10 +318,17 @@ impl Handler for Arc<PyHandler> {
                             return None;
                         }
                     };
+                    let arguments = match this.arguments(py, request, &caller) {
+                        Ok(arguments) => arguments,
+                        Err(err) => {
+                            let _ = reply.send(Err(python_failure(py, FailureKind::Handler, err)));
+                            return None;
+                        }
+                    };
                     let handler = this.clone();
                     Some(Call {
                         function: this.callable.clone_ref(py),
-                        argument: request.unbind(),
+                        arguments: arguments.unbind(),
                         finish: Box::new(move |py, outcome| match outcome {
                             Ok(value) => handler.reply_with(py, value, reply, slot.as_ref()),
                             Err(err) => {
@@ -391,7 +427,7 @@ impl Log for PyLog {
             let record = (level, message, exc).into_pyobject(py).ok()?.into_any();
             Some(Call {
                 function,
-                argument: record.unbind(),
+                arguments: PyTuple::new(py, [record]).ok()?.unbind(),
                 finish: Box::new(|py, outcome| {
                     // Logging must never take the server down; a broken logging setup is its
                     // own problem, reported as logging itself reports such things.
@@ -401,5 +437,65 @@ impl Log for PyLog {
                 }),
             })
         }));
+    }
+}
+
+/// `framesock.Caller`: who sent a request, for handlers that take a second argument.
+#[pyclass(frozen, module = "framesock", name = "Caller")]
+pub struct PyCaller {
+    caller: Arc<Caller>,
+}
+
+impl PyCaller {
+    fn of(caller: &Arc<Caller>) -> Self {
+        PyCaller {
+            caller: caller.clone(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyCaller {
+    /// The client's address: `(host, port)` or a Unix socket path.
+    #[getter]
+    fn address<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        crate::py::args::address_object(py, &self.caller.address)
+    }
+
+    /// The subject of the client's verified certificate (mutual TLS), as RFC 4514 writes it;
+    /// None without one.
+    #[getter]
+    fn tls_subject(&self) -> Option<String> {
+        self.caller.certificate.as_ref().map(|c| c.subject.clone())
+    }
+
+    /// The certificate's subject alternative names (`"DNS:..."`, `"IP:..."`, `"email:..."`,
+    /// `"URI:..."`); empty without a certificate.
+    #[getter]
+    fn tls_alt_names(&self) -> Vec<String> {
+        self.caller
+            .certificate
+            .as_ref()
+            .map(|c| c.alt_names.clone())
+            .unwrap_or_default()
+    }
+
+    /// The client's certificate itself (DER bytes); None without one.
+    #[getter]
+    fn tls_certificate<'py>(&self, py: Python<'py>) -> Option<Bound<'py, pyo3::types::PyBytes>> {
+        self.caller
+            .certificate
+            .as_ref()
+            .map(|c| pyo3::types::PyBytes::new(py, &c.der))
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.caller.certificate {
+            Some(cert) => format!(
+                "<framesock.Caller {} {:?}>",
+                self.caller.address, cert.subject
+            ),
+            None => format!("<framesock.Caller {}>", self.caller.address),
+        }
     }
 }

@@ -51,6 +51,7 @@ fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::Server>()?;
     m.add_class::<client::Client>()?;
     m.add_class::<tls::ServerTls>()?;
+    m.add_class::<handlers::PyCaller>()?;
     m.add_class::<tls::ClientTls>()?;
     m.add_class::<aio::AsyncClient>()?;
     m.add_function(wrap_pyfunction!(aio::start_server_async, m)?)?;

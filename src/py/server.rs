@@ -10,12 +10,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::engine::handler::{Log, NoLog, Responder};
-use crate::engine::net::Address;
 use crate::engine::serve::{
     self, CannotStart, Exchange, Limits, OneShotError, Protocol, Service, DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_UNSENT,
 };
-use crate::py::args;
+use crate::py::args::{self, address_object};
 use crate::py::bridge::LoopBridge;
 use crate::py::errors::failure_error;
 use crate::py::handlers::{request_text, PyHandler, PyLog};
@@ -23,28 +22,6 @@ use crate::py::json;
 use crate::py::threads::{self, HandlerThreads};
 use crate::py::tls::ServerTls as ServerTlsSettings;
 use crate::py::wait;
-
-/// The address as Python's `socket` gives it: `(host, port)` for IPv4,
-/// `(host, port, flowinfo, scope_id)` for IPv6, the path for a Unix socket.
-pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'py, PyAny>> {
-    use std::net::SocketAddr;
-    let object: Bound<'py, PyAny> = match addr {
-        Address::Inet(SocketAddr::V4(v4)) => (v4.ip().to_string(), v4.port())
-            .into_pyobject(py)?
-            .into_any(),
-        Address::Inet(SocketAddr::V6(v6)) => {
-            (v6.ip().to_string(), v6.port(), v6.flowinfo(), v6.scope_id())
-                .into_pyobject(py)?
-                .into_any()
-        }
-        Address::Unix(path) => path
-            .to_string_lossy()
-            .into_owned()
-            .into_pyobject(py)?
-            .into_any(),
-    };
-    Ok(object)
-}
 
 /// An asyncio future on the running loop that completes (with None) when `done` does.
 fn awaitable<'py>(
@@ -169,11 +146,12 @@ impl Replies {
             },
             (None, Some(callable)) => {
                 let handler = Arc::new(PyHandler::new(
+                    py,
                     callable,
                     request_as,
                     threads.clone().expect("started for a handler"),
                     purpose == Use::OneExchange,
-                ));
+                )?);
                 Replies {
                     responder: Responder::Handler(Arc::new(handler.clone())),
                     handler: Some(handler),
@@ -515,6 +493,11 @@ impl OneShotResult {
         dict.set_item("request", request_text(py, &exchange.request))?;
         dict.set_item("request_bytes", PyBytes::new(py, &exchange.request))?;
         dict.set_item("reply", reply)?;
+        if let Some(cert) = &exchange.certificate {
+            // Mutual TLS: who the client proved to be.
+            dict.set_item("tls_subject", &cert.subject)?;
+            dict.set_item("tls_alt_names", &cert.alt_names)?;
+        }
         Ok(dict)
     }
 }

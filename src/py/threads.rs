@@ -22,14 +22,14 @@ use crate::py::gil::{self, drop_safely};
 /// nothing left to call (the item finished on its own, e.g. a request that is not JSON).
 pub type Prepare = Box<dyn FnOnce(Python<'_>) -> Option<Call> + Send>;
 
-/// What a call's outcome is handed to: the value `function(argument)` returned, or its
+/// What a call's outcome is handed to: the value `function(*arguments)` returned, or its
 /// exception.
 pub type Finish = Box<dyn for<'py> FnOnce(Python<'py>, PyResult<Bound<'py, PyAny>>) + Send>;
 
-/// `function(argument)`, made by a handler thread; then `finish` with the outcome.
+/// `function(*arguments)`, made by a handler thread; then `finish` with the outcome.
 pub struct Call {
     pub function: Py<PyAny>,
-    pub argument: Py<PyAny>,
+    pub arguments: Py<pyo3::types::PyTuple>,
     pub finish: Finish,
 }
 
@@ -293,14 +293,20 @@ impl JobSource {
         }
     }
 
-    /// The next call to make, `(function, argument, reserve)`, waiting without the GIL; None
+    /// The next call to make, `(function, arguments, reserve)`, waiting without the GIL; None
     /// once the pool is closed. `function` is None when there is only `reserve` (a source of
     /// work for a thread to start first); the call's outcome goes to `done` or `fail`.
     #[allow(clippy::type_complexity)]
     fn next_job(
         &self,
         py: Python<'_>,
-    ) -> PyResult<Option<(Option<Py<PyAny>>, Option<Py<PyAny>>, Option<JobSource>)>> {
+    ) -> PyResult<
+        Option<(
+            Option<Py<PyAny>>,
+            Option<Py<pyo3::types::PyTuple>>,
+            Option<JobSource>,
+        )>,
+    > {
         ON_HANDLER_THREAD.with(|flag| flag.set(true));
         gil::bury_the_dead(py);
         let pool = &self.pool;
@@ -333,15 +339,15 @@ impl JobSource {
                     reserve: AtomicBool::new(true),
                     current: std::sync::Mutex::new(None),
                 });
-                let (function, argument) = match prepare(py) {
+                let (function, arguments) = match prepare(py) {
                     Some(call) => {
                         *self.current() = Some(call.finish);
-                        (Some(call.function), Some(call.argument))
+                        (Some(call.function), Some(call.arguments))
                     }
                     None if reserve.is_some() => (None, None),
                     None => continue,
                 };
-                return Ok(Some((function, argument, reserve)));
+                return Ok(Some((function, arguments, reserve)));
             }
             state.in_wait += 1;
             drop(state);
