@@ -61,13 +61,14 @@ def frame(data: bytes) -> bytes:
 def run_framesock(options) -> None:
     import framesock
 
+    tls = framesock.ServerTLS(options.tls_cert, options.tls_key) if options.tls_cert else None
     if options.reply == "static":
         server = framesock.Server(
             None, port=0, response=json.loads(static_reply(options.reply_size)), protocol=options.protocol,
-            max_frame=2**31 - 1, max_connections=4096,
+            max_frame=2**31 - 1, max_connections=4096, tls=tls,
         )
     else:
-        server = framesock.Server(handler, port=0, protocol=options.protocol, max_connections=4096)
+        server = framesock.Server(handler, port=0, protocol=options.protocol, max_connections=4096, tls=tls)
     announce(server.address[1])
     server.serve_forever()
 
@@ -179,7 +180,13 @@ def run_asyncio(options) -> None:
             writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024, limit=2**31 - 1)
+        context = None
+        if options.tls_cert:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(options.tls_cert, options.tls_key)
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024, limit=2**31 - 1, ssl=context)
         announce(server.sockets[0].getsockname()[1])
         await server.serve_forever()
 
@@ -248,6 +255,8 @@ def main() -> None:
     cli.add_argument("--reply", choices=["static", "handler", "async"], default="static")
     cli.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="framesock-aio's event loop")
     cli.add_argument("--reply-size", type=int, default=0)
+    cli.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
+    cli.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
     options = cli.parse_args()
     try:
         PEERS[options.peer](options)

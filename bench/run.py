@@ -57,8 +57,10 @@ def server(
     reply_file: str | None = None,
     threads: int | None = None,
     loop: str = "asyncio",
+    tls: tuple[str, str] | None = None,
 ):
-    """Starts a peer server process and yields its port; stops it afterwards."""
+    """Starts a peer server process and yields its port; stops it afterwards. ``tls`` is a
+    (certificate, key) pair of PEM files to serve TLS with."""
     if peer == "native":
         command = [str(FSBENCH), "server", "--protocol", protocol]
         if reply_file:
@@ -69,6 +71,8 @@ def server(
         command = [sys.executable, str(HERE / "peers.py"), peer, "--protocol", protocol, "--reply", reply, "--loop", loop]
         if reply_file:
             command += ["--reply-size", str(Path(reply_file).stat().st_size)]
+        if tls:
+            command += ["--tls-cert", tls[0], "--tls-key", tls[1]]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         line = proc.stdout.readline().decode()
@@ -91,10 +95,19 @@ def loadgen(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def load_row(workload: str, peer: str, port: int, protocol: str, connections: int = CONNECTIONS, threads: int | None = None) -> None:
+def load_row(
+    workload: str,
+    peer: str,
+    port: int,
+    protocol: str,
+    connections: int = CONNECTIONS,
+    threads: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> None:
     args = ["load", "--port", str(port), "--protocol", protocol, "--connections", str(connections), "--seconds", str(SECONDS)]
     if threads:
         args += ["--threads", str(threads)]
+    args += list(extra)
     result = loadgen(*args)
     note = f"{result['errors']} errors" if result["errors"] else ""
     ROWS.append(Row(workload, peer, result["rate"], "req/s", result["p50_us"], result["p99_us"], note))
@@ -330,6 +343,59 @@ def reply_decoding() -> None:
                     plain.sock.close()
 
 
+def tls_workloads() -> None:
+    """TLS: framesock against asyncio + ssl and uvloop + ssl doing the same work; certificates
+    made here with trustme (a CA and a certificate for localhost)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    with tempfile.TemporaryDirectory() as where:
+        paths = {name: str(Path(where) / name) for name in ("cert.pem", "key.pem", "ca.pem")}
+        cert.cert_chain_pems[0].write_to_path(paths["cert.pem"])
+        cert.private_key_pem.write_to_path(paths["key.pem"])
+        ca.cert_pem.write_to_path(paths["ca.pem"])
+        tls = (paths["cert.pem"], paths["key.pem"])
+        trust = ("--tls-ca", paths["ca.pem"])
+        for reply, label in [("static", "static reply"), ("handler", "Python handler")]:
+            workload = f"TLS, {CONNECTIONS} connections, {label}"
+            say(workload)
+            for peer in ["framesock", "asyncio", "uvloop"]:
+                with server(peer, "framed", reply=reply, tls=tls) as port:
+                    load_row(workload, peer, port, "framed", extra=trust)
+        workload = f"TLS, new connections (handshake and one exchange), {CONNECTIONS} at a time"
+        say(workload)
+        for peer in ["framesock", "asyncio", "uvloop"]:
+            with server(peer, "framed", tls=tls) as port:
+                load_row(workload, peer, port, "framed", extra=trust + ("--reconnect", "1"))
+        workload = "TLS round trips, one connection from Python"
+        say(workload)
+        with server("framesock", "framed", tls=tls) as port:
+            client_tls = framesock.ClientTLS(paths["ca.pem"])
+            with framesock.Client("localhost", port, protocol="framed", tls=client_tls) as client:
+                timed_row(workload, "framesock", lambda: client.request("x"))
+            context = ssl.create_default_context(cafile=paths["ca.pem"])
+            plain = SocketClient(port)
+            plain.sock = context.wrap_socket(plain.sock, server_hostname="localhost")
+            timed_row(workload, "ssl socket + json.loads", lambda: plain.request(b"x"))
+            plain.sock.close()
+
+
+def tls_over_plain_lines() -> list[str]:
+    """framesock's TLS rate over its own plain-TCP rate on the same workload (target ≥ 0.6)."""
+    lines = []
+    for label in ["static reply", "Python handler"]:
+        tls_rate = framesock_rate(f"TLS, {CONNECTIONS} connections, {label}")
+        plain_rate = framesock_rate(f"framed, {CONNECTIONS} connections, {label}")
+        if tls_rate and plain_rate:
+            achieved = tls_rate / plain_rate
+            verdict = "met" if achieved >= 0.6 else "**missed**"
+            lines.append(f"- TLS, {CONNECTIONS} connections, {label}: framesock TLS ÷ framesock plain = {achieved:.2f} (target ≥ 0.60): {verdict}")
+    return lines
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 TARGETS = [
@@ -347,6 +413,8 @@ TARGETS = [
     ("reply decoding, 64 KiB reply", "socket + orjson.loads", 1.0),
     ("reply decoding, 1 MiB reply", "socket + orjson.loads", 1.0),
     ("reply decoding, 10 MiB reply", "socket + orjson.loads", 1.0),
+    (f"TLS, {CONNECTIONS} connections, static reply", "uvloop", 2.0),
+    (f"TLS, {CONNECTIONS} connections, Python handler", "uvloop", 2.0),
 ]
 
 
@@ -395,7 +463,7 @@ def target_lines() -> list[str]:
         achieved = mine / theirs
         verdict = "met" if achieved >= minimum else "**missed**"
         lines.append(f"- {workload}: framesock ÷ {peer} = {achieved:.2f} (target ≥ {minimum:.2f}): {verdict}")
-    return lines
+    return lines + tls_over_plain_lines()
 
 
 def chart(path: Path) -> None:
@@ -433,6 +501,7 @@ def main() -> None:
         "pipelined": pipelined,
         "big": big_frames,
         "decode": reply_decoding,
+        "tls": tls_workloads,
     }
     for name, step in steps.items():
         if not only or name in only:

@@ -11,8 +11,43 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// A load connection: plain TCP or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS client trusting the CA in `path` (PEM), or None without `--tls-ca`.
+fn tls_connector(opts: &HashMap<String, String>) -> Option<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    let path = opts.get("tls-ca")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(path).expect("read --tls-ca") {
+        roots.add(cert.expect("a PEM certificate")).expect("a CA certificate");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// A connection to the server, under TLS with a connector.
+async fn open(port: u16, tls: &Option<tokio_rustls::TlsConnector>) -> std::io::Result<Box<dyn Io>> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    match tls {
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+            Ok(Box::new(tls.connect(name, stream).await?))
+        }
+        None => Ok(Box::new(stream)),
+    }
+}
 
 const SEED_REPLY: &[u8] = br#"{"key": "id", "val": 123}"#;
 
@@ -20,6 +55,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: fsbench server --protocol classic|framed [--reply-size N | --reply-file PATH]\n       \
          fsbench load --port P --protocol classic|framed [--connections C] [--seconds S] [--payload N]\n       \
+                      [--tls-ca PEM] [--reconnect 1]  (TLS to 'localhost'; a new connection per exchange)\n       \
          fsbench bigframes --port P [--size BYTES] [--count K]\n       \
          (every command takes --threads 1 for a single-threaded runtime)"
     );
@@ -137,11 +173,14 @@ async fn load(opts: &HashMap<String, String>) {
     let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&payload);
 
+    let tls = tls_connector(opts);
+    let reconnect = number(opts, "reconnect", 0) == 1;
     let begin = Instant::now() + warmup;
     let end = begin + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let frame = frame.clone();
+        let tls = tls.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
@@ -150,18 +189,15 @@ async fn load(opts: &HashMap<String, String>) {
             while Instant::now() < end {
                 let started = Instant::now();
                 let ok = if framed {
-                    if stream.is_none() {
-                        stream = TcpStream::connect(("127.0.0.1", port)).await.ok();
-                        if let Some(s) = &stream {
-                            s.set_nodelay(true).ok();
-                        }
+                    if stream.is_none() || reconnect {
+                        stream = open(port, &tls).await.ok();
                     }
                     match stream.as_mut() {
                         Some(s) => framed_exchange(s, &frame, &mut reply).await.is_ok(),
                         None => false,
                     }
                 } else {
-                    classic_exchange(port, &frame, &mut reply).await.is_ok()
+                    classic_exchange(port, &tls, &frame, &mut reply).await.is_ok()
                 };
                 if !ok {
                     errors += 1;
@@ -194,7 +230,11 @@ async fn load(opts: &HashMap<String, String>) {
     );
 }
 
-async fn framed_exchange(stream: &mut TcpStream, frame: &[u8], reply: &mut Vec<u8>) -> std::io::Result<()> {
+async fn framed_exchange<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    frame: &[u8],
+    reply: &mut Vec<u8>,
+) -> std::io::Result<()> {
     stream.write_all(frame).await?;
     let len = (stream.read_u32().await? & 0x7fff_ffff) as usize;
     reply.resize(len, 0);
@@ -202,12 +242,21 @@ async fn framed_exchange(stream: &mut TcpStream, frame: &[u8], reply: &mut Vec<u
     Ok(())
 }
 
-async fn classic_exchange(port: u16, frame: &[u8], reply: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.set_nodelay(true)?;
+async fn classic_exchange(
+    port: u16,
+    tls: &Option<tokio_rustls::TlsConnector>,
+    frame: &[u8],
+    reply: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut stream = open(port, tls).await?;
     stream.write_all(frame).await?;
     reply.clear();
-    stream.read_to_end(reply).await?;
+    // A TLS server may close without close_notify: what came is the reply.
+    match stream.read_to_end(reply).await {
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(err) => return Err(err),
+    }
     if reply.is_empty() {
         return Err(std::io::Error::other("no reply"));
     }
