@@ -494,7 +494,6 @@ impl Service {
                             return Ok(None);
                         }
                         charge.reserve(whole, input.len());
-                        reserve_whole(&mut input, whole);
                         admitted = true;
                     }
                     let read = if input.is_empty() {
@@ -778,7 +777,6 @@ impl Service {
                     continue;
                 }
                 charge.reserve(whole, input.len());
-                reserve_whole(&mut input, whole);
                 admitted = true;
             }
             let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)).await;
@@ -864,16 +862,6 @@ fn caller_of(stream: &Stream, address: Address) -> Caller {
     Caller {
         address,
         certificate,
-    }
-}
-
-/// Makes room in `input` for a large request at once, rather than by doubling: the buffer
-/// then never holds twice what was declared, and the memory is touched (resident) only as the
-/// bytes arrive.
-fn reserve_whole(input: &mut BytesMut, whole: u64) {
-    const AT_ONCE_FROM: u64 = 64 * 1024;
-    if whole >= AT_ONCE_FROM {
-        input.reserve((whole as usize).saturating_sub(input.len()));
     }
 }
 
