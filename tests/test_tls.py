@@ -402,3 +402,25 @@ def test_start_server_reports_the_client_identity(server_cert, ca, client_cert):
     runner.outcome()
     assert "CN=client one" in result["tls_subject"]
     assert result["tls_alt_names"] == ["DNS:client.example"]
+
+
+def test_mutual_tls_refuses_an_expired_client_certificate(tls_server, ca, server_cert):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = ca.issue_cert(
+        "client.example", not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1)
+    )
+    server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
+    with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, expired)) as client:
+        with pytest.raises((framesock.TLSError, framesock.ConnectionClosedError, ConnectionError)):
+            client.request("x")
+    wait_until(lambda: server.stats()["errors"]["tls"] == 1)
+
+
+def test_tls_over_ipv6_checks_the_ip_address(server_cert, ca):
+    try:
+        server = framesock.Server(lambda r: r, host="::1", port=0, protocol="framed", tls=server_tls(server_cert))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with server:
+        with framesock.Client("::1", server.address[1], protocol="framed", tls=client_tls(ca)) as client:
+            assert client.request("over ipv6") == "over ipv6"
