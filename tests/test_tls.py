@@ -155,6 +155,7 @@ def test_unknown_ca_is_refused_on_the_client(tls_server):
         with pytest.raises(framesock.TLSError, match="unknown issuer") as caught:
             client.request("x")
     assert isinstance(caught.value, ssl.SSLError)
+    assert str(caught.value).startswith("the server's certificate is signed by an unknown issuer")
     wait_until(lambda: server.stats()["errors"]["tls"] == 1)
 
 
@@ -186,7 +187,7 @@ def test_mutual_tls_accepts_a_good_client_certificate(tls_server, ca, server_cer
 def test_mutual_tls_refuses_a_client_without_a_certificate(tls_server, ca, server_cert):
     server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
     with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca)) as client:
-        with pytest.raises(framesock.TLSError, match="requires a client certificate|certificate"):
+        with pytest.raises(framesock.TLSError, match="requires a client certificate"):
             client.request("x")
     wait_until(lambda: server.stats()["errors"]["tls"] == 1)
 
@@ -195,7 +196,7 @@ def test_mutual_tls_refuses_an_unknown_client_certificate(tls_server, ca, server
     stranger = trustme.CA().issue_cert("stranger.example")
     server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
     with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, stranger)) as client:
-        with pytest.raises((framesock.TLSError, framesock.ConnectionClosedError, ConnectionError)):
+        with pytest.raises(framesock.TLSError, match="unknown CA"):
             client.request("x")
     wait_until(lambda: server.stats()["errors"]["tls"] == 1)
 
@@ -203,8 +204,10 @@ def test_mutual_tls_refuses_an_unknown_client_certificate(tls_server, ca, server
 def test_a_plain_client_against_a_tls_server_fails_quickly_and_says_so(tls_server):
     server = tls_server()
     with framesock.Client(*server.address[:2], protocol="framed", timeout=30) as client:
-        with pytest.raises((framesock.ProtocolError, framesock.ConnectionClosedError)):
+        with pytest.raises(framesock.ProtocolError, match="looks like TLS"):
             client.request("x")
+    with pytest.raises(framesock.ProtocolError, match="looks like TLS"):
+        framesock.start_client(*server.address[:2], timeout=30)
 
 
 def test_a_tls_client_against_a_plain_server_fails_quickly_and_says_so(ca):
@@ -411,7 +414,7 @@ def test_mutual_tls_refuses_an_expired_client_certificate(tls_server, ca, server
     )
     server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
     with framesock.Client(*server.address[:2], protocol="framed", tls=client_tls(ca, expired)) as client:
-        with pytest.raises((framesock.TLSError, framesock.ConnectionClosedError, ConnectionError)):
+        with pytest.raises(framesock.TLSError, match="Expired"):
             client.request("x")
     wait_until(lambda: server.stats()["errors"]["tls"] == 1)
 

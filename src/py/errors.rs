@@ -245,7 +245,8 @@ impl From<Error> for PyErr {
             Error::Wire(wire) => raise(py, |c| &c.connection_closed, (wire.to_string(),)),
             Error::Timeout(text) => raise(py, |c| &c.timeout, (text,)),
             Error::Protocol(text) => raise(py, |c| &c.protocol, (text,)),
-            Error::Tls(text) => raise(py, |c| &c.tls, (text,)),
+            // (None, text): an OSError's (errno, strerror), so str() is the text itself.
+            Error::Tls(text) => raise(py, |c| &c.tls, (py.None(), text)),
             Error::Closed => raise(py, |c| &c.connection_closed, (Error::Closed.to_string(),)),
             Error::Os { err, doing } => os_error(err, &doing),
             Error::Resolve { host, err } => {
