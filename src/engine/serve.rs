@@ -1525,9 +1525,10 @@ mod tests {
         assert_eq!(reply, SEED_REPLY);
     }
 
-    #[test]
-    fn a_panic_while_serving_ends_that_connection_only() {
-        let (service, _go) = service(Protocol::Framed, limits());
+    /// A framed test server on a real loopback socket, started on the shared runtime, and a
+    /// runtime for the test's clients.
+    fn real_server() -> (tokio::runtime::Runtime, Server, SocketAddr, Arc<Notify>) {
+        let (service, go) = service(Protocol::Framed, limits());
         let service = Arc::try_unwrap(service).ok().expect("only owner");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1544,6 +1545,12 @@ mod tests {
             panic!("a TCP address")
         };
         server.start().unwrap();
+        (rt, server, addr, go)
+    }
+
+    #[test]
+    fn a_panic_while_serving_ends_that_connection_only() {
+        let (rt, server, addr, _go) = real_server();
         rt.block_on(async {
             let mut doomed = tokio::net::TcpStream::connect(addr).await.unwrap();
             doomed.write_all(&frames(&[b"panic"])).await.unwrap();
@@ -1566,23 +1573,7 @@ mod tests {
 
     #[test]
     fn shutdown_drops_an_exchange_stuck_past_its_grace() {
-        let (service, _go) = service(Protocol::Framed, limits());
-        let service = Arc::try_unwrap(service).ok().expect("only owner");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let endpoint = Endpoint::Tcp {
-            host: "127.0.0.1".into(),
-            port: 0,
-        };
-        let server = rt
-            .block_on(Server::bind(&endpoint, 16, service, 8))
-            .unwrap();
-        let Address::Inet(addr) = server.address().clone() else {
-            panic!("a TCP address")
-        };
-        server.start().unwrap();
+        let (rt, server, addr, _go) = real_server();
         rt.block_on(async {
             let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
             client.write_all(&frames(&[b"wait"])).await.unwrap();
