@@ -427,3 +427,37 @@ def test_tls_over_ipv6_checks_the_ip_address(server_cert, ca):
     with server:
         with framesock.Client("::1", server.address[1], protocol="framed", tls=client_tls(ca)) as client:
             assert client.request("over ipv6") == "over ipv6"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_a_framesock_client_talks_to_openssl_s_server(tmp_path, ca, server_cert):
+    import os
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    server_cert.cert_chain_pems[0].write_to_path(cert)
+    server_cert.private_key_pem.write_to_path(key)
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", "0", "-cert", cert, "-key", key, "-naccept", "1", "-no_ign_eof"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        seen = b""
+        while b"ACCEPT" not in seen or not seen.split(b"ACCEPT", 1)[1].count(b"\n"):
+            chunk = os.read(server.stdout.fileno(), 4096)
+            assert chunk, "s_server ended before listening"
+            seen += chunk
+        port = int(seen.split(b"ACCEPT", 1)[1].split(b"\n", 1)[0].rsplit(b":", 1)[1])
+        tls = client_tls(ca, server_name="localhost")
+        client = PeerThread(lambda: framesock.start_client("127.0.0.1", port, "to openssl", tls=tls, timeout=20))
+        client.start()
+        while b"to openssl" not in seen:  # s_server prints what the client sent (no newline)
+            chunk = os.read(server.stdout.fileno(), 4096)
+            assert chunk, "s_server ended before the request"
+            seen += chunk
+        # What s_server reads on its stdin goes to the client; the end of stdin closes it.
+        server.stdin.write(b'{"from": "openssl"}')
+        server.stdin.close()
+        assert client.outcome(timeout=20) == {"from": "openssl"}
+    finally:
+        server.kill()
+        server.wait()
