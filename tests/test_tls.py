@@ -333,6 +333,8 @@ def test_command_line_programs_over_mutual_tls(tmp_path, ca, server_cert, client
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
+        server.stderr.close()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
@@ -461,3 +463,6 @@ def test_a_framesock_client_talks_to_openssl_s_server(tmp_path, ca, server_cert)
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
+        if not server.stdin.closed:
+            server.stdin.close()
