@@ -168,6 +168,24 @@ def framesock_server():
         server.release()
 
 
+@pytest.fixture
+def start_server():
+    """Factory: ``start_server(*args, **kwargs)`` makes a ``framesock.Server`` (port 0 unless
+    given), starts it, and shuts it down after the test."""
+    started: list[framesock.Server] = []
+
+    def start(*args, **kwargs) -> framesock.Server:
+        kwargs.setdefault("port", 0)
+        server = framesock.Server(*args, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown(timeout=2.0)
+
+
 def wait_until(condition, timeout: float = 10.0) -> None:
     """Polls ``condition()`` until it holds; fails the test if it does not within ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -164,20 +164,14 @@ def read_reply(sock: socket.socket) -> tuple[bool, bytes]:
 
 
 @pytest.fixture
-def server_factory():
-    started: list[framesock.Server] = []
+def server_factory(start_server):
+    """``start_server`` with the framed protocol unless told otherwise."""
 
     def start(*args, **kwargs):
-        kwargs.setdefault("port", 0)
         kwargs.setdefault("protocol", "framed")
-        server = framesock.Server(*args, **kwargs)
-        server.start()
-        started.append(server)
-        return server
+        return start_server(*args, **kwargs)
 
-    yield start
-    for server in started:
-        server.shutdown(timeout=2.0)
+    return start
 
 
 def connect(server) -> socket.socket:
@@ -228,10 +222,10 @@ def test_silent_connections_cannot_lock_good_clients_out(server_factory):
 
 
 def test_idle_timeout_is_on_by_default():
-    assert framesock.Server.__text_signature__ is None or "idle_timeout=75.0" in framesock.Server.__text_signature__
     import inspect
 
-    assert inspect.signature(aio.Server).parameters["idle_timeout"].default == 75.0
+    for server_class in (framesock.Server, aio.Server):
+        assert inspect.signature(server_class).parameters["idle_timeout"].default == 75.0
 
 
 def test_max_buffered_bounds_what_slow_senders_pin(server_factory):

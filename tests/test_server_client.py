@@ -21,20 +21,13 @@ def echo(request):
 
 
 @pytest.fixture
-def serve():
-    """Factory: ``serve(handler, **kwargs)`` starts a Server on port 0; shut down after the test."""
-    started: list[framesock.Server] = []
+def serve(start_server):
+    """Factory: ``serve(handler=echo, **kwargs)``: ``start_server`` with the echo handler."""
 
     def start(handler=echo, **kwargs):
-        kwargs.setdefault("port", 0)
-        server = framesock.Server(handler, **kwargs)
-        server.start()
-        started.append(server)
-        return server
+        return start_server(handler, **kwargs)
 
-    yield start
-    for server in started:
-        server.shutdown(timeout=2.0)
+    return start
 
 
 def read_reply_frame(sock: socket.socket) -> tuple[bool, bytes]:

@@ -47,19 +47,14 @@ def client_tls(ca, cert=None, **kwargs) -> framesock.ClientTLS:
 
 
 @pytest.fixture
-def tls_server(server_cert):
-    started = []
+def tls_server(server_cert, start_server):
+    """``start_server`` under TLS (the localhost certificate unless told otherwise), framed."""
 
     def start(handler=lambda r: {"echo": r}, protocol="framed", **kwargs):
         kwargs.setdefault("tls", server_tls(server_cert))
-        server = framesock.Server(handler, port=0, protocol=protocol, **kwargs)
-        server.start()
-        started.append(server)
-        return server
+        return start_server(handler, protocol=protocol, **kwargs)
 
-    yield start
-    for server in started:
-        server.shutdown(timeout=2)
+    return start
 
 
 @pytest.mark.parametrize("protocol", ["classic", "framed"])
