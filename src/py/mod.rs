@@ -28,6 +28,7 @@ const EXIT_WAIT: Duration = Duration::from_secs(1);
 /// engine thread comes back to Python.
 #[pyfunction]
 fn _at_exit(py: Python<'_>) {
+    gil::begin_exit(py, EXIT_WAIT);
     threads::close_all(py, EXIT_WAIT);
     bridge::close_all(py);
     py.detach(|| gil::detached(|| runtime::shut_down(EXIT_WAIT)));

@@ -26,7 +26,7 @@ where
 {
     let mut fut = std::pin::pin!(fut);
     loop {
-        match py.detach(|| gil::detached(|| block_on(fut.as_mut()))) {
+        match gil::detach_for_python(py, || block_on(fut.as_mut())) {
             Ok(output) => {
                 gil::bury_the_dead(py);
                 return Ok(output);
