@@ -8,13 +8,17 @@ PY := $(abspath $(VENV))/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PYO3_PYTHON := $(PY)
 
-.PHONY: all venv build demo test cargo-test pytest lint bench soak clean
+.PHONY: all venv build demo test cargo-test pytest lint bench soak wheel sdist test-pythons clean
 
 all: build
 
+# What the test suite needs beside framesock itself (also installed by `make test-pythons`).
+TEST_DEPS := "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" "hypothesis>=6.100" trustme uvloop
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "maturin>=1.9,<2" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" "hypothesis>=6.100" trustme uvloop
+	$(PIP) "maturin>=1.9,<2" $(TEST_DEPS)
 	touch $@
 
 venv: $(VENV)/.deps
@@ -59,5 +63,29 @@ soak: build
 	$(PY) -m pip install --quiet --disable-pip-version-check matplotlib
 	$(PY) bench/soak.py
 
+# A wheel for every Linux with glibc 2.17 or newer (manylinux2014): zig links against glibc
+# 2.17's symbols, and auditwheel then checks that nothing newer slipped in.
+ARCH := $(shell uname -m)
+wheel: venv
+	$(PIP) "ziglang>=0.13" "auditwheel>=6"
+	rm -f dist/framesock-*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --strip --zig \
+		--compatibility manylinux2014 --interpreter $(PY) --out dist --quiet
+	$(VENV)/bin/auditwheel show dist/framesock-*.whl | tr -s ' \n' ' ' \
+		| grep -q 'consistent with the following platform tag: "manylinux_2_17_$(ARCH)"' \
+		|| { $(VENV)/bin/auditwheel show dist/framesock-*.whl; echo "wheel: not manylinux_2_17"; exit 1; }
+	@ls -l dist/framesock-*.whl
+
+# The source distribution: builds and installs wherever cargo and a C compiler are present.
+sdist: venv
+	rm -f dist/framesock-*.tar.gz
+	$(VENV)/bin/maturin sdist --out dist
+	@tar tzf dist/framesock-*.tar.gz | grep -q '/LICENSE$$' || { echo "sdist: no LICENSE"; exit 1; }
+
+# The whole suite against the wheel, on every CPython from 3.9 found here, each in a fresh
+# virtualenv (TEST_PYTHONS=oldest,newest for just those two).
+test-pythons: wheel
+	$(PY) .ci/test-pythons dist/framesock-*.whl --only "$(TEST_PYTHONS)" -- $(TEST_DEPS)
+
 clean:
-	rm -rf $(VENV) target bench/native/target
+	rm -rf $(VENV) .venv-pythons target bench/native/target dist

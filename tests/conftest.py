@@ -7,11 +7,13 @@ server binds 127.0.0.1 port 0 and every thread started here is joined before the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -20,6 +22,17 @@ import framesock
 
 SEED_MESSAGE = b"msg from client"
 SEED_REPLY = b'{"key": "id", "val": 123}'
+
+
+# pytest-asyncio (1.2) asks for the current event loop before each async test; until one was
+# set, Python 3.9 makes a new one then, which is never closed and fails a later test with an
+# "unclosed event loop" ResourceWarning. Saying "no current loop" makes it get None instead.
+asyncio.set_event_loop(None)
+
+
+def pytest_report_header() -> str:
+    # Which framesock is under test: this checkout's build, or an installed wheel.
+    return f"framesock {framesock.__version__} from {Path(framesock.__file__).parent}"
 
 
 def frame(payload: bytes) -> bytes:

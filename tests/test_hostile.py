@@ -7,8 +7,18 @@ on loopback, and checks that framesock stays within its limits and says what hap
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
 
 import pytest
+from conftest import PeerThread, frame, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import framesock
 from framesock import aio
@@ -126,7 +136,6 @@ def test_an_empty_path_is_a_value_error():
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="abstract names are Linux's")
 def test_abstract_socket_names_work(tmp_path):
-    import os
 
     name = f"\0framesock-test-{os.getpid()}-{id(tmp_path)}"
     with framesock.Server(path=name, protocol="framed") as server:
@@ -136,14 +145,6 @@ def test_abstract_socket_names_work(tmp_path):
 
 
 # --- hostile peers against a server --------------------------------------------------------------
-
-import json  # noqa: E402
-import logging  # noqa: E402
-import socket  # noqa: E402
-import struct  # noqa: E402
-import threading  # noqa: E402
-
-from conftest import PeerThread, frame, wait_until  # noqa: E402
 
 BIG = "x" * (1 << 20)  # a 1 MiB reply
 
@@ -221,11 +222,22 @@ def test_silent_connections_cannot_lock_good_clients_out(server_factory):
         sock.close()
 
 
-def test_idle_timeout_is_on_by_default():
+@pytest.mark.parametrize(
+    "server_class",
+    [
+        pytest.param(
+            framesock.Server,
+            marks=pytest.mark.skipif(
+                sys.version_info < (3, 10), reason="Python 3.9 shows no signature for native classes"
+            ),
+        ),
+        aio.Server,
+    ],
+)
+def test_idle_timeout_is_on_by_default(server_class):
     import inspect
 
-    for server_class in (framesock.Server, aio.Server):
-        assert inspect.signature(server_class).parameters["idle_timeout"].default == 75.0
+    assert inspect.signature(server_class).parameters["idle_timeout"].default == 75.0
 
 
 def test_max_buffered_bounds_what_slow_senders_pin(server_factory):
@@ -401,9 +413,6 @@ def test_close_does_not_wait_for_a_request_in_flight(server_factory):
 
 
 # --- random sequences of hostile actions, end to end -----------------------------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 def garbage(server, data: bytes) -> None:

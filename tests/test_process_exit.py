@@ -27,8 +27,12 @@ RUN_LIMIT = 30
 
 
 def interpreters() -> dict[str, str]:
-    """``{"3.11": path}`` for this interpreter and every pyenv CPython from 3.9 up."""
+    """``{"3.11": path}`` for this interpreter and every pyenv CPython from 3.9 up (only this
+    one with FRAMESOCK_TEST_PYTHONS=self, as ``make test-pythons`` sets: it runs the suite on
+    each interpreter in turn)."""
     found = {f"{sys.version_info[0]}.{sys.version_info[1]}": sys.executable}
+    if os.environ.get("FRAMESOCK_TEST_PYTHONS") == "self":
+        return found
     root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     versions = Path(root) / "versions"
     if versions.is_dir():
