@@ -6,10 +6,13 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
+from framesock._framesock import __version__
+
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the options both programs take."""
     cli = argparse.ArgumentParser(prog=prog, description=description)
+    cli.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     cli.add_argument("--host", default="127.0.0.1", help="address to use (default: %(default)s)")
     cli.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     cli.add_argument(

@@ -2,9 +2,19 @@
 
 import json
 import ssl
-from os import PathLike
 from types import TracebackType
-from typing import Any, Awaitable, Callable, Iterable, Literal, Optional, Union, final
+from typing import Any, Awaitable, Callable, Iterable, Optional, Union, final
+
+from framesock._types import (
+    Address as _Address,
+    Exchange,
+    JSONValue as _JSONValue,
+    Message as _Message,
+    PathLike as _Path,
+    Protocol as _Protocol,
+    RequestAs as _RequestAs,
+    ServerStats,
+)
 
 __version__: str
 __all__ = [
@@ -31,14 +41,6 @@ __all__ = [
     "start_server",
     "start_server_async",
 ]
-
-_JSONValue = Any
-_Address = Union[tuple[str, int], tuple[str, int, int, int], str]
-_Path = Union[str, PathLike[str]]
-# str and bytes are sent as they are; any other value as its JSON text (json.dumps' bytes).
-_Message = Union[str, bytes, bytearray, dict[Any, Any], list[Any], tuple[Any, ...], int, float, bool, None]
-_Protocol = Literal["classic", "framed"]
-_RequestAs = Literal["text", "bytes", "json"]
 
 class FramesockError(Exception):
     """Base class of every error framesock raises itself."""
@@ -149,10 +151,10 @@ def start_server(
     max_frame: int = 16777216,
     backlog: int = 5,
     request_as: _RequestAs = "text",
-    ready: Optional[Callable[[_Address], object]] = None,
+    ready: Optional[Callable[[Any], object]] = None,
     path: Optional[_Path] = None,
     tls: Optional[ServerTLS] = None,
-) -> dict[str, Any]:
+) -> Exchange:
     """Serve one client and one request, like the seed's server, then close and return.
 
     Binds ``host:port`` with SO_REUSEADDR, accepts one connection, reads one frame (4-byte
@@ -192,8 +194,8 @@ def start_server(
     """
 
 def start_client(
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: Optional[str] = "127.0.0.1",
+    port: Optional[int] = 8000,
     message: _Message = "msg from client",
     *,
     timeout: Optional[float] = 20.0,
@@ -308,6 +310,16 @@ class Server:
     @property
     def address(self) -> _Address:
         """The bound address: ``(host, port)`` (IPv6: 4-tuple) or the Unix socket path."""
+    @property
+    def host(self) -> Optional[str]:
+        """The bound host as text (``"127.0.0.1"``, ``"::1"``); None for a Unix socket."""
+    @property
+    def port(self) -> Optional[int]:
+        """The bound port (the real one when bound with port 0); None for a Unix socket."""
+    @property
+    def path(self) -> Optional[str]:
+        """The Unix socket path; None for TCP. ``Client(server.host, server.port,
+        path=server.path)`` reaches any server."""
 
     def start(self) -> None:
         """Start serving in the background and return; does nothing if already serving.
@@ -345,7 +357,7 @@ class Server:
     def _use_event_loop(self) -> None:
         """framesock.aio: awaitables returned by the handler run on the running loop, and the
         server shuts down when that loop is torn down."""
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ServerStats:
         """Counters: ``connections_accepted``, ``connections_active``, ``requests``,
         ``bytes_in``, ``bytes_out``, ``idle_closed`` and ``errors`` by kind (``handler``,
         ``encode``, ``bad_request``, ``frame_too_large``, ``timeout``, ``disconnected``, ``io``).
@@ -359,7 +371,7 @@ class Server:
         exc_type: Optional[type[BaseException]] = None,
         _exc_value: Optional[BaseException] = None,
         _traceback: Optional[TracebackType] = None,
-    ) -> bool: ...
+    ) -> None: ...
 
 @final
 class Client:
@@ -371,8 +383,8 @@ class Client:
 
     def __new__(
         cls,
-        host: str = "127.0.0.1",
-        port: int = 8000,
+        host: Optional[str] = "127.0.0.1",
+        port: Optional[int] = 8000,
         *,
         path: Optional[_Path] = None,
         protocol: _Protocol = "classic",
@@ -383,8 +395,8 @@ class Client:
         """Describe the server; nothing connects until the first request.
 
         Args:
-            host: Server address.
-            port: Server port.
+            host: Server address (may be None when ``path`` is given).
+            port: Server port (may be None when ``path`` is given).
             path: Connect to this Unix domain socket path instead.
             protocol: ``"classic"`` (a connection per request) or ``"framed"`` (one kept
                 connection).
@@ -416,7 +428,7 @@ class Client:
     def __exit__(
         self,
         *exc_info: Union[type[BaseException], BaseException, TracebackType, None],
-    ) -> bool: ...
+    ) -> None: ...
 
 # Hooks that framesock/__init__.py registers with atexit and os.register_at_fork.
 
@@ -443,10 +455,10 @@ def start_server_async(
     max_frame: int,
     backlog: int,
     request_as: _RequestAs,
-    ready: Optional[Callable[[_Address], object]],
+    ready: Optional[Callable[[Any], object]],
     path: Optional[_Path],
     tls: Optional[ServerTLS] = None,
-) -> Awaitable[dict[str, Any]]:
+) -> Awaitable[Exchange]:
     """``start_server`` as an awaitable for the running event loop (see ``framesock.aio``)."""
 
 @final
@@ -455,8 +467,8 @@ class AsyncClient:
 
     def __new__(
         cls,
-        host: str,
-        port: int,
+        host: Optional[str],
+        port: Optional[int],
         path: Optional[_Path],
         protocol: _Protocol,
         timeout: Optional[float],

@@ -13,7 +13,7 @@ Cancelling a task (or ``asyncio.wait_for`` timing out) stops the engine's side o
 
     async def main():
         async with aio.Server(handler, port=0, protocol="framed") as server:
-            async with aio.Client(*server.address, protocol="framed") as client:
+            async with aio.Client(server.host, server.port, protocol="framed") as client:
                 print(await client.request("hello"))
 
     asyncio.run(main())
@@ -22,32 +22,33 @@ Cancelling a task (or ``asyncio.wait_for`` timing out) stops the engine's side o
 from __future__ import annotations
 
 import asyncio
-import os
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Awaitable, Callable, Iterable, List, Optional, Union
 
 from framesock import _framesock
+from framesock._types import Address, Exchange, JSONValue, Message, PathLike, Protocol, RequestAs, ServerStats
 
 __all__ = ["Client", "Server", "start_client", "start_server"]
 
 _MAX_LEN = 16 * 1024 * 1024
-_Message = Union[str, bytes, bytearray, dict, list]
-_Path = Union[str, "os.PathLike[str]"]
+#: A handler: a plain function (run on handler threads) or a coroutine function (run on the
+#: loop), called with the request, or with the request and a ``framesock.Caller``.
+Handler = Callable[..., Union[JSONValue, Awaitable[JSONValue]]]
 
 
 async def start_server(
     host: str = "127.0.0.1",
     port: int = 8000,
-    response: Any = None,
+    response: JSONValue = None,
     *,
-    handler: Optional[Callable[[Any], Any]] = None,
+    handler: Optional[Handler] = None,
     timeout: Optional[float] = 20.0,
     max_frame: int = _MAX_LEN,
     backlog: int = 5,
-    request_as: str = "text",
+    request_as: RequestAs = "text",
     ready: Optional[Callable[[Any], object]] = None,
-    path: Optional[_Path] = None,
+    path: Optional[PathLike] = None,
     tls: Optional[_framesock.ServerTLS] = None,
-) -> dict:
+) -> Exchange:
     """Serve one client and one request, like ``framesock.start_server``.
 
     ``handler`` may be a plain function or a coroutine function (run on this event loop);
@@ -59,15 +60,15 @@ async def start_server(
 
 
 async def start_client(
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    message: _Message = "msg from client",
+    host: Optional[str] = "127.0.0.1",
+    port: Optional[int] = 8000,
+    message: Message = "msg from client",
     *,
     timeout: Optional[float] = 20.0,
     max_reply: int = _MAX_LEN,
-    path: Optional[_Path] = None,
+    path: Optional[PathLike] = None,
     tls: Optional[_framesock.ClientTLS] = None,
-) -> Any:
+) -> JSONValue:
     """Send one request like ``framesock.start_client`` and return the decoded reply."""
     async with Client(host, port, path=path, timeout=timeout, max_reply=max_reply, tls=tls) as client:
         return await client.request(message)
@@ -85,28 +86,31 @@ class Client:
 
     def __init__(
         self,
-        host: str = "127.0.0.1",
-        port: int = 8000,
+        host: Optional[str] = "127.0.0.1",
+        port: Optional[int] = 8000,
         *,
-        path: Optional[_Path] = None,
-        protocol: str = "classic",
+        path: Optional[PathLike] = None,
+        protocol: Protocol = "classic",
         timeout: Optional[float] = 20.0,
         max_reply: int = _MAX_LEN,
         tls: Optional[_framesock.ClientTLS] = None,
     ) -> None:
         self._engine = _framesock.AsyncClient(host, port, path, protocol, timeout, max_reply, tls)
 
-    async def request(self, message: _Message) -> Any:
+    async def request(self, message: Message) -> JSONValue:
         """Send one message and return the decoded reply (``RemoteError`` for an error reply)."""
         return await self._engine.request(message)
 
-    async def request_many(self, messages: Iterable[_Message]) -> list:
+    async def request_many(self, messages: Iterable[Message]) -> List[JSONValue]:
         """Send every message and return the replies in order (pipelined in ``"framed"``)."""
         return await self._engine.request_many(messages)
 
     async def close(self) -> None:
         """Close the connection; later requests raise ValueError."""
         self._engine.close()
+
+    def __repr__(self) -> str:
+        return repr(self._engine).replace("<framesock.AsyncClient ", "<framesock.aio.Client ", 1)
 
     async def __aenter__(self) -> "Client":
         return self
@@ -127,19 +131,19 @@ class Server:
 
     def __init__(
         self,
-        handler: Optional[Callable[[Any], Any]] = None,
+        handler: Optional[Handler] = None,
         host: str = "127.0.0.1",
         port: int = 8000,
         *,
-        path: Optional[_Path] = None,
-        response: Any = None,
-        protocol: str = "classic",
+        path: Optional[PathLike] = None,
+        response: JSONValue = None,
+        protocol: Protocol = "classic",
         timeout: Optional[float] = 20.0,
         idle_timeout: Optional[float] = 75.0,
         max_frame: int = _MAX_LEN,
         max_connections: int = 1024,
         backlog: int = 1024,
-        request_as: str = "text",
+        request_as: RequestAs = "text",
         handler_threads: Optional[int] = None,
         max_unsent: int = 64 * 1024,
         max_buffered: int = 256 * 1024 * 1024,
@@ -165,9 +169,24 @@ class Server:
         )
 
     @property
-    def address(self) -> Any:
-        """The bound address: ``(host, port)`` (the real port with port 0) or the Unix path."""
+    def address(self) -> Address:
+        """The bound address: ``(host, port)`` (IPv6: 4-tuple) or the Unix socket path."""
         return self._server.address
+
+    @property
+    def host(self) -> Optional[str]:
+        """The bound host as text; None for a Unix socket."""
+        return self._server.host
+
+    @property
+    def port(self) -> Optional[int]:
+        """The bound port (the real one when bound with port 0); None for a Unix socket."""
+        return self._server.port
+
+    @property
+    def path(self) -> Optional[str]:
+        """The Unix socket path; None for TCP."""
+        return self._server.path
 
     async def start(self) -> None:
         """Start serving in the background; coroutine handlers run on the running loop."""
@@ -195,9 +214,12 @@ class Server:
         """
         await self._server._shutdown_async(timeout)
 
-    def stats(self) -> dict:
+    def stats(self) -> ServerStats:
         """The same counters as ``framesock.Server.stats()``."""
         return self._server.stats()
+
+    def __repr__(self) -> str:
+        return repr(self._server).replace("<framesock.Server ", "<framesock.aio.Server ", 1)
 
     async def __aenter__(self) -> "Server":
         await self.start()

@@ -39,6 +39,16 @@ pub enum Protocol {
     Framed,
 }
 
+impl std::fmt::Display for Protocol {
+    /// The name the Python API uses: `classic` or `framed`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Classic => "classic",
+            Protocol::Framed => "framed",
+        })
+    }
+}
+
 /// Counters, updated without locks from every connection; serialised with the field names
 /// `stats()` shows.
 #[derive(Default, Serialize)]

@@ -42,6 +42,8 @@ fn replies_object(py: Python<'_>, frames: &[Frame], one: bool) -> PyResult<Py<Py
 /// The engine of `framesock.aio.Client`.
 #[pyclass(frozen, module = "framesock._framesock", name = "AsyncClient")]
 pub struct AsyncClient {
+    /// The server, as `repr()` shows it.
+    described: String,
     protocol: Protocol,
     pipeline: Arc<Pipeline>,
     timeout: Option<Duration>,
@@ -156,8 +158,8 @@ impl AsyncClient {
     #[new]
     #[pyo3(signature = (host, port, path, protocol, timeout, max_reply, tls = None))]
     fn new(
-        host: String,
-        port: i64,
+        host: Option<String>,
+        port: Option<i64>,
         path: Option<PathBuf>,
         protocol: String,
         timeout: Option<f64>,
@@ -171,6 +173,7 @@ impl AsyncClient {
             max_reply,
         } = ClientConfig::new(host, port, path, &protocol, timeout, max_reply)?;
         Ok(AsyncClient {
+            described: format!("{endpoint} protocol='{protocol}'"),
             protocol,
             pipeline: Pipeline::new(
                 endpoint,
@@ -240,6 +243,15 @@ impl AsyncClient {
         if !self.is_inherited() {
             self.pipeline.close("the client was closed");
         }
+    }
+
+    fn __repr__(&self) -> String {
+        let closed = if self.closed.load(Ordering::Relaxed) {
+            " closed"
+        } else {
+            ""
+        };
+        format!("<framesock.AsyncClient {}{closed}>", self.described)
     }
 }
 

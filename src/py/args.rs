@@ -101,6 +101,46 @@ pub fn endpoint(host: String, port: i64, path: Option<PathBuf>) -> PyResult<Endp
     })
 }
 
+/// A client's server: `host` and `port` may be None when `path` is given, so that
+/// `Client(server.host, server.port, path=server.path)` works for every kind of server.
+pub fn client_endpoint(
+    host: Option<String>,
+    port: Option<i64>,
+    path: Option<PathBuf>,
+) -> PyResult<Endpoint> {
+    match (host, port) {
+        _ if path.is_some() => endpoint(String::new(), 0, path),
+        (Some(host), Some(port)) => endpoint(host, port, None),
+        _ => Err(pyo3::exceptions::PyTypeError::new_err(
+            "host and port are both needed unless path is given",
+        )),
+    }
+}
+
+/// The host of a TCP address as text (`"127.0.0.1"`, `"::1"`); None for a Unix socket.
+pub fn host_of(addr: &Address) -> Option<String> {
+    match addr {
+        Address::Inet(inet) => Some(inet.ip().to_string()),
+        Address::Unix(_) => None,
+    }
+}
+
+/// The port of a TCP address; None for a Unix socket.
+pub fn port_of(addr: &Address) -> Option<u16> {
+    match addr {
+        Address::Inet(inet) => Some(inet.port()),
+        Address::Unix(_) => None,
+    }
+}
+
+/// The path of a Unix socket address (`"\0name"` for an abstract one); None for TCP.
+pub fn path_of(addr: &Address) -> Option<String> {
+    match addr {
+        Address::Inet(_) => None,
+        Address::Unix(path) => Some(path.to_string_lossy().into_owned()),
+    }
+}
+
 /// The address as Python's `socket` gives it: `(host, port)` for IPv4,
 /// `(host, port, flowinfo, scope_id)` for IPv6, the path for a Unix socket.
 pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'py, PyAny>> {

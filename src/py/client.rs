@@ -65,15 +65,15 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     pub fn new(
-        host: String,
-        port: i64,
+        host: Option<String>,
+        port: Option<i64>,
         path: Option<PathBuf>,
         protocol: &str,
         timeout: Option<f64>,
         max_reply: i64,
     ) -> PyResult<Self> {
         Ok(ClientConfig {
-            endpoint: args::endpoint(host, port, path)?,
+            endpoint: args::client_endpoint(host, port, path)?,
             protocol: args::protocol(protocol)?,
             timeout: args::timeout("timeout", timeout)?,
             max_reply: args::byte_limit("max_reply", max_reply)?,
@@ -117,7 +117,7 @@ impl Client {
         // Uncontended (the usual case): no need to let go of the GIL.
         let state = match self.state.try_lock() {
             Some(state) => state,
-            None => py.detach(|| self.state.lock()),
+            None => crate::py::gil::detach_for_python(py, || self.state.lock()),
         };
         if state.closed || self.closing.is_cancelled() {
             return Err(PyValueError::new_err("the client is closed"));
@@ -223,7 +223,7 @@ impl Client {
 impl Client {
     #[new]
     #[pyo3(signature = (
-        host = String::from("127.0.0.1"), port = 8000, *, path = None,
+        host = Some(String::from("127.0.0.1")), port = Some(8000), *, path = None,
         protocol = String::from("classic"), timeout = Some(20.0),
         max_reply = args::DEFAULT_MAX_LEN as i64, tls = None,
     ))]
@@ -232,8 +232,8 @@ impl Client {
         timeout=20.0, max_reply=16777216, tls=None)"
     )]
     fn new(
-        host: String,
-        port: i64,
+        host: Option<String>,
+        port: Option<i64>,
         path: Option<PathBuf>,
         protocol: String,
         timeout: Option<f64>,
@@ -324,13 +324,20 @@ impl Client {
     }
 
     #[pyo3(signature = (*_exc_info))]
-    fn __exit__(&self, _exc_info: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+    fn __exit__(&self, _exc_info: &Bound<'_, pyo3::types::PyTuple>) {
         self.close();
-        false
     }
 
     fn __repr__(&self) -> String {
-        format!("<framesock.Client {} {:?}>", self.endpoint, self.protocol)
+        let closed = if self.closing.is_cancelled() {
+            " closed"
+        } else {
+            ""
+        };
+        format!(
+            "<framesock.Client {} protocol='{}'{closed}>",
+            self.endpoint, self.protocol
+        )
     }
 }
 
@@ -363,7 +370,7 @@ impl Drop for Client {
 /// Sends one request like the seed's client and returns the decoded JSON reply.
 #[pyfunction]
 #[pyo3(signature = (
-    host = String::from("127.0.0.1"), port = 8000, message = None, *,
+    host = Some(String::from("127.0.0.1")), port = Some(8000), message = None, *,
     timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64, path = None, tls = None,
 ))]
 #[pyo3(
@@ -373,8 +380,8 @@ impl Drop for Client {
 #[allow(clippy::too_many_arguments)]
 pub fn start_client<'py>(
     py: Python<'py>,
-    host: String,
-    port: i64,
+    host: Option<String>,
+    port: Option<i64>,
     message: Option<Bound<'py, PyAny>>,
     timeout: Option<f64>,
     max_reply: i64,

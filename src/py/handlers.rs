@@ -492,7 +492,7 @@ impl PyCaller {
     fn __repr__(&self) -> String {
         match &self.caller.certificate {
             Some(cert) => format!(
-                "<framesock.Caller {} {:?}>",
+                "<framesock.Caller {} tls_subject='{}'>",
                 self.caller.address, cert.subject
             ),
             None => format!("<framesock.Caller {}>", self.caller.address),

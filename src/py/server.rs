@@ -239,6 +239,24 @@ impl Server {
         address_object(py, self.core.address())
     }
 
+    /// The bound host as text (`"127.0.0.1"`, `"::1"`); None for a Unix socket.
+    #[getter]
+    fn host(&self) -> Option<String> {
+        args::host_of(self.core.address())
+    }
+
+    /// The bound port (the real one with port 0); None for a Unix socket.
+    #[getter]
+    fn port(&self) -> Option<u16> {
+        args::port_of(self.core.address())
+    }
+
+    /// The Unix socket path; None for TCP.
+    #[getter]
+    fn path(&self) -> Option<String> {
+        args::path_of(self.core.address())
+    }
+
     /// Starts serving in the background and returns; calling it again does nothing.
     fn start(&self) -> PyResult<()> {
         self.core.start().map_err(cannot_start)
@@ -332,7 +350,7 @@ impl Server {
         exc_type: Option<Bound<'_, PyAny>>,
         _exc_value: Option<Bound<'_, PyAny>>,
         _traceback: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<bool> {
+    ) -> PyResult<()> {
         let interrupted =
             exc_type.is_some_and(|t| t.is(py.get_type::<pyo3::exceptions::PyKeyboardInterrupt>()));
         let grace = if interrupted {
@@ -340,13 +358,13 @@ impl Server {
         } else {
             EXIT_GRACE
         };
-        self.wind_down(py, Some(grace))?;
-        Ok(false)
+        // None, like False, lets the block's exception go on.
+        self.wind_down(py, Some(grace))
     }
 
     fn __repr__(&self) -> String {
         format!(
-            "<framesock.Server {} {:?}>",
+            "<framesock.Server {} protocol='{}'>",
             self.core.address(),
             self.core.service().protocol
         )

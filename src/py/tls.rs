@@ -65,10 +65,12 @@ impl ServerTls {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<framesock.ServerTLS mutual={}>",
-            self.settings.requires_client_certificate
-        )
+        let mutual = if self.settings.requires_client_certificate {
+            "True"
+        } else {
+            "False"
+        };
+        format!("<framesock.ServerTLS requires_client_certificate={mutual}>")
     }
 }
 
@@ -102,9 +104,9 @@ impl ClientTls {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<framesock.ClientTLS server_name={:?}>",
-            self.settings.server_name
-        )
+        match &self.settings.server_name {
+            Some(name) => format!("<framesock.ClientTLS server_name='{name}'>"),
+            None => String::from("<framesock.ClientTLS server_name=None>"),
+        }
     }
 }

@@ -1,0 +1,81 @@
+"""The types framesock's API is written in, in one place for the blocking API's stubs and for
+``framesock.aio``. Importable at run time (for annotations in user code) as well as by checkers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Literal, Tuple, TypedDict, Union
+
+__all__ = [
+    "Address",
+    "ErrorCounts",
+    "Exchange",
+    "JSONValue",
+    "Message",
+    "PathLike",
+    "Protocol",
+    "RequestAs",
+    "ServerStats",
+]
+
+#: A decoded JSON value (what ``json.loads`` returns): dict, list, str, int, float, bool or
+#: None. ``Any``, because a recursive alias would make every use of a reply need a cast.
+JSONValue = Any
+
+#: What a request may be: str and bytes go as they are; any other value as its JSON text.
+Message = Union[str, bytes, bytearray, Dict[Any, Any], List[Any], Tuple[Any, ...], int, float, bool, None]
+
+#: ``"classic"``: one request per connection, the reply is raw JSON ended by the close (the
+#: seed's). ``"framed"``: replies framed like requests, kept connections, pipelining.
+Protocol = Literal["classic", "framed"]
+
+#: What a handler receives: ``"text"`` (str), ``"bytes"`` or ``"json"`` (the decoded value).
+RequestAs = Literal["text", "bytes", "json"]
+
+#: A socket address as Python's ``socket`` module gives it: ``(host, port)`` for IPv4,
+#: ``(host, port, flowinfo, scope_id)`` for IPv6, the path for a Unix socket. For one kind at a
+#: time, ``Server.host``, ``Server.port`` and ``Server.path`` are simpler.
+Address = Union[Tuple[str, int], Tuple[str, int, int, int], str]
+
+#: A Unix socket path (``"\0name"`` for an abstract one on Linux).
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ErrorCounts(TypedDict):
+    """``ServerStats["errors"]``: failed exchanges and connections, by kind."""
+
+    handler: int
+    encode: int
+    bad_request: int
+    frame_too_large: int
+    timeout: int
+    disconnected: int
+    io: int
+    internal: int
+    tls: int
+
+
+class ServerStats(TypedDict):
+    """What ``Server.stats()`` returns: counters since the server was made."""
+
+    connections_accepted: int
+    connections_active: int
+    requests: int
+    bytes_in: int
+    bytes_out: int
+    bytes_buffered: int
+    idle_closed: int
+    idle_evicted: int
+    busy: int
+    errors: ErrorCounts
+
+
+class Exchange(TypedDict):
+    """What ``start_server()`` returns: the one exchange it served."""
+
+    peer: Address
+    address: Address
+    request: str
+    request_bytes: bytes
+    reply: JSONValue
