@@ -48,8 +48,11 @@ lint: build
 	cargo fmt --check
 	cargo clippy --all-targets --quiet -- -D warnings
 	cargo clippy --all-targets --quiet --features python -- -D warnings
-	$(PY) -m pip install --quiet --disable-pip-version-check mypy
+	$(PIP) "mypy>=1.15" "pyright>=1.1.400"
 	$(PY) -m mypy.stubtest framesock._framesock
+	# Strict, over the package and tests/typed_example.py (pyproject.toml says which files).
+	$(PY) -m mypy
+	$(VENV)/bin/pyright --pythonpath $(PY)
 
 # Not part of `make test`: a benchmark prints numbers, it does not pass or fail.
 bench: build

@@ -5,9 +5,10 @@ import ssl
 from types import TracebackType
 from typing import Any, Awaitable, Callable, Iterable, Optional, Union, final
 
-from framesock._types import (
+from framesock.types import (
     Address as _Address,
     Exchange,
+    Handler,
     JSONValue as _JSONValue,
     Message as _Message,
     PathLike as _Path,
@@ -146,7 +147,7 @@ def start_server(
     port: int = 8000,
     response: Optional[_JSONValue] = None,
     *,
-    handler: Optional[Callable[[Any], _JSONValue]] = None,
+    handler: Optional[Handler] = None,
     timeout: Optional[float] = 20.0,
     max_frame: int = 16777216,
     backlog: int = 5,
@@ -251,7 +252,7 @@ class Server:
 
     def __new__(
         cls,
-        handler: Optional[Callable[[Any], _JSONValue]] = None,
+        handler: Optional[Handler] = None,
         host: str = "127.0.0.1",
         port: int = 8000,
         *,
@@ -450,7 +451,7 @@ def start_server_async(
     host: str,
     port: int,
     response: Optional[_JSONValue],
-    handler: Optional[Callable[[Any], Any]],
+    handler: Optional[Handler],
     timeout: Optional[float],
     max_frame: int,
     backlog: int,

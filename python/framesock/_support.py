@@ -13,7 +13,7 @@ import inspect
 import logging
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, AsyncGenerator, Callable
 
 logger = logging.getLogger("framesock")
 
@@ -49,8 +49,9 @@ def run_handler_jobs(source: Any) -> None:
             source.fail(err)
         else:
             source.done(result)
+            result = None
         # Drop the references now rather than when the next job comes, which may be never.
-        job = function = arguments = reserve = result = err = None  # noqa: F841
+        job = function = arguments = reserve = None
 
 
 def takes_caller(handler: Callable[..., Any]) -> bool:
@@ -72,14 +73,14 @@ def log(record: tuple[int, str, BaseException | None]) -> None:
     logger.log(level, message, exc_info=exc)
 
 
-async def _until_aclosed(on_end: Callable[[], None]) -> Any:
+async def _until_aclosed(on_end: Callable[[], None]) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
         on_end()
 
 
-def watch_loop(on_end: Callable[[], None]) -> Any:
+def watch_loop(on_end: Callable[[], None]) -> AsyncGenerator[None, None]:
     """Calls ``on_end()`` when the running event loop is torn down.
 
     ``asyncio.run()`` (and every ``asyncio.Runner``) ends by closing the async generators it

@@ -22,17 +22,24 @@ Cancelling a task (or ``asyncio.wait_for`` timing out) stops the engine's side o
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Iterable, List, Optional, Union
+from typing import Any, Callable, Iterable, List, Optional
 
 from framesock import _framesock
-from framesock._types import Address, Exchange, JSONValue, Message, PathLike, Protocol, RequestAs, ServerStats
+from framesock.types import (
+    Address,
+    Exchange,
+    Handler,
+    JSONValue,
+    Message,
+    PathLike,
+    Protocol,
+    RequestAs,
+    ServerStats,
+)
 
 __all__ = ["Client", "Server", "start_client", "start_server"]
 
 _MAX_LEN = 16 * 1024 * 1024
-#: A handler: a plain function (run on handler threads) or a coroutine function (run on the
-#: loop), called with the request, or with the request and a ``framesock.Caller``.
-Handler = Callable[..., Union[JSONValue, Awaitable[JSONValue]]]
 
 
 async def start_server(

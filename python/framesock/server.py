@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     if bool(options.tls_cert) != bool(options.tls_key) or (options.tls_client_ca and not options.tls_cert):
         cli.error("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
 
-    def announce(address: tuple) -> None:
+    def announce(address: tuple[str, int]) -> None:
         # With --port 0 nobody knows the port; say it on stderr so stdout stays the seed's.
         if options.port == 0:
             print(f"framesock-server: listening on {address[0]}:{address[1]}", file=sys.stderr, flush=True)

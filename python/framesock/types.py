@@ -1,16 +1,18 @@
-"""The types framesock's API is written in, in one place for the blocking API's stubs and for
-``framesock.aio``. Importable at run time (for annotations in user code) as well as by checkers.
+"""The types of framesock's API, for annotating code that uses it
+(``from framesock.types import ServerStats``); the blocking API's stubs and ``framesock.aio``
+are written in them. Everything here exists at run time too.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Literal, Tuple, TypedDict, Union
+from typing import Any, Callable, Dict, List, Literal, Tuple, TypedDict, Union
 
 __all__ = [
     "Address",
     "ErrorCounts",
     "Exchange",
+    "Handler",
     "JSONValue",
     "Message",
     "PathLike",
@@ -22,6 +24,10 @@ __all__ = [
 #: A decoded JSON value (what ``json.loads`` returns): dict, list, str, int, float, bool or
 #: None. ``Any``, because a recursive alias would make every use of a reply need a cast.
 JSONValue = Any
+
+#: A handler: ``handler(request)`` or ``handler(request, caller)`` (a ``framesock.Caller``)
+#: returning the reply value; in ``framesock.aio`` it may also be a coroutine function.
+Handler = Callable[..., Any]
 
 #: What a request may be: str and bytes go as they are; any other value as its JSON text.
 Message = Union[str, bytes, bytearray, Dict[Any, Any], List[Any], Tuple[Any, ...], int, float, bool, None]
