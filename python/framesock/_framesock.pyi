@@ -304,8 +304,10 @@ class Server:
 
         Raises:
             OSError: The address cannot be bound.
-            TypeError: Both ``handler`` and ``response``, or a handler that is not callable.
-            ValueError: Argument values out of range, or a response that cannot be encoded.
+            TypeError: Both ``handler`` and ``response``, a handler that is not callable, or a
+                response of a type ``json.dumps`` cannot encode (a set, an object).
+            ValueError: Argument values out of range, or a response holding NaN, an infinity
+                or a circular reference.
         """
 
     @property

@@ -77,8 +77,14 @@ class ServerStats(TypedDict):
     errors: ErrorCounts
 
 
-class Exchange(TypedDict):
-    """What ``start_server()`` returns: the one exchange it served."""
+class _ExchangeUnderMutualTLS(TypedDict, total=False):
+    tls_subject: str
+    tls_alt_names: List[str]
+
+
+class Exchange(_ExchangeUnderMutualTLS):
+    """What ``start_server()`` returns: the one exchange it served. Under mutual TLS it also
+    holds the client certificate's ``tls_subject`` and ``tls_alt_names``."""
 
     peer: Address
     address: Address

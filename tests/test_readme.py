@@ -1,0 +1,92 @@
+"""The README's code blocks, run, so that the README cannot drift from the code.
+
+- ``python`` blocks run as programs, each on its own, in a folder holding the TLS files the
+  README names (``server.pem``, ``server.key``, ``ca.pem``); the tutorial's port 8000 becomes a
+  free port.
+- ``console`` blocks: each ``$ command`` runs, and what it prints (stdout and stderr) must be
+  the lines that follow it.
+- ``sh`` blocks are commands for a shell the test cannot run (installing, the Makefile's own
+  targets): every ``make TARGET`` named must be a target of the Makefile.
+- ``text`` blocks are pictures and usage lines, not code. Any other kind fails, so a new block
+  must say which it is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trustme
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BLOCKS = [
+    (match.group(1), match.group(2), README.count("\n", 0, match.start()) + 1)
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```$", README, flags=re.MULTILINE | re.DOTALL)
+]
+KINDS = {"python", "console", "sh", "text"}
+
+
+def blocks_of(kind: str) -> list:
+    return [pytest.param(code, id=f"line{line}") for block_kind, code, line in BLOCKS if block_kind == kind]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def with_free_port(code: str) -> str:
+    return re.sub(r"\b8000\b", str(free_port()), code)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A working folder with the TLS files the README's TLS example opens."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return tmp_path
+
+
+def test_every_block_is_of_a_known_kind():
+    assert BLOCKS, "no code blocks found"
+    unknown = [(kind, line) for kind, _, line in BLOCKS if kind not in KINDS]
+    assert not unknown, f"README blocks of no known kind (language, line): {unknown}"
+
+
+@pytest.mark.parametrize("code", blocks_of("python"))
+def test_python_block_runs(code, folder):
+    program = folder / "example.py"
+    program.write_text(with_free_port(code))
+    done = subprocess.run(
+        [sys.executable, str(program)], cwd=folder, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("code", blocks_of("console"))
+def test_console_block_prints_what_it_shows(code, folder):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for command, *expected in (part.split("\n") for part in code.rstrip("\n").split("$ ")[1:]):
+        done = subprocess.run(
+            command, shell=True, cwd=folder, env=env, capture_output=True, text=True, timeout=60
+        )
+        printed = (done.stdout + done.stderr).rstrip("\n").split("\n")
+        assert printed == [line for line in expected if line], command
+
+
+@pytest.mark.parametrize("code", blocks_of("sh"))
+def test_make_targets_named_exist(code):
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.MULTILINE))
+    for target in re.findall(r"^make ([\w-]+)", code, flags=re.MULTILINE):
+        assert target in targets, f"make {target}: no such target"
