@@ -2,7 +2,10 @@
 
 The network I/O runs in framesock's Rust engine, off the event loop; each call hands the loop an
 awaitable that completes when the engine is done, so the loop never blocks on the network.
-Cancelling a task (or ``asyncio.wait_for`` timing out) stops the engine's side of the call.
+Cancelling a task (or ``asyncio.wait_for`` timing out) raises ``CancelledError`` in it at once.
+A framed request already handed to the engine is still written whole and its reply read and
+dropped, so the connection stays in step for the requests after it; a cancelled classic
+request's connection is closed.
 
     import asyncio
     from framesock import aio
