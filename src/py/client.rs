@@ -21,6 +21,7 @@ use crate::engine::serve::Protocol;
 use crate::engine::tls::ClientTls;
 use crate::py::args;
 use crate::py::errors;
+use crate::py::gil;
 use crate::py::json;
 use crate::py::tls::ClientTls as ClientTlsSettings;
 use crate::py::wait;
@@ -117,7 +118,7 @@ impl Client {
         // Uncontended (the usual case): no need to let go of the GIL.
         let state = match self.state.try_lock() {
             Some(state) => state,
-            None => crate::py::gil::detach_for_python(py, || self.state.lock()),
+            None => gil::detach_for_python(py, || self.state.lock()),
         };
         if state.closed || self.closing.is_cancelled() {
             return Err(PyValueError::new_err("the client is closed"));
