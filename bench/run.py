@@ -4,7 +4,9 @@ Prints one table (rate, p50/p99 latency, and framesock's rate divided by each pe
 the targets, and writes bench/RESULTS.md and bench/results.png. Servers run in their own
 processes; the concurrent workloads are driven by the Rust load generator (bench/native), so the
 client is never the bottleneck. This machine is shared and noisy: read the ratios, not the
-absolute numbers. BENCH_SECONDS sets the length of each measurement (default 2).
+absolute numbers. BENCH_SECONDS sets the length of each measurement (default 2); the concurrent
+workloads measure every peer BENCH_ROUNDS times (default 3), in turns, and report the median
+round, so a dip that hits one peer's only sample cannot decide a ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import framesock
 HERE = Path(__file__).resolve().parent
 FSBENCH = HERE / "native" / "target" / "release" / "fsbench"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNECTIONS = 32
 
 
@@ -95,6 +98,21 @@ def loadgen(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
+def load(port: int, protocol: str, connections: int = CONNECTIONS, threads: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """One measurement by the load generator against the server on `port`."""
+    args = ["load", "--port", str(port), "--protocol", protocol, "--connections", str(connections), "--seconds", str(SECONDS)]
+    if threads:
+        args += ["--threads", str(threads)]
+    return loadgen(*args, *extra)
+
+
+def add_load_row(workload: str, peer: str, result: dict, note: str = "") -> None:
+    if result["errors"]:
+        note = f"{note}; {result['errors']} errors" if note else f"{result['errors']} errors"
+    ROWS.append(Row(workload, peer, result["rate"], "req/s", result["p50_us"], result["p99_us"], note))
+    say(f"  {workload} / {peer}: {result['rate']:.0f} req/s {note}")
+
+
 def load_row(
     workload: str,
     peer: str,
@@ -104,14 +122,22 @@ def load_row(
     threads: int | None = None,
     extra: tuple[str, ...] = (),
 ) -> None:
-    args = ["load", "--port", str(port), "--protocol", protocol, "--connections", str(connections), "--seconds", str(SECONDS)]
-    if threads:
-        args += ["--threads", str(threads)]
-    args += list(extra)
-    result = loadgen(*args)
-    note = f"{result['errors']} errors" if result["errors"] else ""
-    ROWS.append(Row(workload, peer, result["rate"], "req/s", result["p50_us"], result["p99_us"], note))
-    say(f"  {workload} / {peer}: {result['rate']:.0f} req/s")
+    add_load_row(workload, peer, load(port, protocol, connections, threads, extra))
+
+
+def load_rows_in_rounds(workload: str, protocol: str, peers: list[tuple[str, dict]]) -> None:
+    """Measures each `(label, server arguments)` peer ROUNDS times, taking turns, and records
+    each peer's median round (its rate's range across rounds in the note)."""
+    results: dict[str, list[dict]] = {label: [] for label, _ in peers}
+    for round_number in range(ROUNDS):
+        for label, arguments in peers:
+            with server(protocol=protocol, **arguments) as port:
+                results[label].append(load(port, protocol))
+            say(f"  round {round_number + 1}: {workload} / {label}: {results[label][-1]['rate']:.0f} req/s")
+    for label, _ in peers:
+        runs = sorted(results[label], key=lambda run: run["rate"])
+        spread = f"median of {len(runs)}: {runs[0]['rate'] / 1000:.0f}k-{runs[-1]['rate'] / 1000:.0f}k" if len(runs) > 1 else ""
+        add_load_row(workload, label, runs[len(runs) // 2], spread)
 
 
 def timed_row(workload: str, peer: str, call, unit: str = "req/s", per_call: int = 1) -> None:
@@ -167,9 +193,8 @@ class SocketClient:
 def classic_exchanges() -> None:
     workload = f"classic exchanges, {CONNECTIONS} clients"
     say(workload)
-    for peer in ["framesock", "native", "seed-loop", "socketserver", "asyncio", "uvloop"]:
-        with server(peer, "classic") as port:
-            load_row(workload, peer, port, "classic")
+    peers = ["framesock", "native", "seed-loop", "socketserver", "asyncio", "uvloop"]
+    load_rows_in_rounds(workload, "classic", [(peer, {"peer": peer}) for peer in peers])
 
 
 def framed_concurrent(reply: str) -> None:
@@ -178,9 +203,7 @@ def framed_concurrent(reply: str) -> None:
     peers = ["framesock", "native", "socketserver", "asyncio", "uvloop", "mpconn"]
     if reply == "handler":
         peers.remove("native")  # the ceiling has no Python in it
-    for peer in peers:
-        with server(peer, "framed", reply) as port:
-            load_row(workload, peer, port, "framed")
+    load_rows_in_rounds(workload, "framed", [(peer, {"peer": peer, "reply": reply}) for peer in peers])
 
 
 def one_connection_from_python() -> None:
@@ -227,14 +250,15 @@ def one_connection_from_python() -> None:
 def async_handlers() -> None:
     workload = f"framed, {CONNECTIONS} connections, async handler"
     say(workload)
-    for label, peer, loop in [
+    peers = [
         ("framesock aio.Server", "framesock-aio", "asyncio"),
         ("framesock aio.Server on uvloop", "framesock-aio", "uvloop"),
         ("asyncio", "asyncio", "asyncio"),
         ("uvloop", "uvloop", "asyncio"),
-    ]:
-        with server(peer, "framed", "async", loop=loop) as port:
-            load_row(workload, label, port, "framed")
+    ]
+    load_rows_in_rounds(
+        workload, "framed", [(label, {"peer": peer, "reply": "async", "loop": loop}) for label, peer, loop in peers]
+    )
 
 
 class StreamsClient:
