@@ -5,8 +5,10 @@
   free port.
 - ``console`` blocks: each ``$ command`` runs, and what it prints (stdout and stderr) must be
   the lines that follow it.
-- ``sh`` blocks are commands for a shell the test cannot run (installing, the Makefile's own
-  targets): every ``make TARGET`` named must be a target of the Makefile.
+- ``sh`` blocks are commands the test cannot run (installing, the Makefile's own targets; the
+  wheel's install is what ``make test-pythons`` does for every Python): every ``make TARGET``
+  named must be a target of the Makefile, and every file ``pip install`` names must be what
+  ``make wheel`` / ``make sdist`` build for this version.
 - ``text`` blocks are pictures and usage lines, not code. Any other kind fails, so a new block
   must say which it is.
 """
@@ -85,8 +87,16 @@ def test_console_block_prints_what_it_shows(code, folder):
 
 
 @pytest.mark.parametrize("code", blocks_of("sh"))
-def test_make_targets_named_exist(code):
+def test_make_targets_and_files_named_exist(code):
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.MULTILINE))
     for target in re.findall(r"^make ([\w-]+)", code, flags=re.MULTILINE):
         assert target in targets, f"make {target}: no such target"
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), flags=re.MULTILINE)[1]
+    built = {
+        f"framesock-{version}-cp39-abi3-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",  # make wheel
+        f"framesock-{version}.tar.gz",  # make sdist
+        ".",  # this checkout
+    }
+    for named in re.findall(r"^pip install (\S+)", code, flags=re.MULTILINE):
+        assert named in built, f"pip install {named}: not a file the Makefile builds for {version}"
