@@ -334,9 +334,16 @@ async def test_client_reconnects_after_the_server_drops_it(serve):
     server = await serve(protocol="framed", idle_timeout=0.1)
     async with aio.Client(*server.address, protocol="framed") as client:
         assert await client.request("one") == {"echo": "one"}
-        await asyncio.sleep(0.4)  # the server closes the idle connection
+
+        def until_a_later_idle_connection_is_closed() -> bytes:
+            # Once its close has arrived here, the client's (idle since before) has too.
+            with socket.create_connection(server.address[:2]) as probe:
+                probe.settimeout(10)
+                return probe.recv(1)
+
+        assert await asyncio.get_running_loop().run_in_executor(None, until_a_later_idle_connection_is_closed) == b""
         assert await client.request("two") == {"echo": "two"}
-    assert server.stats()["connections_accepted"] == 2
+    assert server.stats()["connections_accepted"] == 3
 
 
 async def test_requests_in_flight_fail_when_the_connection_breaks(serve, caplog):

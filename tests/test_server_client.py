@@ -293,10 +293,15 @@ def test_client_reconnects_after_the_server_closed_an_idle_connection(serve):
     server = serve(protocol="framed", idle_timeout=0.1)
     with framesock.Client(*server.address, protocol="framed") as client:
         assert client.request("one") == {"echo": "one"}
-        wait_until(lambda: server.stats()["idle_closed"] == 1)
+        # A second connection, idle from later on: once its close has arrived here, the
+        # client's (idle since before, closed first) has arrived too.
+        with socket.create_connection(server.address[:2]) as probe:
+            probe.settimeout(10)
+            assert probe.recv(1) == b""
+        wait_until(lambda: server.stats()["idle_closed"] == 2)
         # The close is noticed before the request goes out: a new connection carries it.
         assert client.request("two") == {"echo": "two"}
-        assert server.stats()["connections_accepted"] == 2
+        assert server.stats()["connections_accepted"] == 3
 
 
 def test_closed_client_refuses_requests(serve):

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::engine::codec::{self, Frame, FrameCodec, WireError};
 use crate::engine::error::{Error, Result};
 use crate::engine::lock::locked;
-use crate::engine::net::{self, Endpoint, ReadPart, Stream, WritePart};
+use crate::engine::net::{self, Endpoint, IdlePeek, ReadPart, Stream, WritePart};
 use crate::engine::runtime::within;
 use crate::engine::tls::ClientTls;
 
@@ -261,6 +261,13 @@ fn check_kept(slot: &mut Option<Connection>) -> Result<()> {
         *slot = None;
         return Err(unsolicited(left));
     }
+    if conn.stream.peek_idle() == IdlePeek::Closed {
+        // closed (or reset) while idle, seen on the socket itself: open a new one
+        *slot = None;
+        return Ok(());
+    }
+    // Bytes waiting, or a TLS stream that may hold some already: a TLS close_notify reads as
+    // the end (0), anything else came unasked.
     match conn.stream.read_buf(&mut conn.input).now_or_never() {
         None => Ok(()), // nothing pending: the usual case
         Some(Ok(0)) | Some(Err(_)) => {
@@ -435,6 +442,21 @@ impl Conn {
     fn is_failed(&self) -> bool {
         locked(&self.state).failed.is_some()
     }
+
+    /// Whether the peer closed this connection while nothing was in flight (its idle timeout),
+    /// seen on the socket itself, before the reader task may have noticed. It is then failed,
+    /// so the next request opens a new connection instead of being written into a closed one.
+    fn closed_while_idle(&self) -> bool {
+        let idle = {
+            let state = locked(&self.state);
+            state.waiters.is_empty() && !state.flushing
+        };
+        if idle && self.write.peek_idle() == IdlePeek::Closed {
+            self.fail(Error::Wire(WireError::ClosedBeforeMessage));
+            return true;
+        }
+        false
+    }
 }
 
 /// Sleeps until `due`, or forever without one.
@@ -510,7 +532,7 @@ impl Pipeline {
         };
         let mut slot = locked(&self.slot);
         match &mut *slot {
-            Slot::Ready(conn) if !conn.is_failed() => {
+            Slot::Ready(conn) if !conn.is_failed() && !conn.closed_while_idle() => {
                 let conn = conn.clone();
                 drop(slot);
                 conn.send(frames, waiter);

@@ -468,6 +468,9 @@ impl Service {
         if let Err(err) = outcome {
             self.connection_failed(&err, &peer);
         }
+        // Counted first, closed next, and only then no longer active: by the time a peer sees
+        // the close, the stats say why, and `connections_active` drops once it is closed.
+        drop(stream);
     }
 
     /// The seed's exchange: one request, a raw JSON reply, close. A failed exchange closes
