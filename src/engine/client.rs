@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::engine::codec::{self, Frame, FrameCodec, WireError};
 use crate::engine::error::{Error, Result};
 use crate::engine::lock::locked;
-use crate::engine::net::{self, Endpoint, IdlePeek, ReadPart, Stream, WritePart};
+use crate::engine::net::{self, Endpoint, ReadPart, Stream, WritePart};
 use crate::engine::runtime::within;
 use crate::engine::tls::ClientTls;
 
@@ -261,7 +261,7 @@ fn check_kept(slot: &mut Option<Connection>) -> Result<()> {
         *slot = None;
         return Err(unsolicited(left));
     }
-    if conn.stream.peek_idle() == IdlePeek::Closed {
+    if conn.stream.closed_by_peer() {
         // closed (or reset) while idle, seen on the socket itself: open a new one
         *slot = None;
         return Ok(());
@@ -451,7 +451,7 @@ impl Conn {
             let state = locked(&self.state);
             state.waiters.is_empty() && !state.flushing
         };
-        if idle && self.write.peek_idle() == IdlePeek::Closed {
+        if idle && self.write.closed_by_peer() {
             self.fail(Error::Wire(WireError::ClosedBeforeMessage));
             return true;
         }

@@ -366,39 +366,29 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// What a look at an idle connection's socket found (see [`Stream::peek_idle`]).
-#[derive(Debug, PartialEq, Eq)]
-pub enum IdlePeek {
-    /// Nothing has arrived: the connection is open and quiet.
-    Quiet,
-    /// The peer closed it (or it was reset).
-    Closed,
-    /// Bytes are waiting (for TLS that may be the peer's close_notify alert).
-    Data,
-}
-
-fn idle_peek_result(peeked: io::Result<usize>) -> IdlePeek {
-    match peeked {
-        Ok(0) => IdlePeek::Closed,
-        Ok(_) => IdlePeek::Data,
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => IdlePeek::Quiet,
-        Err(_) => IdlePeek::Closed,
+/// Whether the peer has closed (or reset) the connection, asked of the socket itself with a
+/// non-blocking `MSG_PEEK` that takes nothing (bytes waiting, or none yet: not closed).
+fn peer_closed(socket: socket2::SockRef<'_>) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(err) => err.kind() != io::ErrorKind::WouldBlock,
     }
 }
 
 impl Stream {
-    /// Looks at an idle connection's socket itself, with a non-blocking `MSG_PEEK` that takes
-    /// nothing: tokio's readiness can lag the socket (the reactor may not have seen the peer's
-    /// FIN yet), so a poll could say "quiet" for a connection the peer already closed.
-    pub fn peek_idle(&self) -> IdlePeek {
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        let peeked = match self {
-            Stream::Tcp(s) => socket2::SockRef::from(s).peek(&mut byte),
-            Stream::Unix(s) => socket2::SockRef::from(s).peek(&mut byte),
-            Stream::TlsClient(s) => return s.get_ref().0.peek_idle(),
-            Stream::TlsServer(s) => return s.get_ref().0.peek_idle(),
-        };
-        idle_peek_result(peeked)
+    /// Whether the peer closed this idle connection, seen on the socket itself: tokio's
+    /// readiness can lag the socket (the reactor may not have seen the peer's FIN yet), so a
+    /// poll could say "quiet" for a connection the peer already closed. For TLS, the socket
+    /// under the session (a close_notify waiting there counts as bytes, not as closed).
+    pub fn closed_by_peer(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => peer_closed(socket2::SockRef::from(s)),
+            Stream::Unix(s) => peer_closed(socket2::SockRef::from(s)),
+            Stream::TlsClient(s) => s.get_ref().0.closed_by_peer(),
+            Stream::TlsServer(s) => s.get_ref().0.closed_by_peer(),
+        }
     }
 
     /// Splits the connection into a read half and a write half that can be used apart.
@@ -465,16 +455,14 @@ pub enum WritePart {
 }
 
 impl WritePart {
-    /// [`Stream::peek_idle`] through the write half (TLS: `Quiet`, not looked at: its socket
-    /// is behind the session's lock).
-    pub fn peek_idle(&self) -> IdlePeek {
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        let peeked = match self {
-            WritePart::Tcp(half) => socket2::SockRef::from(half.as_ref()).peek(&mut byte),
-            WritePart::Unix(half) => socket2::SockRef::from(half.as_ref()).peek(&mut byte),
-            WritePart::Tls(_) => return IdlePeek::Quiet,
-        };
-        idle_peek_result(peeked)
+    /// [`Stream::closed_by_peer`] through the write half (TLS: false, not looked at: its
+    /// socket is behind the session's lock).
+    pub fn closed_by_peer(&self) -> bool {
+        match self {
+            WritePart::Tcp(half) => peer_closed(socket2::SockRef::from(half.as_ref())),
+            WritePart::Unix(half) => peer_closed(socket2::SockRef::from(half.as_ref())),
+            WritePart::Tls(_) => false,
+        }
     }
 
     /// Writes what the socket takes now; `WouldBlock` if it takes nothing.
