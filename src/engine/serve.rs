@@ -268,56 +268,168 @@ struct PeerLogWindow {
 const PEER_LOG_BURST: u32 = 10;
 const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
 
-/// Connections waiting for a request, oldest first, each with the token that closes it.
+/// The connections waiting for a request, for making room when the server is full. Each
+/// connection has a slot for its whole life; becoming idle and busy again are an atomic store
+/// each (a shared map changed twice per request was a lock every connection fought over).
 #[derive(Default)]
 struct IdleConnections {
-    next: AtomicU64,
-    waiting: Mutex<std::collections::BTreeMap<u64, CancellationToken>>,
-    /// Told whenever a connection becomes idle (a full server waiting for room takes it).
+    /// The order of the last connection to become idle.
+    last: AtomicU64,
+    next_key: AtomicU64,
+    slots: Mutex<std::collections::HashMap<u64, Arc<IdleSlot>>>,
+    /// Set while the accept loop waits for a connection to become idle (or end).
+    room_wanted: std::sync::atomic::AtomicBool,
+    /// Told when a connection becomes idle while `room_wanted` is set.
     became_idle: tokio::sync::Notify,
 }
 
+/// A connection's place among the idle ones.
+#[derive(Default)]
+struct IdleSlot {
+    /// `BUSY`, `EVICTED`, or the order in which it became idle (oldest lowest).
+    since: AtomicU64,
+    /// Told when it is chosen to make room; kept until its next wait if it is busy by then.
+    evict: tokio::sync::Notify,
+}
+
+const BUSY: u64 = 0;
+const EVICTED: u64 = u64::MAX;
+
 impl IdleConnections {
-    /// Registers a connection as idle until the guard goes; `closed()` fires if it is evicted.
-    fn enter(&self) -> IdleGuard<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
-        locked(&self.waiting).insert(id, token.clone());
-        self.became_idle.notify_one();
-        IdleGuard {
+    /// A connection's slot, until the registration goes.
+    fn register(&self) -> IdleRegistration<'_> {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(IdleSlot::default());
+        locked(&self.slots).insert(key, slot.clone());
+        IdleRegistration {
             set: self,
-            id,
-            token,
+            key,
+            slot,
         }
     }
 
-    /// Closes the connection idle longest; false if none is idle.
+    /// Closes the connection idle longest; false if none is idle. A connection that gets a
+    /// request at the same moment is not chosen, or if it was, it ends after that request.
     fn evict_oldest(&self) -> bool {
-        match locked(&self.waiting).pop_first() {
-            Some((_, token)) => {
-                token.cancel();
-                true
+        let slots = locked(&self.slots);
+        loop {
+            let oldest = slots
+                .values()
+                .filter_map(|slot| {
+                    let since = slot.since.load(Ordering::SeqCst);
+                    (since != BUSY && since != EVICTED).then_some((since, slot))
+                })
+                .min_by_key(|(since, _)| *since);
+            let Some((since, slot)) = oldest else {
+                return false;
+            };
+            let chosen = slot
+                .since
+                .compare_exchange(since, EVICTED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+            if chosen {
+                slot.evict.notify_one();
+                return true;
             }
-            None => false,
+            // It became busy meanwhile: look again.
         }
+    }
+}
+
+/// A connection's registration among the idle ones.
+struct IdleRegistration<'a> {
+    set: &'a IdleConnections,
+    key: u64,
+    slot: Arc<IdleSlot>,
+}
+
+impl IdleRegistration<'_> {
+    /// Marks the connection idle until the guard goes; `evicted()` fires if it is chosen to
+    /// make room.
+    fn enter(&self) -> IdleGuard<'_> {
+        let order = self.set.last.fetch_add(1, Ordering::Relaxed) + 1;
+        // Already chosen (while busy): it stays so, and its next wait ends at once.
+        let _ = self
+            .slot
+            .since
+            .compare_exchange(BUSY, order, Ordering::SeqCst, Ordering::SeqCst);
+        if self.set.room_wanted.load(Ordering::SeqCst) {
+            self.set.became_idle.notify_one();
+        }
+        IdleGuard {
+            slot: &self.slot,
+            order,
+        }
+    }
+}
+
+impl Drop for IdleRegistration<'_> {
+    fn drop(&mut self) {
+        locked(&self.set.slots).remove(&self.key);
     }
 }
 
 struct IdleGuard<'a> {
-    set: &'a IdleConnections,
-    id: u64,
-    token: CancellationToken,
+    slot: &'a IdleSlot,
+    order: u64,
 }
 
 impl IdleGuard<'_> {
-    fn evicted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.token.cancelled()
+    fn evicted(&self) -> tokio::sync::futures::Notified<'_> {
+        self.slot.evict.notified()
     }
 }
 
 impl Drop for IdleGuard<'_> {
     fn drop(&mut self) {
-        locked(&self.set.waiting).remove(&self.id);
+        let _ =
+            self.slot
+                .since
+                .compare_exchange(self.order, BUSY, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// One connection's idle limit as a single timer that is moved only when it fires early.
+/// Arming a timer for every wait between requests cost an insert into tokio's timer wheel and
+/// a removal from it per request; this one fires at most once per `limit` while the
+/// connection is busy, and then looks again from when the current wait began.
+struct IdleTimer {
+    limit: Option<Duration>,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When the current wait began.
+    since: Instant,
+}
+
+impl IdleTimer {
+    fn new(limit: Option<Duration>) -> Self {
+        let now = Instant::now();
+        // Without a limit the timer is never awaited; any deadline does.
+        let first = now + limit.unwrap_or(Duration::from_secs(86400));
+        IdleTimer {
+            limit,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+            since: now,
+        }
+    }
+
+    /// A wait for a request begins.
+    fn start(&mut self) {
+        self.since = Instant::now();
+    }
+
+    /// Completes once the current wait has lasted `limit`; never without a limit.
+    async fn expired(&mut self) {
+        let Some(limit) = self.limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            self.sleep.as_mut().await;
+            let due = self.since + limit;
+            if Instant::now() >= due {
+                return;
+            }
+            self.sleep.as_mut().reset(due);
+        }
     }
 }
 
@@ -358,7 +470,8 @@ impl Service {
             return Some(stream);
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-        let idle = self.idle.enter();
+        let registration = self.idle.register();
+        let idle = registration.enter();
         let limit = self.limits.timeout.or(self.limits.idle_timeout);
         let handshake = within(limit, || format!("TLS handshake with {peer}"), async {
             acceptor
@@ -449,6 +562,9 @@ impl Service {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let peer = caller.address.clone();
+        // The connection's own token: waiting on the server's shared one would take its lock
+        // twice per request, from every connection at once.
+        let stop = stop.child_token();
         bump(&self.stats.accepted, 1);
         let _active = ActiveConnection::count(&self.stats.active);
         let outcome = match self.protocol {
@@ -489,6 +605,7 @@ impl Service {
         let mut input = BytesMut::new();
         let mut codec = FrameCodec::new(self.limits.max_frame);
         let mut charge = Charge::new(&self.stats.bytes_buffered);
+        let registration = self.idle.register();
         let read = within(
             timeout,
             || format!("waiting for the request from {peer}"),
@@ -511,7 +628,7 @@ impl Service {
                     }
                     let read = if input.is_empty() {
                         // Nothing of the request yet: idle, and so first to go for room.
-                        let idle = self.idle.enter();
+                        let idle = registration.enter();
                         tokio::select! {
                             _ = idle.evicted() => {
                                 bump(&self.stats.idle_evicted, 1);
@@ -557,6 +674,25 @@ impl Service {
             bump(&self.stats.bytes_out, json.len() as u64);
         }
         Ok(Classic::Answered { request, reply })
+    }
+
+    /// Adds a handler's reply, or the error reply for its failure, to `output`.
+    async fn queue_outcome<S>(
+        &self,
+        stream: &mut S,
+        output: &mut BytesMut,
+        reply: std::result::Result<Bytes, Failure>,
+        peer: &Address,
+    ) -> Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let (json, is_error) = match reply {
+            Ok(json) => (json, false),
+            Err(failure) => (Bytes::from(self.exchange_failed(&failure, peer)), true),
+        };
+        self.queue_reply(stream, output, &json, is_error, peer)
+            .await
     }
 
     /// Adds a reply to `output`, writing first whatever is there if the reply would take it
@@ -645,21 +781,15 @@ impl Service {
         stream: &mut S,
         input: &mut BytesMut,
         stop: &CancellationToken,
+        registration: &IdleRegistration<'_>,
+        idle_timer: &mut IdleTimer,
     ) -> Result<Option<usize>>
     where
         S: AsyncRead + Unpin,
     {
         input.reserve(8 * 1024);
-        let idle = self.idle.enter();
-        let limit = self.limits.idle_timeout;
-        let read = async {
-            match limit {
-                Some(limit) => tokio::time::timeout(limit, stream.read_buf(input))
-                    .await
-                    .ok(),
-                None => Some(stream.read_buf(input).await),
-            }
-        };
+        let idle = registration.enter();
+        idle_timer.start();
         tokio::select! {
             biased;
             _ = stop.cancelled() => Ok(None),
@@ -667,15 +797,15 @@ impl Service {
                 bump(&self.stats.idle_evicted, 1);
                 Ok(None)
             }
-            read = read => match read {
-                None => {
-                    bump(&self.stats.idle_closed, 1);
-                    Ok(None)
-                }
-                Some(Ok(0)) => Ok(None),
-                Some(Ok(n)) => Ok(Some(n)),
-                Some(Err(err)) => Err(WireError::Io(err).into()),
+            read = stream.read_buf(input) => match read {
+                Ok(0) => Ok(None),
+                Ok(n) => Ok(Some(n)),
+                Err(err) => Err(WireError::Io(err).into()),
             },
+            _ = idle_timer.expired() => {
+                bump(&self.stats.idle_closed, 1);
+                Ok(None)
+            }
         }
     }
 
@@ -699,9 +829,12 @@ impl Service {
         let mut request_deadline: Option<Instant> = None;
         // Whether the request now arriving was held against max_buffered already.
         let mut admitted = false;
+        let registration = self.idle.register();
+        let mut idle_timer = IdleTimer::new(self.limits.idle_timeout);
+        let mut batch = Vec::new();
         loop {
             // Every request already buffered (up to a bound), answered in order.
-            let mut batch = Vec::new();
+            batch.clear();
             let mut refused = None;
             while batch.len() < MAX_BATCH {
                 match codec.decode(&mut input) {
@@ -729,23 +862,19 @@ impl Service {
                 1
             };
             for requests in batch.chunks(chunk) {
-                let replies = if requests.len() > 1 {
-                    join_all(
-                        requests
-                            .iter()
-                            .map(|request| self.responder.reply(request, caller)),
-                    )
-                    .await
-                } else {
-                    vec![self.responder.reply(&requests[0], caller).await]
-                };
+                if let [request] = requests {
+                    let reply = self.responder.reply(request, caller).await;
+                    self.queue_outcome(stream, &mut output, reply, peer).await?;
+                    continue;
+                }
+                let replies = join_all(
+                    requests
+                        .iter()
+                        .map(|request| self.responder.reply(request, caller)),
+                )
+                .await;
                 for reply in replies {
-                    let (json, is_error) = match reply {
-                        Ok(json) => (json, false),
-                        Err(failure) => (Bytes::from(self.exchange_failed(&failure, peer)), true),
-                    };
-                    self.queue_reply(stream, &mut output, &json, is_error, peer)
-                        .await?;
+                    self.queue_outcome(stream, &mut output, reply, peer).await?;
                 }
             }
             if let Some(err) = refused {
@@ -762,7 +891,10 @@ impl Service {
                 continue; // more requests may be buffered already
             }
             if input.is_empty() {
-                match self.await_request(stream, &mut input, stop).await? {
+                match self
+                    .await_request(stream, &mut input, stop, &registration, &mut idle_timer)
+                    .await?
+                {
                     Some(n) => bump(&self.stats.bytes_in, n as u64),
                     None => return Ok(()),
                 }
@@ -918,6 +1050,7 @@ async fn accept_loop(
                     if let Ok(slot) = slots.clone().try_acquire_owned() {
                         break slot;
                     }
+                    service.idle.room_wanted.store(true, Ordering::SeqCst);
                     let idle = service.idle.became_idle.notified();
                     if service.idle.evict_oldest() {
                         let slot = slots.clone().acquire_owned();
@@ -934,6 +1067,7 @@ async fn accept_loop(
                         _ = idle => {}
                     }
                 };
+                service.idle.room_wanted.store(false, Ordering::SeqCst);
                 Ok((accepted, slot))
             }
             Err(err) => Err(err),
@@ -1500,6 +1634,36 @@ mod tests {
         task.await.unwrap();
         assert_eq!(service.stats.idle_closed.load(Ordering::Relaxed), 1);
         assert_eq!(service.stats.active(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_limit_counts_from_the_last_request_not_from_the_first() {
+        let limits = Limits {
+            idle_timeout: Some(Duration::from_secs(5)),
+            ..limits()
+        };
+        let (service, _) = service(Protocol::Framed, limits);
+        let (mut client, task) = connect(&service, &CancellationToken::new());
+        let mut input = BytesMut::new();
+        let began = Instant::now();
+        // Twelve seconds of requests 3 s apart: never 5 s idle, so never closed.
+        for n in 0..5 {
+            if n > 0 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            client.write_all(&frames(&[b"again"])).await.unwrap();
+            assert_eq!(
+                &read_reply(&mut client, &mut input).await.payload[..],
+                b"\"again\""
+            );
+        }
+        assert_eq!(service.stats.idle_closed.load(Ordering::Relaxed), 0);
+        let last = Instant::now();
+        assert_eq!(last - began, Duration::from_secs(12));
+        task.await.unwrap();
+        // Closed exactly one idle limit after the last request.
+        assert_eq!(Instant::now() - last, Duration::from_secs(5));
+        assert_eq!(service.stats.idle_closed.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
