@@ -98,21 +98,6 @@ def loadgen(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def load(port: int, protocol: str, connections: int = CONNECTIONS, threads: int | None = None, extra: tuple[str, ...] = ()) -> dict:
-    """One measurement by the load generator against the server on `port`."""
-    args = ["load", "--port", str(port), "--protocol", protocol, "--connections", str(connections), "--seconds", str(SECONDS)]
-    if threads:
-        args += ["--threads", str(threads)]
-    return loadgen(*args, *extra)
-
-
-def add_load_row(workload: str, peer: str, result: dict, note: str = "") -> None:
-    if result["errors"]:
-        note = f"{note}; {result['errors']} errors" if note else f"{result['errors']} errors"
-    ROWS.append(Row(workload, peer, result["rate"], "req/s", result["p50_us"], result["p99_us"], note))
-    say(f"  {workload} / {peer}: {result['rate']:.0f} req/s {note}")
-
-
 def load_row(
     workload: str,
     peer: str,
@@ -122,29 +107,32 @@ def load_row(
     threads: int | None = None,
     extra: tuple[str, ...] = (),
 ) -> None:
-    add_load_row(workload, peer, load(port, protocol, connections, threads, extra))
+    args = ["load", "--port", str(port), "--protocol", protocol, "--connections", str(connections), "--seconds", str(SECONDS)]
+    if threads:
+        args += ["--threads", str(threads)]
+    result = loadgen(*args, *extra)
+    note = f"{result['errors']} errors" if result["errors"] else ""
+    ROWS.append(Row(workload, peer, result["rate"], "req/s", result["p50_us"], result["p99_us"], note))
+    say(f"  {workload} / {peer}: {result['rate']:.0f} req/s {note}")
 
 
 def load_rows_in_rounds(workload: str, protocol: str, peers: list[tuple[str, dict]]) -> None:
-    """Measures each `(label, server arguments)` peer ROUNDS times, taking turns, and records
-    each peer's median round (its rate's range across rounds in the note)."""
-    results: dict[str, list[dict]] = {label: [] for label, _ in peers}
-    for round_number in range(ROUNDS):
+    """Measures each `(label, server arguments)` peer with the load generator, in rounds (see
+    `in_rounds`)."""
+
+    def every_peer() -> None:
         for label, arguments in peers:
             with server(protocol=protocol, **arguments) as port:
-                results[label].append(load(port, protocol))
-            say(f"  round {round_number + 1}: {workload} / {label}: {results[label][-1]['rate']:.0f} req/s")
-    for label, _ in peers:
-        runs = sorted(results[label], key=lambda run: run["rate"])
-        spread = f"median of {len(runs)}: {runs[0]['rate'] / 1000:.0f}k-{runs[-1]['rate'] / 1000:.0f}k" if len(runs) > 1 else ""
-        add_load_row(workload, label, runs[len(runs) // 2], spread)
+                load_row(workload, label, port, protocol)
+
+    in_rounds(every_peer)
 
 
 def in_rounds(measure_every_peer) -> None:
-    """Runs `measure_every_peer` (which adds one row per peer) ROUNDS times and keeps each
-    peer's median row, with the range of its rates in the note: one-connection round trips on
-    a shared machine drift by more than the differences being measured, and one sample per peer
-    let a single dip decide a ratio."""
+    """Runs `measure_every_peer` (which adds one row per peer) ROUNDS times, so peers take
+    turns, and keeps each peer's median row with the range of its rates in the note: the
+    machine drifts by more than the differences being measured, and one sample per peer let a
+    single dip decide a ratio."""
     first = len(ROWS)
     for _ in range(ROUNDS):
         measure_every_peer()
