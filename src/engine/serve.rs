@@ -836,7 +836,6 @@ impl Service {
         let mut batch = Vec::new();
         loop {
             // Every request already buffered (up to a bound), answered in order.
-            batch.clear();
             let mut refused = None;
             while batch.len() < MAX_BATCH {
                 match codec.decode(&mut input) {
@@ -879,6 +878,10 @@ impl Service {
                     self.queue_outcome(stream, &mut output, reply, peer).await?;
                 }
             }
+            // The requests are answered: drop them now, so the input buffer they were cut from
+            // is ours alone again and the next read reuses it instead of allocating another.
+            let full = batch.len() == MAX_BATCH;
+            batch.clear();
             if let Some(err) = refused {
                 // The stream cannot be resynchronised after a refused header: say why, close.
                 let reply = error_reply("frame_too_large", &err.to_string());
@@ -889,7 +892,7 @@ impl Service {
             }
             self.send(stream, &mut output, peer).await?;
             charge.set(input.len());
-            if batch.len() == MAX_BATCH {
+            if full {
                 continue; // more requests may be buffered already
             }
             if input.is_empty() {
