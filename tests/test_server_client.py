@@ -75,6 +75,31 @@ def test_framed_wire_by_hand(serve):
         assert read_reply_frame(sock) == (False, b'{"echo": "b"}')
 
 
+NOT_UTF8 = [
+    b"\xff",  # never in UTF-8
+    b"a\xc3",  # a sequence cut short at the end
+    b"\xc3(",  # a lead byte without its continuation
+    b"\xc0\x80",  # an overlong NUL
+    b"\xed\xa0\x80",  # a surrogate, encoded
+    b"\xf4\x90\x80\x80",  # above U+10FFFF
+    b"\xf0\x9f\x98",  # four bytes cut to three
+    b"\xe2\x82\xac\x80\xe2",  # a good one, a stray continuation, a cut one
+    "naïve €".encode() + b"\xfe",
+]
+
+
+def test_request_text_is_what_python_decodes_with_replace(serve):
+    # Where bytes are not UTF-8, the handler's text is exactly
+    # payload.decode("utf-8", "replace"): the same characters and the same number of U+FFFD.
+    server = serve(lambda text: {"text": text}, protocol="framed")
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(b"".join(frame(payload) for payload in NOT_UTF8))
+        for payload in NOT_UTF8:
+            is_error, reply = read_reply_frame(sock)
+            assert not is_error
+            assert json.loads(reply) == {"text": payload.decode("utf-8", "replace")}, payload
+
+
 def test_two_hundred_clients_at_once(serve):
     server = serve(lambda req: {"echo": req, "thread": threading.get_ident()}, protocol="framed")
     errors: list[BaseException] = []

@@ -508,7 +508,7 @@ impl OneShotResult {
         let dict = PyDict::new(py);
         dict.set_item("peer", address_object(py, &exchange.peer)?)?;
         dict.set_item("address", address_object(py, &exchange.local)?)?;
-        dict.set_item("request", request_text(py, &exchange.request))?;
+        dict.set_item("request", request_text(py, &exchange.request)?)?;
         dict.set_item("request_bytes", PyBytes::new(py, &exchange.request))?;
         dict.set_item("reply", reply)?;
         if let Some(cert) = &exchange.certificate {
