@@ -35,8 +35,9 @@ pub struct Call {
 
 struct PoolState {
     queue: VecDeque<Prepare>,
-    /// When a thread last took work from the queue.
-    last_take: Instant,
+    /// How many times a thread has taken work from the queue (the watchdog's sign of progress;
+    /// a count rather than a time, so taking work never reads the clock).
+    takes: u64,
     /// Whether the watchdog is looking at the queue.
     watching: bool,
     threads: usize,
@@ -91,7 +92,7 @@ impl HandlerThreads {
             max_threads: max_threads.max(1),
             state: Mutex::new(PoolState {
                 queue: VecDeque::new(),
-                last_take: Instant::now(),
+                takes: 0,
                 watching: false,
                 threads: 0,
                 starting: 0,
@@ -212,6 +213,7 @@ const STALL: Duration = Duration::from_millis(1);
 async fn watchdog(pool: Arc<Pool>) {
     loop {
         pool.watch.notified().await;
+        let mut takes_seen = pool.state.lock().takes;
         loop {
             tokio::time::sleep(STALL).await;
             let mut state = pool.state.lock();
@@ -222,7 +224,9 @@ async fn watchdog(pool: Arc<Pool>) {
                 state.watching = false;
                 break;
             }
-            if state.last_take.elapsed() >= STALL && state.asleep > 0 {
+            let stalled = state.takes == takes_seen;
+            takes_seen = state.takes;
+            if stalled && state.asleep > 0 {
                 state.woken = (state.woken + 1).min(state.asleep);
                 drop(state);
                 pool.work.notify_one();
@@ -323,7 +327,7 @@ impl JobSource {
             let take = !reserve;
             reserve = false;
             if let Some(prepare) = take.then(|| state.queue.pop_front()).flatten() {
-                state.last_take = Instant::now();
+                state.takes += 1;
                 // Keep one thread in reserve, so a handler that blocks never holds up the next.
                 let grow = state.asleep + state.starting <= state.woken
                     && state.threads < pool.max_threads;
