@@ -5,19 +5,22 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
+use futures_util::task::AtomicWaker;
 use futures_util::FutureExt;
 use serde::Serialize;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 use crate::engine::codec::{self, FrameCodec, WireError};
@@ -288,8 +291,10 @@ struct IdleConnections {
 struct IdleSlot {
     /// `BUSY`, `EVICTED`, or the order in which it became idle (oldest lowest).
     since: AtomicU64,
-    /// Told when it is chosen to make room; kept until its next wait if it is busy by then.
-    evict: tokio::sync::Notify,
+    /// The connection's current wait, woken when it is chosen to make room (a chosen
+    /// connection that is busy by then sees `EVICTED` at its next wait). A lock-free register
+    /// per wait, where a `Notify` took a lock to add the waiter and another to remove it.
+    evict: AtomicWaker,
 }
 
 const BUSY: u64 = 0;
@@ -330,7 +335,7 @@ impl IdleConnections {
                 .compare_exchange(since, EVICTED, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok();
             if chosen {
-                slot.evict.notify_one();
+                slot.evict.wake();
                 return true;
             }
             // It became busy meanwhile: look again.
@@ -377,8 +382,16 @@ struct IdleGuard<'a> {
 }
 
 impl IdleGuard<'_> {
-    fn evicted(&self) -> tokio::sync::futures::Notified<'_> {
-        self.slot.evict.notified()
+    /// Completes once the connection has been chosen to make room.
+    fn evicted(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.slot.evict.register(cx.waker());
+            if self.slot.since.load(Ordering::SeqCst) == EVICTED {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 }
 
@@ -782,7 +795,7 @@ impl Service {
         &self,
         stream: &mut S,
         input: &mut BytesMut,
-        stop: &CancellationToken,
+        stop: Pin<&mut WaitForCancellationFuture<'_>>,
         registration: &IdleRegistration<'_>,
         idle_timer: &mut IdleTimer,
     ) -> Result<Option<usize>>
@@ -794,7 +807,7 @@ impl Service {
         idle_timer.start();
         tokio::select! {
             biased;
-            _ = stop.cancelled() => Ok(None),
+            _ = stop => Ok(None),
             _ = idle.evicted() => {
                 bump(&self.stats.idle_evicted, 1);
                 Ok(None)
@@ -833,6 +846,9 @@ impl Service {
         let mut admitted = false;
         let registration = self.idle.register();
         let mut idle_timer = IdleTimer::new(self.limits.idle_timeout);
+        // One wait on `stop` for the connection's life: a new one per request took the token's
+        // lock to add a waiter and again to take it out.
+        let mut stop_wait = std::pin::pin!(stop.cancelled());
         let mut batch = Vec::new();
         loop {
             // Every request already buffered (up to a bound), answered in order.
@@ -897,7 +913,13 @@ impl Service {
             }
             if input.is_empty() {
                 match self
-                    .await_request(stream, &mut input, stop, &registration, &mut idle_timer)
+                    .await_request(
+                        stream,
+                        &mut input,
+                        stop_wait.as_mut(),
+                        &registration,
+                        &mut idle_timer,
+                    )
                     .await?
                 {
                     Some(n) => bump(&self.stats.bytes_in, n as u64),
