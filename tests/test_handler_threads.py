@@ -171,6 +171,36 @@ def test_log_records_reach_the_framesock_logger(caplog):
     assert record.exc_info and record.exc_info[0] is ValueError
 
 
+class LoopFailure(BaseException):
+    """Stands for an exception in a handler thread's own loop (not in a handler)."""
+
+
+def test_a_handler_thread_whose_own_loop_fails_is_replaced(monkeypatch, capsys):
+    # A handler thread starts its reserve thread just before its first call; here that start
+    # fails with an exception no handler raised. The call in hand fails with it, the thread
+    # ends, and a new one takes its place: later requests are answered, none hangs.
+    import framesock._support as support
+
+    start = support.start_handler_thread
+    failures = []
+
+    def start_but_fail_once_on_a_handler_thread(source):
+        if threading.current_thread().name.startswith("framesock-handler") and not failures:
+            failures.append(source)
+            source.not_started()
+            raise LoopFailure("the loop failed")
+        start(source)
+
+    monkeypatch.setattr(support, "start_handler_thread", start_but_fail_once_on_a_handler_thread)
+    with framesock.Server(lambda request: {"echo": request}, port=0, protocol="framed") as server:
+        with framesock.Client(*server.address[:2], protocol="framed", timeout=10) as client:
+            with pytest.raises(framesock.RemoteError, match="the loop failed"):
+                client.request("first")
+            assert [client.request(str(n)) for n in range(20)] == [{"echo": str(n)} for n in range(20)]
+    assert len(failures) == 1
+    assert "LoopFailure: the loop failed" in capsys.readouterr().err
+
+
 def test_the_framesock_logger_has_a_null_handler():
     import logging
 

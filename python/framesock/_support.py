@@ -30,28 +30,43 @@ def start_handler_thread(source: Any) -> None:
 
 def run_handler_jobs(source: Any) -> None:
     """Runs the calls ``source`` hands out until its pool closes (``next_job()`` gives None)."""
-    while True:
-        job = source.next_job()
-        if job is None:
-            return
+    try:
+        run_jobs(source)
+    except BaseException as err:
+        # Not a handler's exception (the pool reports those) but the loop's own, out of memory
+        # say: this thread ends, the call in hand fails with it, and a new thread takes the
+        # place, so that queued work is never left with no thread to run it.
+        traceback.print_exc()
+        successor = source.abandon(err)
+        if successor is not None:
+            start_handler_thread(successor)
+
+
+def run_jobs(source: Any) -> None:
+    job = source.next_job()
+    while job is not None:
         function, arguments, reserve = job
+        job = None
         if reserve is not None:
             # Started here rather than in Rust: starting a thread waits for it.
             try:
                 start_handler_thread(reserve)
             except Exception:  # noqa: BLE001 - no new thread; the pool goes on with those it has
                 traceback.print_exc()
-        if function is None:
-            continue
-        try:
-            result = function(*arguments)
-        except BaseException as err:  # noqa: BLE001 - the pool reports it (error reply, log)
-            source.fail(err)
-        else:
-            source.done(result)
-            result = None
-        # Drop the references now rather than when the next job comes, which may be never.
-        job = function = arguments = reserve = None
+        if function is not None:
+            try:
+                result = function(*arguments)
+            except BaseException as err:  # noqa: BLE001 - the pool reports it (error reply, log)
+                source.fail(err)
+            else:
+                # The reply, and the next call if one is waiting already.
+                job = source.done_and_take(result)
+                result = None
+        if job is None:
+            # Drop the references before waiting rather than when the next job comes, which
+            # may be never.
+            function = arguments = reserve = None
+            job = source.next_job()
 
 
 def takes_caller(handler: Callable[..., Any]) -> bool:

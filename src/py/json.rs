@@ -314,12 +314,21 @@ fn reference_loads<'py>(py: Python<'py>, text: &[u8], near: usize) -> PyResult<B
 
 /// Encodes a Python value as `json.dumps(value, allow_nan=False).encode()` would.
 pub fn dumps(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    thread_local! {
+        /// The `open` stack of the thread's last encoding, kept for the next: one allocation
+        /// less per reply. (An encoding that starts inside another finds it taken and makes
+        /// its own.)
+        static OPEN: std::cell::Cell<Vec<usize>> = const { std::cell::Cell::new(Vec::new()) };
+    }
     let mut encoder = Encoder {
         out: Vec::with_capacity(128),
-        open: Vec::new(),
+        open: OPEN.take(),
     };
-    encoder.value(value)?;
-    Ok(encoder.out)
+    let encoded = encoder.value(value);
+    let Encoder { out, mut open } = encoder;
+    open.clear();
+    OPEN.set(open);
+    encoded.map(|()| out)
 }
 
 /// Writes JSON text into `out`.

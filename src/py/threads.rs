@@ -278,14 +278,39 @@ impl JobSource {
         format!("framesock-handler ({})", self.pool.name)
     }
 
-    /// The current call returned `value`.
-    fn done<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) {
+    /// The current call returned `value`; then the next call to make if one is queued
+    /// already (as `next_job` gives it), without waiting: None otherwise. A busy thread so
+    /// crosses from Python into Rust once per call instead of twice.
+    fn done_and_take<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) -> Option<Job> {
         self.finish(py, Ok(value));
+        gil::bury_the_dead(py);
+        let state = self.pool.state.lock();
+        if state.queue.is_empty() {
+            return None;
+        }
+        self.take_queued(py, state)
     }
 
     /// The current call raised `error`.
     fn fail(&self, py: Python<'_>, error: Bound<'_, PyAny>) {
         self.finish(py, Err(PyErr::from_value(error)));
+    }
+
+    /// This source's thread failed outside a handler call with `error` (out of memory, say)
+    /// and ends: the call in hand, if any, fails with it. Gives the source for a thread to take
+    /// its place, so queued work is never left without one; None once the pool is closed.
+    fn abandon(&self, py: Python<'_>, error: Bound<'_, PyAny>) -> Option<JobSource> {
+        self.finish(py, Err(PyErr::from_value(error)));
+        let mut state = self.pool.state.lock();
+        if state.closed {
+            state.threads -= 1;
+            return None;
+        }
+        Some(JobSource {
+            pool: self.pool.clone(),
+            reserve: AtomicBool::new(false),
+            current: std::sync::Mutex::new(None),
+        })
     }
 
     /// The thread meant for this source could not be started.
@@ -299,18 +324,8 @@ impl JobSource {
 
     /// The next call to make, `(function, arguments, reserve)`, waiting without the GIL; None
     /// once the pool is closed. `function` is None when there is only `reserve` (a source of
-    /// work for a thread to start first); the call's outcome goes to `done` or `fail`.
-    #[allow(clippy::type_complexity)]
-    fn next_job(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<
-        Option<(
-            Option<Py<PyAny>>,
-            Option<Py<pyo3::types::PyTuple>>,
-            Option<JobSource>,
-        )>,
-    > {
+    /// work for a thread to start first); the call's outcome goes to `done_and_take` or `fail`.
+    fn next_job(&self, py: Python<'_>) -> PyResult<Option<Job>> {
         ON_HANDLER_THREAD.with(|flag| flag.set(true));
         gil::bury_the_dead(py);
         let pool = &self.pool;
@@ -326,32 +341,11 @@ impl JobSource {
             }
             let take = !reserve;
             reserve = false;
-            if let Some(prepare) = take.then(|| state.queue.pop_front()).flatten() {
-                state.takes += 1;
-                // Keep one thread in reserve, so a handler that blocks never holds up the next.
-                let grow = state.asleep + state.starting <= state.woken
-                    && state.threads < pool.max_threads;
-                if grow {
-                    state.threads += 1;
-                    state.starting += 1;
+            if take && !state.queue.is_empty() {
+                match self.take_queued(py, state) {
+                    Some(job) => return Ok(Some(job)),
+                    None => continue, // what was queued finished on its own: look again
                 }
-                drop(state);
-                // The handler thread starts the reserve itself, in Python: starting a thread
-                // waits for it, and no wait may come back to Python through Rust frames.
-                let reserve = grow.then(|| JobSource {
-                    pool: pool.clone(),
-                    reserve: AtomicBool::new(true),
-                    current: std::sync::Mutex::new(None),
-                });
-                let (function, arguments) = match prepare(py) {
-                    Some(call) => {
-                        *self.current() = Some(call.finish);
-                        (Some(call.function), Some(call.arguments))
-                    }
-                    None if reserve.is_some() => (None, None),
-                    None => continue,
-                };
-                return Ok(Some((function, arguments, reserve)));
             }
             state.in_wait += 1;
             drop(state);
@@ -379,9 +373,56 @@ impl JobSource {
     }
 }
 
+/// A call for a handler thread: `(function, arguments, reserve)`, see `JobSource::next_job`.
+type Job = (
+    Option<Py<PyAny>>,
+    Option<Py<pyo3::types::PyTuple>>,
+    Option<JobSource>,
+);
+
 impl JobSource {
     fn current(&self) -> std::sync::MutexGuard<'_, Option<Finish>> {
         locked(&self.current)
+    }
+
+    /// The first queued item as the next job. Takes the pool's lock (`state`) and releases
+    /// it; None once the queue is empty or the pool closed.
+    fn take_queued<'a>(
+        &'a self,
+        py: Python<'_>,
+        mut state: parking_lot::MutexGuard<'a, PoolState>,
+    ) -> Option<Job> {
+        let pool = &self.pool;
+        loop {
+            if state.closed {
+                return None;
+            }
+            let prepare = state.queue.pop_front()?;
+            state.takes += 1;
+            // Keep one thread in reserve, so a handler that blocks never holds up the next.
+            let grow =
+                state.asleep + state.starting <= state.woken && state.threads < pool.max_threads;
+            if grow {
+                state.threads += 1;
+                state.starting += 1;
+            }
+            drop(state);
+            // The handler thread starts the reserve itself, in Python: starting a thread waits
+            // for it, and no wait may come back to Python through Rust frames.
+            let reserve = grow.then(|| JobSource {
+                pool: pool.clone(),
+                reserve: AtomicBool::new(true),
+                current: std::sync::Mutex::new(None),
+            });
+            match prepare(py) {
+                Some(call) => {
+                    *self.current() = Some(call.finish);
+                    return Some((Some(call.function), Some(call.arguments), reserve));
+                }
+                None if reserve.is_some() => return Some((None, None, reserve)),
+                None => state = pool.state.lock(),
+            }
+        }
     }
 
     fn finish<'py>(&self, py: Python<'py>, outcome: PyResult<Bound<'py, PyAny>>) {
