@@ -5,7 +5,7 @@ the targets, and writes bench/RESULTS.md and bench/results.png. Servers run in t
 processes; the concurrent workloads are driven by the Rust load generator (bench/native), so the
 client is never the bottleneck. This machine is shared and noisy: read the ratios, not the
 absolute numbers. BENCH_SECONDS sets the length of each measurement (default 2); the concurrent
-workloads measure every peer BENCH_ROUNDS times (default 3), in turns, and report the median
+workloads measure every peer BENCH_ROUNDS times (default 5), in turns, and report the median
 round, so a dip that hits one peer's only sample cannot decide a ratio.
 """
 
@@ -30,7 +30,7 @@ import framesock
 HERE = Path(__file__).resolve().parent
 FSBENCH = HERE / "native" / "target" / "release" / "fsbench"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 CONNECTIONS = 32
 
 
@@ -144,7 +144,11 @@ def in_rounds(measure_every_peer) -> None:
         rows.sort(key=lambda row: row.rate)
         median = rows[len(rows) // 2]
         if len(rows) > 1:
-            spread = f"median of {len(rows)}: {rows[0].rate / 1000:.1f}k-{rows[-1].rate / 1000:.1f}k"
+            low, high = rows[0].rate, rows[-1].rate
+            if rows[0].unit == "GB/s":
+                spread = f"median of {len(rows)}: {low:.2f}-{high:.2f}"
+            else:
+                spread = f"median of {len(rows)}: {low / 1000:.1f}k-{high / 1000:.1f}k"
             median.note = f"{spread}; {median.note}" if median.note else spread
         ROWS.append(median)
 
@@ -338,11 +342,15 @@ def pipelined() -> None:
 def big_frames() -> None:
     workload = "64 MiB frames, one connection"
     say(workload)
-    for peer in ["framesock", "native", "asyncio", "uvloop", "socketserver"]:
-        with server(peer, "framed") as port:
-            result = loadgen("bigframes", "--port", str(port), "--size", str(64 << 20), "--count", "6")
-            ROWS.append(Row(workload, peer, result["gb_per_s"], "GB/s"))
-            say(f"  {workload} / {peer}: {result['gb_per_s']:.2f} GB/s")
+
+    def every_peer() -> None:
+        for peer in ["framesock", "native", "asyncio", "uvloop", "socketserver"]:
+            with server(peer, "framed") as port:
+                result = loadgen("bigframes", "--port", str(port), "--size", str(64 << 20), "--count", "6")
+                ROWS.append(Row(workload, peer, result["gb_per_s"], "GB/s"))
+                say(f"  {workload} / {peer}: {result['gb_per_s']:.2f} GB/s")
+
+    in_rounds(every_peer)
 
 
 def reply_document(size: int) -> bytes:
