@@ -43,6 +43,7 @@ def run_handler_jobs(source: Any) -> None:
 
 
 def run_jobs(source: Any) -> None:
+    """The loop of `run_handler_jobs`: call, hand the outcome over, take the next call."""
     job = source.next_job()
     while job is not None:
         function, arguments, reserve = job
