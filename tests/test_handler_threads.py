@@ -6,6 +6,7 @@ is a fact (it completed while the other handler was still blocked), not a timing
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -84,6 +85,19 @@ def test_handler_threads_bounds_the_handlers_running_at_once():
         finally:
             blocker.release.set()
         assert slow.outcome() == {"echo": "block"}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_handlers_run_under_sched_batch_and_the_callers_thread_is_left_alone():
+    policy_before = os.sched_getscheduler(0)
+
+    def handler(request: str) -> dict:
+        return {"policy": os.sched_getscheduler(0)}
+
+    with framesock.Server(handler, port=0, protocol="framed") as server:
+        with framesock.Client(*server.address[:2], protocol="framed") as client:
+            assert client.request("which policy?") == {"policy": os.SCHED_BATCH}
+    assert os.sched_getscheduler(0) == policy_before
 
 
 @pytest.mark.parametrize("count", [0, -1, "2"])
