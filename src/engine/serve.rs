@@ -410,7 +410,7 @@ impl Drop for IdleGuard<'_> {
 /// connection is busy, and then looks again from when the current wait began.
 struct IdleTimer {
     limit: Option<Duration>,
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
     /// When the current wait began.
     since: Instant,
 }
