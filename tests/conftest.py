@@ -213,4 +213,8 @@ def refuses(address) -> bool:
         socket.create_connection(address[:2], timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # The listener closed while this connection waited in its backlog: it is going away,
+        # and the next look tells.
+        return False
     return False
