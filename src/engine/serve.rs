@@ -1768,6 +1768,16 @@ mod tests {
                 &read_reply(&mut fine, &mut input).await.payload[..],
                 b"\"ok\""
             );
+            // The doomed connection closed as the panic unwound; it is counted just after, on
+            // the server's thread.
+            let internal = &server.service().stats.errors.internal;
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while internal.load(Ordering::Relaxed) == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the panic is counted");
         });
         let stats = &server.service().stats;
         assert_eq!(stats.errors.internal.load(Ordering::Relaxed), 1);
