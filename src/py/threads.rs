@@ -240,11 +240,7 @@ async fn watchdog(pool: Arc<Pool>) {
 
 /// Starts the first handler thread of `pool` (with the GIL: it is a Python thread).
 fn spawn_thread(py: Python<'_>, pool: &Arc<Pool>) -> PyResult<()> {
-    let source = JobSource {
-        pool: pool.clone(),
-        reserve: AtomicBool::new(false),
-        current: std::sync::Mutex::new(None),
-    };
+    let source = JobSource::new(pool, false);
     py.import("framesock._support")?
         .call_method1("start_handler_thread", (source,))?;
     Ok(())
@@ -284,11 +280,7 @@ impl JobSource {
     fn done_and_take<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) -> Option<Job> {
         self.finish(py, Ok(value));
         gil::bury_the_dead(py);
-        let state = self.pool.state.lock();
-        if state.queue.is_empty() {
-            return None;
-        }
-        self.take_queued(py, state)
+        self.take_queued(py, self.pool.state.lock())
     }
 
     /// The current call raised `error`.
@@ -306,11 +298,7 @@ impl JobSource {
             state.threads -= 1;
             return None;
         }
-        Some(JobSource {
-            pool: self.pool.clone(),
-            reserve: AtomicBool::new(false),
-            current: std::sync::Mutex::new(None),
-        })
+        Some(JobSource::new(&self.pool, false))
     }
 
     /// The thread meant for this source could not be started.
@@ -381,6 +369,15 @@ type Job = (
 );
 
 impl JobSource {
+    /// A source of `pool`'s work; `reserve` for a thread started in reserve.
+    fn new(pool: &Arc<Pool>, reserve: bool) -> Self {
+        JobSource {
+            pool: pool.clone(),
+            reserve: AtomicBool::new(reserve),
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
     fn current(&self) -> std::sync::MutexGuard<'_, Option<Finish>> {
         locked(&self.current)
     }
@@ -409,11 +406,7 @@ impl JobSource {
             drop(state);
             // The handler thread starts the reserve itself, in Python: starting a thread waits
             // for it, and no wait may come back to Python through Rust frames.
-            let reserve = grow.then(|| JobSource {
-                pool: pool.clone(),
-                reserve: AtomicBool::new(true),
-                current: std::sync::Mutex::new(None),
-            });
+            let reserve = grow.then(|| JobSource::new(pool, true));
             match prepare(py) {
                 Some(call) => {
                     *self.current() = Some(call.finish);
