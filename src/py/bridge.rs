@@ -50,25 +50,44 @@ static BRIDGES: Mutex<Vec<Arc<LoopBridge>>> = Mutex::new(Vec::new());
 impl LoopBridge {
     /// The bridge to the running event loop, made on first use. Call on the loop.
     pub fn for_running_loop(py: Python<'_>) -> PyResult<Arc<LoopBridge>> {
+        if crate::py::gil::exiting_elsewhere() {
+            // Every bridge has closed; a new one would watch a loop from a Rust frame.
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "the interpreter is exiting: framesock.aio no longer serves this event loop",
+            ));
+        }
         static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
         let running = GET_RUNNING_LOOP
             .import(py, "asyncio", "get_running_loop")?
             .call0()?;
-        let mut bridges = locked(&BRIDGES);
-        if let Some(bridge) = bridges.iter().find(|b| b.event_loop.bind(py).is(&running)) {
+        // Python code runs only with the lock released (see `close`): a snapshot is read.
+        let known = locked(&BRIDGES).clone();
+        if let Some(bridge) = known.iter().find(|b| b.event_loop.bind(py).is(&running)) {
             return Ok(bridge.clone());
         }
         // Loops closed without the usual teardown never said goodbye: forget them now.
-        bridges.retain(|b| {
-            !b.event_loop
-                .bind(py)
-                .call_method0("is_closed")
-                .and_then(|closed| closed.is_truthy())
-                .unwrap_or(true)
-        });
+        let gone: Vec<_> = known
+            .into_iter()
+            .filter(|b| {
+                b.event_loop
+                    .bind(py)
+                    .call_method0("is_closed")
+                    .and_then(|closed| closed.is_truthy())
+                    .unwrap_or(true)
+            })
+            .collect();
         let bridge = LoopBridge::new(&running)?;
-        bridges.push(bridge.clone());
-        drop(bridges);
+        let forgotten = {
+            let mut bridges = locked(&BRIDGES);
+            let (forgotten, kept) = std::mem::take(&mut *bridges)
+                .into_iter()
+                .partition(|b| gone.iter().any(|g| Arc::ptr_eq(g, b)));
+            *bridges = kept;
+            bridges.push(bridge.clone());
+            forgotten
+        };
+        drop::<Vec<Arc<LoopBridge>>>(forgotten);
+        drop(gone);
         let on_end = LoopEnded {
             bridge: Arc::downgrade(&bridge),
         };
@@ -152,10 +171,17 @@ impl LoopBridge {
     }
 
     /// The loop is being torn down: stop watching it, drop what is queued, tell the owners.
+    /// Once only: the exit hook and the loop's own thread may both get here.
+    ///
+    /// No lock is held while Python code can run (dropping a job, the watcher generator or
+    /// this bridge, calling the loop): that code may hand the GIL to a thread which, holding
+    /// it, waits for the same lock (a hang at exit, seen with a loop in a daemon thread).
     fn close(&self, py: Python<'_>) {
         let pending = {
             let mut jobs = locked(&self.jobs);
-            self.closed.store(true, Ordering::Release);
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return;
+            }
             std::mem::take(&mut *jobs)
         };
         drop(pending);
@@ -163,12 +189,18 @@ impl LoopBridge {
             .event_loop
             .bind(py)
             .call_method1("remove_reader", (self.wake_rx.as_raw_fd(),));
-        locked(&BRIDGES).retain(|b| !std::ptr::eq(Arc::as_ptr(b), self));
+        let this = {
+            let mut bridges = locked(&BRIDGES);
+            let at = bridges.iter().position(|b| std::ptr::eq(Arc::as_ptr(b), self));
+            at.map(|at| bridges.swap_remove(at))
+        };
+        drop(this);
         let owners = std::mem::take(&mut *locked(&self.on_end));
         for on_end in owners {
             on_end();
         }
-        locked(&self.watch).take();
+        let watch = locked(&self.watch).take();
+        drop(watch);
     }
 
     /// An asyncio future on this loop for the outcome of `work`, which runs on the engine's

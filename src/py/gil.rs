@@ -52,8 +52,7 @@ pub fn detach_for_python<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) 
     let output = py.detach(|| {
         let output = detached(f);
         RETURNING.fetch_add(1, Ordering::SeqCst);
-        if EXITING.load(Ordering::SeqCst) && EXIT_THREAD.get() != Some(&std::thread::current().id())
-        {
+        if exiting_elsewhere() {
             RETURNING.fetch_sub(1, Ordering::SeqCst);
             loop {
                 std::thread::park();
@@ -76,6 +75,14 @@ pub fn begin_exit(py: Python<'_>, limit: Duration) {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
+}
+
+/// Whether the exit has begun and the calling thread is not the one running it: such a thread
+/// must not call Python code that may let the GIL go (a socket call, `loop.add_reader`) from
+/// a Rust frame, since asking for it back could end the thread there (see
+/// [`detach_for_python`]).
+pub fn exiting_elsewhere() -> bool {
+    EXITING.load(Ordering::SeqCst) && EXIT_THREAD.get() != Some(&std::thread::current().id())
 }
 
 /// Whether the calling thread may hold the GIL: not an engine thread, not inside `detached`.
