@@ -9,6 +9,7 @@ compares the reply's bytes with json.dumps', and a framesock ``Client`` decodes 
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import math
@@ -16,7 +17,9 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -216,6 +219,123 @@ def test_encoding_matches_json_dumps_byte_for_byte():
         assert _framesock._json_dumps(value) == json.dumps(value).encode(), value
 
 
+class Reversed(dict):
+    """A dict whose items() json.dumps asks for (it does so for every dict subclass)."""
+
+    def items(self):  # type: ignore[override]
+        return list(reversed(list(super().items())))
+
+
+class Shouting(list):
+    """A list whose iteration json.dumps uses (it does so for list and tuple subclasses)."""
+
+    def __iter__(self):  # type: ignore[override]
+        return (str(item).upper() for item in super().__iter__())
+
+
+def test_subclasses_are_written_as_json_dumps_writes_them():
+    moved = collections.OrderedDict(a=1, b=2, c=3)
+    moved.move_to_end("a")
+    overridden = Reversed(a=1, b={"x": 2})
+    Point = collections.namedtuple("Point", "x y")
+    for value in [
+        moved,
+        {"inner": moved, "list": [moved]},
+        overridden,
+        Shouting(["a", "b"]),
+        (Shouting([1]), Point(1, [2, moved])),
+        collections.defaultdict(int, z=1, y=2),
+        collections.Counter("abracadabra"),
+    ]:
+        assert _framesock._json_dumps(value) == json.dumps(value).encode(), value
+
+
+def test_a_subclass_whose_items_are_not_pairs_fails_as_in_json_dumps():
+    class Broken(dict):
+        def items(self):  # type: ignore[override]
+            return [("a", 1, 2)]
+
+    class Unlisted(dict):
+        def items(self):  # type: ignore[override]
+            raise KeyError("no items today")
+
+    for value, error in [(Broken(a=1), ValueError), (Unlisted(a=1), KeyError)]:
+        with pytest.raises(error):
+            json.dumps(value)
+        with pytest.raises(error):
+            _framesock._json_dumps(value)
+    # A circular reference through a subclass is still told as one.
+    circular = Reversed()
+    circular["self"] = circular
+    for value in [circular, [circular]]:
+        with pytest.raises(ValueError, match="Circular"):
+            json.dumps(value)
+        with pytest.raises(ValueError, match="Circular"):
+            _framesock._json_dumps(value)
+
+
+# Run as its own process: what failed here was a SIGSEGV.
+SMALL_STACK_PROGRAM = textwrap.dedent(
+    """
+    import json, sys, threading
+    import framesock
+
+    threading.stack_size(int(sys.argv[1]) * 1024)  # handler threads inherit it
+
+    def nested(depth):
+        value = []
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    def json_writes(depth):
+        try:
+            json.dumps(nested(depth))
+        except RecursionError:
+            return False
+        return True
+
+    def deepest():
+        low, high = 1, 30_000
+        while low + 1 < high:
+            middle = (low + high) // 2
+            low, high = (middle, high) if json_writes(middle) else (low, middle)
+        return low
+
+    server = framesock.Server(lambda depth: nested(depth), port=0, protocol="framed",
+                              request_as="json", handler_threads=1)
+    with server, framesock.Client(*server.address[:2], protocol="framed") as client:
+        # The deepest value json.dumps writes on a handler thread, found on that thread.
+        probe = framesock.Server(lambda _: deepest(), port=0, protocol="framed", handler_threads=1)
+        with probe, framesock.Client(*probe.address[:2], protocol="framed") as asker:
+            depth = asker.request("how deep?")
+        assert depth > 100, depth
+        reply = client.request(json.dumps(depth))
+        assert json.dumps(reply) == json.dumps(nested(depth))
+        try:
+            client.request(json.dumps(100_000))
+        except framesock.RemoteError as err:
+            assert err.kind == "encode", err
+        else:
+            raise AssertionError("a value past the recursion limit was encoded")
+        assert client.request("1") == [[]]  # the thread serves on
+    print(depth)
+    """
+)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stack_kib", [256, 4096])
+def test_a_deep_reply_on_a_small_handler_stack_is_written_or_refused_never_a_crash(stack_kib):
+    done = subprocess.run(
+        [sys.executable, "-c", SMALL_STACK_PROGRAM, str(stack_kib)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def nested(depth: int) -> list:
     value: list = []
     for _ in range(depth):
@@ -330,11 +450,25 @@ scalars = (
     | st.text(characters, max_size=20)
 )
 keys = st.text(characters, max_size=10) | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.booleans() | st.none()
+
+
+def reordered(mapping_and_moves: tuple[dict, list[int]]) -> collections.OrderedDict:
+    """An OrderedDict of the mapping with some keys moved to the end: its order then differs
+    from the order of the dict inside it, and json.dumps follows its items()."""
+    mapping, moves = mapping_and_moves
+    ordered = collections.OrderedDict(mapping)
+    for move in moves:
+        if ordered:
+            ordered.move_to_end(list(ordered)[move % len(ordered)])
+    return ordered
+
+
 values = st.recursive(
     scalars,
     lambda children: st.lists(children, max_size=6)
     | st.tuples(children, children)
-    | st.dictionaries(keys, children, max_size=6),
+    | st.dictionaries(keys, children, max_size=6)
+    | st.tuples(st.dictionaries(keys, children, max_size=6), st.lists(st.integers(0, 5), max_size=4)).map(reordered),
     max_leaves=40,
 )
 

@@ -191,7 +191,9 @@ impl LoopBridge {
             .call_method1("remove_reader", (self.wake_rx.as_raw_fd(),));
         let this = {
             let mut bridges = locked(&BRIDGES);
-            let at = bridges.iter().position(|b| std::ptr::eq(Arc::as_ptr(b), self));
+            let at = bridges
+                .iter()
+                .position(|b| std::ptr::eq(Arc::as_ptr(b), self));
             at.map(|at| bridges.swap_remove(at))
         };
         drop(this);

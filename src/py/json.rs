@@ -313,34 +313,132 @@ fn reference_loads<'py>(py: Python<'py>, text: &[u8], near: usize) -> PyResult<B
 }
 
 /// Encodes a Python value as `json.dumps(value, allow_nan=False).encode()` would.
+///
+/// Without recursion: the lists and dicts being written are a stack on the heap, so a deep
+/// value costs no thread stack (a handler thread may have a small one: `threading.stack_size`),
+/// and the depth is bounded exactly where `json.dumps` bounds it, by Python's recursion limit.
 pub fn dumps(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    thread_local! {
-        /// The `open` stack of the thread's last encoding, kept for the next: one allocation
-        /// less per reply. (An encoding that starts inside another finds it taken and makes
-        /// its own.)
-        static OPEN: std::cell::Cell<Vec<usize>> = const { std::cell::Cell::new(Vec::new()) };
-    }
     let mut encoder = Encoder {
         out: Vec::with_capacity(128),
-        open: OPEN.take(),
+        open: Vec::new(),
     };
-    let encoded = encoder.value(value);
-    let Encoder { out, mut open } = encoder;
-    open.clear();
-    OPEN.set(open);
-    encoded.map(|()| out)
+    let encoded = encoder.encode(value);
+    // After an error the containers still open are left, each as `json.dumps` leaves them.
+    while encoder.open.pop().is_some() {
+        // SAFETY: pairs with the successful Py_EnterRecursiveCall of that container.
+        unsafe { ffi::Py_LeaveRecursiveCall() };
+    }
+    encoded.map(|()| encoder.out)
 }
 
 /// Writes JSON text into `out`.
-struct Encoder {
+struct Encoder<'py> {
     out: Vec<u8>,
     /// The lists and dicts being written, outermost first: a cycle shows as one of them twice.
-    open: Vec<usize>,
+    open: Vec<Container<'py>>,
 }
 
-impl Encoder {
-    /// One value, in the order of checks of `json`'s C encoder.
-    fn value(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+/// A container being written, and how far.
+struct Container<'py> {
+    /// The container as the value held it (its address): what a circular reference repeats.
+    id: usize,
+    items: Items<'py>,
+}
+
+/// What is left to write of an open container.
+enum Items<'py> {
+    /// A list, or what a list or tuple subclass's iteration gave (as `json.dumps` takes
+    /// them: `PySequence_Fast`).
+    List(Bound<'py, PyList>, usize),
+    Tuple(Bound<'py, PyTuple>, usize),
+    /// An exact dict, walked with `PyDict_Next` from this position.
+    Dict(Bound<'py, PyDict>, ffi::Py_ssize_t, bool),
+    /// A dict subclass, by what its `items()` gave (as `json.dumps` does: it may be overridden,
+    /// an `OrderedDict` has its own order).
+    Pairs(Bound<'py, PyList>, usize),
+}
+
+impl<'py> Encoder<'py> {
+    /// `value`, in the order of checks of `json`'s C encoder; containers go on the `open`
+    /// stack and their items are written as the stack is worked through.
+    fn encode(&mut self, value: &Bound<'py, PyAny>) -> PyResult<()> {
+        let mut next = Some(value.clone());
+        loop {
+            if let Some(value) = next.take() {
+                self.value(value)?;
+            }
+            let Some(top) = self.open.last_mut() else {
+                return Ok(());
+            };
+            next = match &mut top.items {
+                Items::List(list, index) => {
+                    // By index, not by iterator: the list may change while it is written (a
+                    // finalizer run by the garbage collector can run any code), and an index
+                    // past the end just stops.
+                    let item = list.get_item(*index).ok();
+                    *index += 1;
+                    if item.is_some() && *index > 1 {
+                        self.out.extend_from_slice(b", ");
+                    }
+                    item
+                }
+                Items::Tuple(tuple, index) => {
+                    let item = tuple.get_item(*index).ok();
+                    *index += 1;
+                    if item.is_some() && *index > 1 {
+                        self.out.extend_from_slice(b", ");
+                    }
+                    item
+                }
+                Items::Dict(dict, position, first) => {
+                    let item = next_in_dict(dict, position);
+                    if let Some((key, _)) = &item {
+                        if !std::mem::take(first) {
+                            self.out.extend_from_slice(b", ");
+                        }
+                        self.key(key)?;
+                        self.out.extend_from_slice(b": ");
+                    }
+                    item.map(|(_, value)| value)
+                }
+                Items::Pairs(pairs, index) => {
+                    let pair = pairs.get_item(*index).ok();
+                    *index += 1;
+                    match pair {
+                        None => None,
+                        Some(pair) => {
+                            let pair = pair
+                                .cast_into::<PyTuple>()
+                                .ok()
+                                .filter(|pair| pair.len() == 2)
+                                .ok_or_else(|| {
+                                    PyValueError::new_err("items must return 2-tuples")
+                                })?;
+                            if *index > 1 {
+                                self.out.extend_from_slice(b", ");
+                            }
+                            self.key(&pair.get_item(0)?)?;
+                            self.out.extend_from_slice(b": ");
+                            Some(pair.get_item(1)?)
+                        }
+                    }
+                }
+            };
+            if next.is_none() {
+                let closed = self.open.pop().expect("a container is open");
+                // SAFETY: pairs with the successful Py_EnterRecursiveCall in `open`.
+                unsafe { ffi::Py_LeaveRecursiveCall() };
+                let bracket = match closed.items {
+                    Items::List(..) | Items::Tuple(..) => b']',
+                    Items::Dict(..) | Items::Pairs(..) => b'}',
+                };
+                self.out.push(bracket);
+            }
+        }
+    }
+
+    /// Writes a scalar, or opens a container (its items come next).
+    fn value(&mut self, value: Bound<'py, PyAny>) -> PyResult<()> {
         if let Ok(text) = value.cast::<PyString>() {
             self.string(text)
         } else if value.is_none() {
@@ -354,119 +452,79 @@ impl Encoder {
             self.int(int)
         } else if let Ok(float) = value.cast::<PyFloat>() {
             self.float(float.value())
-        } else if let Ok(list) = value.cast::<PyList>() {
-            self.enter(value)?;
-            let written = self.list(list);
-            self.leave();
-            written
-        } else if let Ok(tuple) = value.cast::<PyTuple>() {
-            self.enter(value)?;
-            let written = self.tuple(tuple);
-            self.leave();
-            written
-        } else if let Ok(dict) = value.cast::<PyDict>() {
-            self.enter(value)?;
-            let written = self.dict(dict);
-            self.leave();
-            written
+        } else if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+            self.open(&value, b'[', |value| {
+                Ok(if value.is_exact_instance_of::<PyTuple>() {
+                    Items::Tuple(value.clone().cast_into()?, 0)
+                } else if value.is_exact_instance_of::<PyList>() {
+                    Items::List(value.clone().cast_into()?, 0)
+                } else {
+                    Items::List(sequence_list(value)?, 0)
+                })
+            })
+        } else if value.is_instance_of::<PyDict>() {
+            self.open(&value, b'{', |value| {
+                Ok(if value.is_exact_instance_of::<PyDict>() {
+                    Items::Dict(value.clone().cast_into()?, 0, true)
+                } else {
+                    Items::Pairs(mapping_items(value)?, 0)
+                })
+            })
         } else {
             Err(PyTypeError::new_err(format!(
                 "Object of type {} is not JSON serializable",
-                type_name(value)
+                type_name(&value)
             )))
         }
     }
 
     /// Opens a list or dict: Python's recursion limit applies (as in `json.dumps`), and a
-    /// container met again inside itself is a circular reference.
-    fn enter(&mut self, container: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// container met again inside itself is a circular reference. `items` says what to write
+    /// of it (for a subclass, asking enters Python, where the limit may strike first).
+    fn open(
+        &mut self,
+        container: &Bound<'py, PyAny>,
+        bracket: u8,
+        items: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Items<'py>>,
+    ) -> PyResult<()> {
+        let py = container.py();
         // SAFETY: the GIL is held (we have a Bound); the message is a NUL-terminated C string.
         if unsafe { ffi::Py_EnterRecursiveCall(c" while encoding a JSON object".as_ptr()) } != 0 {
-            let too_deep = PyErr::fetch(container.py());
-            return Err(if self.has_cycle() {
-                PyValueError::new_err("Circular reference detected")
-            } else {
-                too_deep
-            });
+            return Err(self.cycle_or(container, PyErr::fetch(py)));
         }
-        self.open.push(container.as_ptr() as usize);
-        Ok(())
+        match items(container) {
+            Ok(items) => {
+                self.out.push(bracket);
+                let id = container.as_ptr() as usize;
+                self.open.push(Container { id, items });
+                Ok(())
+            }
+            Err(err) => {
+                // SAFETY: pairs with the successful Py_EnterRecursiveCall above.
+                unsafe { ffi::Py_LeaveRecursiveCall() };
+                if err.is_instance_of::<pyo3::exceptions::PyRecursionError>(py) {
+                    Err(self.cycle_or(container, err))
+                } else {
+                    Err(err)
+                }
+            }
+        }
     }
 
-    fn leave(&mut self) {
-        self.open.pop();
-        // SAFETY: pairs with the successful Py_EnterRecursiveCall in `enter`.
-        unsafe { ffi::Py_LeaveRecursiveCall() };
+    /// "Circular reference detected" if `container` is open already, else `too_deep`.
+    fn cycle_or(&self, container: &Bound<'py, PyAny>, too_deep: PyErr) -> PyErr {
+        if self.has_cycle(container.as_ptr() as usize) {
+            PyValueError::new_err("Circular reference detected")
+        } else {
+            too_deep
+        }
     }
 
     /// Looked for only once the recursion limit is reached: a cycle always gets there.
-    fn has_cycle(&self) -> bool {
-        let mut seen = std::collections::HashSet::with_capacity(self.open.len());
-        !self.open.iter().all(|container| seen.insert(*container))
-    }
-
-    fn list(&mut self, list: &Bound<'_, PyList>) -> PyResult<()> {
-        self.out.push(b'[');
-        // By index, not by iterator: the list may change while it is written (a finalizer run
-        // by the garbage collector can run any code), and an index past the end just stops.
-        let mut index = 0;
-        while let Ok(item) = list.get_item(index) {
-            if index > 0 {
-                self.out.extend_from_slice(b", ");
-            }
-            self.value(&item)?;
-            index += 1;
-        }
-        self.out.push(b']');
-        Ok(())
-    }
-
-    fn tuple(&mut self, tuple: &Bound<'_, PyTuple>) -> PyResult<()> {
-        self.out.push(b'[');
-        for (index, item) in tuple.iter().enumerate() {
-            if index > 0 {
-                self.out.extend_from_slice(b", ");
-            }
-            self.value(&item)?;
-        }
-        self.out.push(b']');
-        Ok(())
-    }
-
-    fn dict(&mut self, dict: &Bound<'_, PyDict>) -> PyResult<()> {
-        let py = dict.py();
-        self.out.push(b'{');
-        let mut position: ffi::Py_ssize_t = 0;
-        let mut first = true;
-        loop {
-            let mut key_ptr = std::ptr::null_mut();
-            let mut value_ptr = std::ptr::null_mut();
-            // SAFETY: the GIL is held; PyDict_Next hands out borrowed references, which are
-            // owned (incref'd) at once, before anything else can run. It stays memory-safe if
-            // the dict changes meanwhile (pyo3's iterator would panic instead).
-            let more = unsafe {
-                ffi::PyDict_Next(dict.as_ptr(), &mut position, &mut key_ptr, &mut value_ptr)
-            };
-            if more == 0 {
-                break;
-            }
-            // SAFETY: both pointers are valid borrowed references (PyDict_Next returned 1).
-            let (key, item) = unsafe {
-                (
-                    Bound::from_borrowed_ptr(py, key_ptr),
-                    Bound::from_borrowed_ptr(py, value_ptr),
-                )
-            };
-            if !first {
-                self.out.extend_from_slice(b", ");
-            }
-            first = false;
-            self.key(&key)?;
-            self.out.extend_from_slice(b": ");
-            self.value(&item)?;
-        }
-        self.out.push(b'}');
-        Ok(())
+    fn has_cycle(&self, entering: usize) -> bool {
+        let mut seen = std::collections::HashSet::with_capacity(self.open.len() + 1);
+        seen.insert(entering);
+        !self.open.iter().all(|open| seen.insert(open.id))
     }
 
     /// A dict key as `json.dumps` coerces it: str as is; float, True/False/None and int as
@@ -546,6 +604,46 @@ impl Encoder {
         self.out.push(b'"');
         Ok(())
     }
+}
+
+/// The next key and value of an exact dict from `position`, as `PyDict_Next` walks it: it
+/// stays memory-safe if the dict changes meanwhile (pyo3's iterator would panic instead).
+fn next_in_dict<'py>(
+    dict: &Bound<'py, PyDict>,
+    position: &mut ffi::Py_ssize_t,
+) -> Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let mut key = std::ptr::null_mut();
+    let mut value = std::ptr::null_mut();
+    // SAFETY: the GIL is held; PyDict_Next hands out borrowed references, which are owned
+    // (incref'd) at once, before anything else can run.
+    unsafe {
+        if ffi::PyDict_Next(dict.as_ptr(), position, &mut key, &mut value) == 0 {
+            return None;
+        }
+        let py = dict.py();
+        Some((
+            Bound::from_borrowed_ptr(py, key),
+            Bound::from_borrowed_ptr(py, value),
+        ))
+    }
+}
+
+/// `list(sequence)`, as `json.dumps` takes a list or tuple subclass (`PySequence_Fast`).
+fn sequence_list<'py>(sequence: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+    let py = sequence.py();
+    // SAFETY: the GIL is held; PySequence_List returns a new reference or NULL with an error.
+    let list =
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PySequence_List(sequence.as_ptr())) }?;
+    Ok(list.cast_into::<PyList>()?)
+}
+
+/// `list(mapping.items())`, as `json.dumps` takes a dict subclass's items (`PyMapping_Items`).
+fn mapping_items<'py>(mapping: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+    let py = mapping.py();
+    // SAFETY: the GIL is held; PyMapping_Items returns a new reference or NULL with an error.
+    let items =
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyMapping_Items(mapping.as_ptr())) }?;
+    Ok(items.cast_into::<PyList>()?)
 }
 
 /// `str.encode("utf-8", "surrogatepass")`: UTF-8, with each lone surrogate as its own 3 bytes.
