@@ -12,6 +12,8 @@ import datetime
 import socket
 import ssl
 import struct
+import os
+import re
 import threading
 
 import pytest
@@ -242,6 +244,27 @@ def test_settings_from_files(tmp_path, server_cert, ca, tls_server):
     server = tls_server(tls=framesock.ServerTLS(cert_file, str(key_file)))
     with framesock.Client(*server.address[:2], protocol="framed", tls=framesock.ClientTLS(ca_file)) as client:
         assert client.request("f") == {"echo": "f"}
+
+
+def test_a_path_that_is_not_a_small_regular_file_is_refused_at_once(tmp_path, server_cert, ca):
+    key = server_cert.private_key_pem.bytes()
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)  # no writer ever comes: reading it would wait forever
+    huge = tmp_path / "huge.pem"
+    with open(huge, "wb") as file:
+        file.truncate(5 * 1024 * 1024)  # sparse: a 5 MiB file that costs no disk
+    for path, words in [
+        ("/dev/zero", "not a regular file"),
+        (str(fifo), "not a regular file"),
+        (str(tmp_path), "not a regular file"),
+        (str(huge), "larger than 4 MiB"),
+    ]:
+        with pytest.raises(ValueError, match=f"cert \\({re.escape(path)}\\): {words}"):
+            framesock.ServerTLS(path, key)
+        with pytest.raises(ValueError, match=f"^ca \\({re.escape(path)}\\): {words}"):
+            framesock.ClientTLS(path)
+    with pytest.raises(ValueError, match="client_ca .*not a regular file"):
+        framesock.ServerTLS(server_cert.cert_chain_pems[0].bytes(), key, client_ca="/dev/zero")
 
 
 # --- asyncio -------------------------------------------------------------------------------------

@@ -17,6 +17,54 @@ pub struct Pem {
     pub origin: String,
 }
 
+/// The largest PEM file read: a certificate chain or key is a few KiB, the largest CA bundles
+/// (every public root) about 250 KiB.
+pub const MAX_PEM_FILE: u64 = 4 * 1024 * 1024;
+
+impl Pem {
+    /// The text of the PEM file at `path`, given as `argument`. Only a regular file of at most
+    /// [`MAX_PEM_FILE`] bytes is read: a device (`/dev/zero`) would be read until memory ran
+    /// out, and a FIFO would wait for a writer (it is opened without waiting, then refused).
+    pub fn from_file(argument: &str, path: &std::path::Path) -> Result<Pem, BadSettings> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let origin = format!("{argument} ({})", path.display());
+        let cannot = |err: std::io::Error| {
+            BadSettings(format!("{argument}: cannot read {}: {err}", path.display()))
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(cannot)?;
+        let metadata = file.metadata().map_err(cannot)?;
+        if !metadata.is_file() {
+            return Err(BadSettings(format!(
+                "{origin}: not a regular file (a PEM file is expected)"
+            )));
+        }
+        if metadata.len() > MAX_PEM_FILE {
+            return Err(too_large(&origin));
+        }
+        let mut text = Vec::with_capacity(metadata.len() as usize);
+        // Bounded again while reading: the file may grow meanwhile.
+        file.take(MAX_PEM_FILE + 1)
+            .read_to_end(&mut text)
+            .map_err(cannot)?;
+        if text.len() as u64 > MAX_PEM_FILE {
+            return Err(too_large(&origin));
+        }
+        Ok(Pem { text, origin })
+    }
+}
+
+fn too_large(origin: &str) -> BadSettings {
+    BadSettings(format!(
+        "{origin}: larger than {} MiB, too large for a PEM file",
+        MAX_PEM_FILE / (1024 * 1024)
+    ))
+}
+
 /// A problem with TLS settings, in words.
 #[derive(Debug)]
 pub struct BadSettings(pub String);

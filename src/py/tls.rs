@@ -19,13 +19,7 @@ fn pem(argument: &str, value: &Bound<'_, PyAny>) -> PyResult<Pem> {
     let path: PathBuf = value
         .extract()
         .map_err(|_| PyValueError::new_err(format!("{argument} must be a path or PEM bytes")))?;
-    let text = std::fs::read(&path).map_err(|err| {
-        PyValueError::new_err(format!("{argument}: cannot read {}: {err}", path.display()))
-    })?;
-    Ok(Pem {
-        text,
-        origin: format!("{argument} ({})", path.display()),
-    })
+    Pem::from_file(argument, &path).map_err(bad)
 }
 
 fn optional_pem(argument: &str, value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Pem>> {
