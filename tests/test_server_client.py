@@ -403,11 +403,26 @@ def test_server_bad_arguments(kwargs, error):
         framesock.Server(echo, port=0, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "name", ["port", "max_frame", "max_connections", "backlog", "handler_threads", "max_unsent", "max_buffered"]
+)
+@pytest.mark.parametrize("number", [2**63, 2**64, 10**40, -(2**63) - 1])
+def test_integer_arguments_out_of_any_range_raise_value_error_naming_them(name, number):
+    kwargs = {"port": 0, name: number}
+    with pytest.raises(ValueError, match=f"^{name} must be .*, got {number}$"):
+        framesock.Server(echo, **kwargs)
+
+
 def test_client_bad_arguments():
     with pytest.raises(ValueError):
         framesock.Client(protocol="udp")
     with pytest.raises(ValueError):
         framesock.Client(port=-1)
+    for number in [2**63, 2**200]:
+        with pytest.raises(ValueError, match=f"^port must be in 0..65535, got {number}$"):
+            framesock.Client(port=number)
+        with pytest.raises(ValueError, match=f"^max_reply must be .*, got {number}$"):
+            framesock.Client(max_reply=number)
 
 
 def test_more_buffered_requests_than_one_batch(serve):

@@ -21,6 +21,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::lock::locked;
 use crate::engine::runtime;
 use crate::engine::serve::Protocol;
+use crate::py::args::Int;
 use crate::py::bridge::{resolve, LoopBridge};
 use crate::py::client::{message_payload, put_request, reply_value, ClientConfig};
 use crate::py::gil::GilDrop;
@@ -159,11 +160,11 @@ impl AsyncClient {
     #[pyo3(signature = (host, port, path, protocol, timeout, max_reply, tls = None))]
     fn new(
         host: Option<String>,
-        port: Option<i64>,
+        port: Option<Int>,
         path: Option<PathBuf>,
         protocol: String,
         timeout: Option<f64>,
-        max_reply: i64,
+        max_reply: Int,
         tls: Option<PyRef<'_, crate::py::tls::ClientTls>>,
     ) -> PyResult<Self> {
         let ClientConfig {
@@ -275,12 +276,12 @@ impl Drop for AsyncClient {
 pub fn start_server_async<'py>(
     py: Python<'py>,
     host: String,
-    port: i64,
+    port: Int,
     response: Option<Bound<'py, PyAny>>,
     handler: Option<Bound<'py, PyAny>>,
     timeout: Option<f64>,
-    max_frame: i64,
-    backlog: i64,
+    max_frame: Int,
+    backlog: Int,
     request_as: String,
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,

@@ -15,9 +15,59 @@ use crate::py::handlers::RequestAs;
 /// Default for `max_frame` and `max_reply`: 16 MiB.
 pub const DEFAULT_MAX_LEN: usize = 16 * 1024 * 1024;
 
+/// An integer argument as given, however large: its value saturated to i64's range, and how it
+/// is shown in messages. So a check refuses `2**64` with a ValueError naming the argument, as
+/// it refuses `-1`, rather than the OverflowError a plain `i64` argument would raise.
+pub struct Int {
+    value: i64,
+    /// Python's text of an integer outside i64's range.
+    huge: Option<String>,
+}
+
+impl Int {
+    pub const fn new(value: i64) -> Int {
+        Int { value, huge: None }
+    }
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Int {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Int> {
+        match obj.extract::<i64>() {
+            Ok(value) => Ok(Int::new(value)),
+            Err(err) if err.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) => {
+                let value = if obj.lt(0)? { i64::MIN } else { i64::MAX };
+                let huge = obj.str().map(|text| text.to_string()).unwrap_or_else(|_| {
+                    format!(
+                        "an integer of {} bits",
+                        obj.call_method0("bit_length")
+                            .map(|b| b.to_string())
+                            .unwrap_or_default()
+                    )
+                });
+                Ok(Int {
+                    value,
+                    huge: Some(huge),
+                })
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+impl std::fmt::Display for Int {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.huge {
+            Some(text) => f.write_str(text),
+            None => write!(f, "{}", self.value),
+        }
+    }
+}
+
 /// A port number 0..=65535 (0 lets the OS pick); ValueError otherwise.
-pub fn port(number: i64) -> PyResult<u16> {
-    u16::try_from(number)
+pub fn port(number: Int) -> PyResult<u16> {
+    u16::try_from(number.value)
         .map_err(|_| PyValueError::new_err(format!("port must be in 0..65535, got {number}")))
 }
 
@@ -37,8 +87,8 @@ pub fn timeout(name: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
 }
 
 /// A byte limit in 0..=2**32-1, the most a 4-byte header can declare.
-pub fn byte_limit(name: &str, number: i64) -> PyResult<usize> {
-    usize::try_from(number)
+pub fn byte_limit(name: &str, number: Int) -> PyResult<usize> {
+    usize::try_from(number.value)
         .ok()
         .filter(|&n| n <= MAX_PAYLOAD)
         .ok_or_else(|| {
@@ -47,8 +97,8 @@ pub fn byte_limit(name: &str, number: i64) -> PyResult<usize> {
 }
 
 /// A listen backlog: a positive count.
-pub fn backlog(number: i64) -> PyResult<u32> {
-    u32::try_from(number)
+pub fn backlog(number: Int) -> PyResult<u32> {
+    u32::try_from(number.value)
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| {
@@ -80,15 +130,15 @@ pub fn request_as(name: &str) -> PyResult<RequestAs> {
 }
 
 /// A count in 1..=`max` (`max_connections`, `handler_threads`).
-pub fn count(name: &str, number: i64, max: usize) -> PyResult<usize> {
-    usize::try_from(number)
+pub fn count(name: &str, number: Int, max: usize) -> PyResult<usize> {
+    usize::try_from(number.value)
         .ok()
         .filter(|&n| n > 0 && n <= max)
         .ok_or_else(|| PyValueError::new_err(format!("{name} must be in 1..{max}, got {number}")))
 }
 
 /// TCP `host:port`, or a Unix socket when `path` is given.
-pub fn endpoint(host: String, port: i64, path: Option<PathBuf>) -> PyResult<Endpoint> {
+pub fn endpoint(host: String, port: Int, path: Option<PathBuf>) -> PyResult<Endpoint> {
     let port = self::port(port)?;
     Ok(match path {
         Some(path) if path.as_os_str().is_empty() => {
@@ -105,11 +155,11 @@ pub fn endpoint(host: String, port: i64, path: Option<PathBuf>) -> PyResult<Endp
 /// `Client(server.host, server.port, path=server.path)` works for every kind of server.
 pub fn client_endpoint(
     host: Option<String>,
-    port: Option<i64>,
+    port: Option<Int>,
     path: Option<PathBuf>,
 ) -> PyResult<Endpoint> {
     match (host, port) {
-        _ if path.is_some() => endpoint(String::new(), 0, path),
+        _ if path.is_some() => endpoint(String::new(), Int::new(0), path),
         (Some(host), Some(port)) => endpoint(host, port, None),
         _ => Err(pyo3::exceptions::PyTypeError::new_err(
             "host and port are both needed unless path is given",

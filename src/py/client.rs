@@ -19,7 +19,7 @@ use crate::engine::net::Endpoint;
 use crate::engine::runtime;
 use crate::engine::serve::Protocol;
 use crate::engine::tls::ClientTls;
-use crate::py::args;
+use crate::py::args::{self, Int};
 use crate::py::errors;
 use crate::py::gil;
 use crate::py::json;
@@ -67,11 +67,11 @@ pub struct ClientConfig {
 impl ClientConfig {
     pub fn new(
         host: Option<String>,
-        port: Option<i64>,
+        port: Option<Int>,
         path: Option<PathBuf>,
         protocol: &str,
         timeout: Option<f64>,
-        max_reply: i64,
+        max_reply: Int,
     ) -> PyResult<Self> {
         Ok(ClientConfig {
             endpoint: args::client_endpoint(host, port, path)?,
@@ -224,9 +224,9 @@ impl Client {
 impl Client {
     #[new]
     #[pyo3(signature = (
-        host = Some(String::from("127.0.0.1")), port = Some(8000), *, path = None,
+        host = Some(String::from("127.0.0.1")), port = Some(Int::new(8000)), *, path = None,
         protocol = String::from("classic"), timeout = Some(20.0),
-        max_reply = args::DEFAULT_MAX_LEN as i64, tls = None,
+        max_reply = Int::new(args::DEFAULT_MAX_LEN as i64), tls = None,
     ))]
     #[pyo3(
         text_signature = "(host='127.0.0.1', port=8000, *, path=None, protocol='classic', \
@@ -234,11 +234,11 @@ impl Client {
     )]
     fn new(
         host: Option<String>,
-        port: Option<i64>,
+        port: Option<Int>,
         path: Option<PathBuf>,
         protocol: String,
         timeout: Option<f64>,
-        max_reply: i64,
+        max_reply: Int,
         tls: Option<PyRef<'_, ClientTlsSettings>>,
     ) -> PyResult<Self> {
         let ClientConfig {
@@ -371,8 +371,8 @@ impl Drop for Client {
 /// Sends one request like the seed's client and returns the decoded JSON reply.
 #[pyfunction]
 #[pyo3(signature = (
-    host = Some(String::from("127.0.0.1")), port = Some(8000), message = None, *,
-    timeout = Some(20.0), max_reply = args::DEFAULT_MAX_LEN as i64, path = None, tls = None,
+    host = Some(String::from("127.0.0.1")), port = Some(Int::new(8000)), message = None, *,
+    timeout = Some(20.0), max_reply = Int::new(args::DEFAULT_MAX_LEN as i64), path = None, tls = None,
 ))]
 #[pyo3(
     text_signature = "(host='127.0.0.1', port=8000, message='msg from client', *, timeout=20.0, \
@@ -382,10 +382,10 @@ impl Drop for Client {
 pub fn start_client<'py>(
     py: Python<'py>,
     host: Option<String>,
-    port: Option<i64>,
+    port: Option<Int>,
     message: Option<Bound<'py, PyAny>>,
     timeout: Option<f64>,
-    max_reply: i64,
+    max_reply: Int,
     path: Option<PathBuf>,
     tls: Option<PyRef<'py, ClientTlsSettings>>,
 ) -> PyResult<Bound<'py, PyAny>> {

@@ -14,7 +14,7 @@ use crate::engine::serve::{
     self, CannotStart, Exchange, Limits, OneShotError, Protocol, Service, DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_UNSENT,
 };
-use crate::py::args::{self, address_object};
+use crate::py::args::{self, address_object, Int};
 use crate::py::bridge::LoopBridge;
 use crate::py::errors::failure_error;
 use crate::py::handlers::{request_text, PyHandler, PyLog};
@@ -178,12 +178,12 @@ pub struct Server {
 impl Server {
     #[new]
     #[pyo3(signature = (
-        handler = None, host = String::from("127.0.0.1"), port = 8000, *, path = None,
+        handler = None, host = String::from("127.0.0.1"), port = Int::new(8000), *, path = None,
         response = None, protocol = String::from("classic"), timeout = Some(20.0),
-        idle_timeout = Some(75.0), max_frame = args::DEFAULT_MAX_LEN as i64,
-        max_connections = 1024, backlog = 1024, request_as = String::from("text"),
-        handler_threads = None, max_unsent = DEFAULT_MAX_UNSENT as i64,
-        max_buffered = DEFAULT_MAX_BUFFERED as i64, tls = None,
+        idle_timeout = Some(75.0), max_frame = Int::new(args::DEFAULT_MAX_LEN as i64),
+        max_connections = Int::new(1024), backlog = Int::new(1024), request_as = String::from("text"),
+        handler_threads = None, max_unsent = Int::new(DEFAULT_MAX_UNSENT as i64),
+        max_buffered = Int::new(DEFAULT_MAX_BUFFERED as i64), tls = None,
     ))]
     #[pyo3(
         text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
@@ -196,19 +196,19 @@ impl Server {
         py: Python<'_>,
         handler: Option<Bound<'_, PyAny>>,
         host: String,
-        port: i64,
+        port: Int,
         path: Option<PathBuf>,
         response: Option<Bound<'_, PyAny>>,
         protocol: String,
         timeout: Option<f64>,
         idle_timeout: Option<f64>,
-        max_frame: i64,
-        max_connections: i64,
-        backlog: i64,
+        max_frame: Int,
+        max_connections: Int,
+        backlog: Int,
         request_as: String,
-        handler_threads: Option<i64>,
-        max_unsent: i64,
-        max_buffered: i64,
+        handler_threads: Option<Int>,
+        max_unsent: Int,
+        max_buffered: Int,
         tls: Option<PyRef<'_, ServerTlsSettings>>,
     ) -> PyResult<Self> {
         let settings = Settings {
@@ -526,13 +526,13 @@ impl OneShotResult {
 pub fn one_shot_server(
     py: Python<'_>,
     host: String,
-    port: i64,
+    port: Int,
     path: Option<PathBuf>,
     response: Option<Bound<'_, PyAny>>,
     handler: Option<Bound<'_, PyAny>>,
     timeout: Option<f64>,
-    max_frame: i64,
-    backlog: i64,
+    max_frame: Int,
+    backlog: Int,
     request_as: String,
     tls: Option<crate::engine::tls::ServerTls>,
 ) -> PyResult<Server> {
@@ -559,8 +559,8 @@ pub fn one_shot_server(
 /// Serves one client, one request, like the seed's server, and returns what was exchanged.
 #[pyfunction]
 #[pyo3(signature = (
-    host = String::from("127.0.0.1"), port = 8000, response = None, *, handler = None,
-    timeout = Some(20.0), max_frame = args::DEFAULT_MAX_LEN as i64, backlog = 5,
+    host = String::from("127.0.0.1"), port = Int::new(8000), response = None, *, handler = None,
+    timeout = Some(20.0), max_frame = Int::new(args::DEFAULT_MAX_LEN as i64), backlog = Int::new(5),
     request_as = String::from("text"), ready = None, path = None, tls = None,
 ))]
 #[pyo3(
@@ -572,12 +572,12 @@ pub fn one_shot_server(
 pub fn start_server<'py>(
     py: Python<'py>,
     host: String,
-    port: i64,
+    port: Int,
     response: Option<Bound<'py, PyAny>>,
     handler: Option<Bound<'py, PyAny>>,
     timeout: Option<f64>,
-    max_frame: i64,
-    backlog: i64,
+    max_frame: Int,
+    backlog: Int,
     request_as: String,
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,
