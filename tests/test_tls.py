@@ -189,6 +189,26 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tls_server, ca, serve
     wait_until(lambda: server.stats()["errors"]["tls"] == 1)
 
 
+def test_mutual_tls_refuses_a_client_chain_padded_with_intermediates_unread(tls_server, ca, server_cert, caplog):
+    # A valid chain through one intermediate, then the same intermediate sent 20 times more:
+    # verifying would find the path, but every extra certificate costs the server work.
+    intermediate = ca.create_child_ca()
+    leaf = intermediate.issue_cert("client.example")
+    key = leaf.private_key_pem.bytes()
+    good, padding = leaf.cert_chain_pems[0].bytes(), leaf.cert_chain_pems[1].bytes()
+    server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
+    address = server.address[:2]
+    honest = framesock.ClientTLS(ca.cert_pem.bytes(), cert=good + padding, key=key)
+    with framesock.Client(*address, protocol="framed", tls=honest) as client:
+        assert client.request("one intermediate") == {"echo": "one intermediate"}
+    padded = framesock.ClientTLS(ca.cert_pem.bytes(), cert=good + padding * 21, key=key)
+    with framesock.Client(*address, protocol="framed", tls=padded) as client:
+        with pytest.raises(framesock.TLSError):
+            client.request("x")
+    wait_until(lambda: server.stats()["errors"]["tls"] == 1)
+    wait_until(lambda: "sent 21 intermediate certificates, more than the 8 accepted" in caplog.text)
+
+
 def test_mutual_tls_refuses_an_unknown_client_certificate(tls_server, ca, server_cert):
     stranger = trustme.CA().issue_cert("stranger.example")
     server = tls_server(tls=server_tls(server_cert, client_ca=ca.cert_pem.bytes()))
