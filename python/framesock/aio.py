@@ -43,6 +43,9 @@ from framesock.types import (
 __all__ = ["Client", "Server", "start_client", "start_server"]
 
 _MAX_LEN = 16 * 1024 * 1024
+# What exchanges in progress get when serve_forever() is cancelled (Ctrl-C under asyncio.run
+# cancels it): as long as the blocking server gives them after Ctrl-C.
+_CANCEL_GRACE = 0.1
 
 
 async def start_server(
@@ -204,12 +207,14 @@ class Server:
         self._server.start()
 
     async def serve_forever(self) -> None:
-        """Serve until ``shutdown()``; cancelling the task shuts the server down."""
+        """Serve until ``shutdown()``. Cancelling the task (Ctrl-C under ``asyncio.run`` does)
+        shuts the server down promptly: exchanges in progress get 0.1 s, then their handlers'
+        Tasks are cancelled. For a graceful stop, await ``shutdown()`` instead."""
         await self.start()
         try:
             await self._server._finished()
         except asyncio.CancelledError:
-            await asyncio.shield(self.shutdown())
+            await asyncio.shield(self.shutdown(_CANCEL_GRACE))
             raise
         why = self._server._failure()
         if why is not None:
