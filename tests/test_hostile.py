@@ -293,6 +293,42 @@ def test_bad_requests_are_logged_as_warnings_in_proportion(server_factory, caplo
     assert server.stats()["errors"]["bad_request"] == 200
 
 
+def test_a_flood_of_silent_connections_queues_and_logs_in_proportion(server_factory, caplog):
+    # Every handler thread is stuck in a slow handler while a peer connects and closes,
+    # again and again. framesock 0.1 queued a DEBUG record per connection for the handler
+    # threads (319,365 in 30 s, RSS growing) and wrote each one with logging at DEBUG.
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def slow(request):
+        entered.release()
+        release.wait(30)
+        return request
+
+    server = server_factory(slow, protocol="classic", handler_threads=2)
+    stuck = [PeerThread(lambda: framesock.start_client(*server.address[:2], message="slow")) for _ in range(2)]
+    try:
+        with caplog.at_level(logging.DEBUG, logger="framesock"):
+            for thread in stuck:
+                thread.start()
+            assert entered.acquire(timeout=10) and entered.acquire(timeout=10)
+            flood = 2000
+            for _ in range(flood):
+                socket.create_connection(server.address[:2], timeout=10).close()
+            wait_until(lambda: server.stats()["connections_accepted"] >= flood + 2)
+            wait_until(lambda: server.stats()["connections_active"] == 2)
+            queued = server._pool_state()[0]
+            assert queued <= 20, queued  # two budgets of 10 records per 10 s
+            release.set()
+            for thread in stuck:
+                assert thread.outcome() == "slow"
+            wait_until(lambda: server._pool_state()[0] == 0)
+    finally:
+        release.set()
+    records = [r for r in caplog.records if r.name == "framesock"]
+    assert 1 <= len(records) <= 20, len(records)
+
+
 def test_handler_exceptions_keep_their_traceback(server_factory, caplog):
     def broken(request):
         raise KeyError("missing")

@@ -8,6 +8,7 @@ pub mod error;
 pub mod handler;
 pub mod json_text;
 pub mod lock;
+pub mod log_budget;
 pub mod net;
 pub mod runtime;
 pub mod serve;

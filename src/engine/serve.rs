@@ -27,6 +27,7 @@ use crate::engine::codec::{self, FrameCodec, WireError};
 use crate::engine::error::{Error, Failure, FailureKind, Result};
 use crate::engine::handler::{Caller, Level, Log, Responder};
 use crate::engine::lock::locked;
+use crate::engine::log_budget::LogBudget;
 use crate::engine::net::{Address, Endpoint, Listener, Stream};
 use crate::engine::runtime::{self, within};
 
@@ -254,20 +255,16 @@ pub struct Service {
     pub log: Arc<dyn Log>,
     /// The connections silent between requests, for making room when the server is full.
     idle: IdleConnections,
-    /// How many peer problems were logged in the current window.
-    peer_log: Mutex<PeerLogWindow>,
+    /// The budget of peer-problem records (WARNING).
+    peer_log: LogBudget,
+    /// The budget of routine records (DEBUG: clients that left without a word), kept apart so
+    /// that a flood of port probes does not hide the warnings.
+    quiet_log: LogBudget,
     /// TLS for every connection, if set.
     tls: Option<crate::engine::tls::ServerTls>,
 }
 
-/// Peer problems logged (and held back) since `started`.
-struct PeerLogWindow {
-    started: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-/// At most this many peer-problem records per window.
+/// At most this many records of one budget per window.
 const PEER_LOG_BURST: u32 = 10;
 const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
 
@@ -462,11 +459,8 @@ impl Service {
             stats: Stats::default(),
             log,
             idle: IdleConnections::default(),
-            peer_log: Mutex::new(PeerLogWindow {
-                started: Instant::now(),
-                logged: 0,
-                suppressed: 0,
-            }),
+            peer_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
+            quiet_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
             tls: None,
         }
     }
@@ -534,7 +528,9 @@ impl Service {
         match err {
             // A client that connects and leaves without a word (a port probe) is not news.
             Error::Wire(WireError::ClosedBeforeMessage) => {
-                self.log.log(Level::Debug, message, None)
+                if let Some(message) = self.quiet_log.admit(message) {
+                    self.log.log(Level::Debug, message, None)
+                }
             }
             _ => self.peer_problem(message),
         }
@@ -545,25 +541,9 @@ impl Service {
     /// misbehaves on purpose cannot fill the disk. What is held back is counted and said
     /// with the next record that gets through.
     fn peer_problem(&self, message: String) {
-        let suppressed = {
-            let mut window = locked(&self.peer_log);
-            let now = Instant::now();
-            if now.duration_since(window.started) >= PEER_LOG_WINDOW {
-                window.started = now;
-                window.logged = 0;
-            }
-            if window.logged >= PEER_LOG_BURST {
-                window.suppressed += 1;
-                return;
-            }
-            window.logged += 1;
-            std::mem::take(&mut window.suppressed)
-        };
-        let message = match suppressed {
-            0 => message,
-            n => format!("{message} ({n} similar messages suppressed)"),
-        };
-        self.log.log(Level::Warning, message, None);
+        if let Some(message) = self.peer_log.admit(message) {
+            self.log.log(Level::Warning, message, None);
+        }
     }
 
     /// Serves one accepted connection until it ends, `stop` is cancelled between requests, or

@@ -4,7 +4,7 @@
 //! `framesock` logger from a handler thread. (A static reply never gets here: the engine
 //! answers it on its own.)
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -414,14 +414,57 @@ impl SendWhenDone {
 
 /// Log records to the `framesock` logger, written by a handler thread (never an I/O thread:
 /// a thread that first touches `logging` may be taken for the main thread).
+///
+/// At most [`MAX_WAITING_RECORDS`] wait for a handler thread at once: while every thread is
+/// busy (a slow handler), more are dropped and counted, and the next record written says how
+/// many. (The engine's budgets bound the rate of records; this bounds what piles up while
+/// nothing is written.)
 pub struct PyLog {
-    pub threads: HandlerThreads,
+    threads: HandlerThreads,
+    waiting: Arc<AtomicUsize>,
+    dropped: AtomicU64,
+}
+
+/// The most log records waiting for a handler thread.
+pub const MAX_WAITING_RECORDS: usize = 1000;
+
+impl PyLog {
+    pub fn new(threads: HandlerThreads) -> Self {
+        PyLog {
+            threads,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One record waiting: counted in `PyLog::waiting` until written or dropped.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Log for PyLog {
     fn log(&self, level: Level, message: String, failure: Option<&Failure>) {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_RECORDS {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let waiting = Waiting(self.waiting.clone());
+        let message = match self.dropped.swap(0, Ordering::Relaxed) {
+            0 => message,
+            n => format!(
+                "{message} ({n} log records dropped before this one: the handler threads were \
+                 too busy to write them)"
+            ),
+        };
         let cause = failure.and_then(|f| f.cause.clone());
         self.threads.submit(Box::new(move |py| {
+            drop(waiting);
             let level = match level {
                 Level::Debug => 10,
                 Level::Warning => 30,

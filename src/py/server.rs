@@ -382,9 +382,7 @@ impl Server {
     ) -> PyResult<Server> {
         let replies = Replies::new(py, response, handler, &settings, purpose)?;
         let log: Arc<dyn Log> = match (&replies.threads, purpose) {
-            (Some(threads), Use::Serving) => Arc::new(PyLog {
-                threads: threads.clone(),
-            }),
+            (Some(threads), Use::Serving) => Arc::new(PyLog::new(threads.clone())),
             _ => Arc::new(NoLog),
         };
         let service = Service::new(settings.protocol, settings.limits, replies.responder, log)
