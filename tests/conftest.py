@@ -207,6 +207,33 @@ def wait_until(condition, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def read_reply_frame(sock: socket.socket) -> tuple[bool, bytes]:
+    """Reads one framed reply: (is_error, payload)."""
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    raw = struct.unpack(">I", header)[0]
+    length, is_error = raw & 0x7FFFFFFF, bool(raw & 0x80000000)
+    payload = b""
+    while len(payload) < length:
+        payload += sock.recv(length - len(payload))
+    return is_error, payload
+
+
+def goodbye_then_close(sock: socket.socket) -> str:
+    """Reads a framed connection the server closes by choice to its end: exactly one error
+    reply of kind "closing" (nothing without a reply was handled), then the close. Returns its
+    message."""
+    said = b""
+    while chunk := sock.recv(4096):
+        said += chunk
+    (raw,) = struct.unpack(">I", said[:4])
+    assert raw & 0x8000_0000 and len(said) == 4 + (raw & 0x7FFF_FFFF), said
+    goodbye = json.loads(said[4:])
+    assert goodbye["error"] == "closing", goodbye
+    return goodbye["message"]
+
+
 def refuses(address) -> bool:
     """Whether nothing listens at ``address`` any more."""
     try:

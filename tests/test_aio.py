@@ -12,7 +12,7 @@ import pytest
 
 import framesock
 from framesock import aio
-from conftest import frame, raw_exchange
+from conftest import frame, goodbye_then_close, raw_exchange
 
 
 def send_and_leave(port: int, data: bytes) -> None:
@@ -339,9 +339,9 @@ async def test_client_reconnects_after_the_server_drops_it(serve):
             # Once its close has arrived here, the client's (idle since before) has too.
             with socket.create_connection(server.address[:2]) as probe:
                 probe.settimeout(10)
-                return probe.recv(1)
+                return goodbye_then_close(probe)
 
-        assert await asyncio.get_running_loop().run_in_executor(None, until_a_later_idle_connection_is_closed) == b""
+        await asyncio.get_running_loop().run_in_executor(None, until_a_later_idle_connection_is_closed)
         assert await client.request("two") == {"echo": "two"}
     assert server.stats()["connections_accepted"] == 3
 

@@ -10,6 +10,7 @@ use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
+use tokio_util::codec::Decoder;
 
 use crate::engine::codec::{self, Frame, FrameCodec, WireError};
 use crate::engine::error::{Error, Result};
@@ -132,14 +133,59 @@ pub struct Connection {
     input: BytesMut,
 }
 
+/// How many times a request the server did not handle (it closed the connection first, saying
+/// so) is sent again, each time on a new connection, before the caller is told.
+pub const MAX_RESENDS: usize = 3;
+
 /// Sends `count` request frames (already encoded back to back in `frames`) on the kept
 /// connection, connecting first if needed, and reads `count` replies in order.
 ///
 /// Writing and reading run together, so a batch far larger than the socket buffers cannot
 /// deadlock with both sides blocked on full buffers. `timeout` bounds connecting and the wait
-/// for each reply.
-#[allow(clippy::too_many_arguments)]
+/// for each reply. Requests the server closed the connection before handling (its goodbye,
+/// see [`codec::CLOSING`]) are sent again on a new connection, up to [`MAX_RESENDS`] times.
 pub async fn framed_exchange(
+    slot: &mut Option<Connection>,
+    endpoint: &Endpoint,
+    tls: Option<&ClientTls>,
+    frames: &[u8],
+    count: usize,
+    timeout: Option<Duration>,
+    max_reply: usize,
+) -> Result<Vec<Frame>> {
+    let mut replies = Vec::new();
+    let mut rest = frames;
+    for _ in 0..=MAX_RESENDS {
+        let wanted = count - replies.len();
+        let mut got = framed_attempt(slot, endpoint, tls, rest, wanted, timeout, max_reply).await?;
+        if !got.last().is_some_and(Frame::is_closing) {
+            replies.extend(got);
+            return Ok(replies);
+        }
+        got.pop();
+        *slot = None;
+        rest = &rest[codec::frames_len(rest, got.len())..];
+        replies.extend(got);
+    }
+    Err(not_handled(endpoint))
+}
+
+/// Why a request was given up on after the server closed its connection every time.
+fn not_handled(endpoint: &Endpoint) -> Error {
+    Error::Wire(WireError::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        format!(
+            "{endpoint} closed the connection before handling the request, {} times; it was \
+             not handled",
+            MAX_RESENDS + 1
+        ),
+    )))
+}
+
+/// One try of [`framed_exchange`]: the replies, ending early with the server's goodbye if it
+/// closes the connection before answering them all.
+#[allow(clippy::too_many_arguments)]
+async fn framed_attempt(
     slot: &mut Option<Connection>,
     endpoint: &Endpoint,
     tls: Option<&ClientTls>,
@@ -176,11 +222,7 @@ pub async fn framed_exchange(
             max_reply,
         )
         .await?;
-        let replies = in_step(replies, &conn.input)?;
-        if replies.iter().any(ends_connection) {
-            *slot = None;
-        }
-        return Ok(replies);
+        return settle(slot, replies).await;
     }
     // Written and read together, so a batch far larger than the socket buffers cannot
     // deadlock, and a reply that comes before all is sent (a refused request) is seen at once.
@@ -217,30 +259,42 @@ pub async fn framed_exchange(
         *slot = None;
         return replies;
     }
-    let replies = in_step(replies?, &conn.input)?;
-    if replies.iter().any(ends_connection) {
-        *slot = None; // the server closes after refusing a request's header
-    }
-    Ok(replies)
+    settle(slot, replies?).await
 }
 
 /// Whether the server closes the connection after this reply: a refused header
 /// (`frame_too_large`) leaves the stream out of sync, so it does.
 fn ends_connection(reply: &Frame) -> bool {
-    reply.is_error
-        && serde_json::from_slice::<serde_json::Value>(&reply.payload)
-            .is_ok_and(|error| error["error"] == "frame_too_large")
+    reply.is_error && codec::error_kind(&reply.payload).as_deref() == Some("frame_too_large")
 }
 
-/// Checks that nothing came after the replies asked for: a reply no request asked for means
-/// the server's replies are out of step with the requests, and every later one would answer
-/// the wrong request.
-fn in_step(replies: Vec<Frame>, left: &BytesMut) -> Result<Vec<Frame>> {
-    if left.is_empty() {
-        Ok(replies)
-    } else {
-        Err(unsolicited(left.len()))
+/// Checks that nothing came after the replies asked for but the server's goodbye, and lets go
+/// of a connection the server closes. A reply no request asked for means the server's replies
+/// are out of step with the requests, and every later one would answer the wrong request.
+async fn settle(slot: &mut Option<Connection>, replies: Vec<Frame>) -> Result<Vec<Frame>> {
+    let conn = slot.as_mut().expect("the exchange's connection");
+    if !conn.input.is_empty() {
+        // A goodbye is written whole right after the last reply: the rest of it is due now.
+        let mut codec = FrameCodec::replies(GOODBYE_LOOK);
+        let read = codec::read_frame(&mut conn.stream, &mut conn.input, &mut codec);
+        let next = tokio::time::timeout(Duration::from_secs(1), read).await;
+        let goodbye = matches!(&next, Ok(Ok(Some(frame))) if frame.is_closing());
+        let left = conn.input.len();
+        *slot = None;
+        return if goodbye && left == 0 {
+            Ok(replies)
+        } else {
+            Err(unsolicited(left.max(1)))
+        };
     }
+    // The server closes after refusing a request's header, and after its goodbye.
+    if replies
+        .iter()
+        .any(|reply| ends_connection(reply) || reply.is_closing())
+    {
+        *slot = None;
+    }
+    Ok(replies)
 }
 
 fn unsolicited(bytes: usize) -> Error {
@@ -267,19 +321,43 @@ fn check_kept(slot: &mut Option<Connection>) -> Result<()> {
         return Ok(());
     }
     // Bytes waiting, or a TLS stream that may hold some already: a TLS close_notify reads as
-    // the end (0), anything else came unasked.
-    match conn.stream.read_buf(&mut conn.input).now_or_never() {
-        None => Ok(()), // nothing pending: the usual case
-        Some(Ok(0)) | Some(Err(_)) => {
-            // closed (or reset) while idle: open a new one
-            *slot = None;
-            Ok(())
-        }
-        Some(Ok(n)) => {
-            *slot = None;
-            Err(unsolicited(n))
+    // the end (0); the server's goodbye says it closed the connection; anything else came
+    // unasked.
+    let mut closed = false;
+    while conn.input.len() < GOODBYE_LOOK {
+        conn.input.reserve(GOODBYE_LOOK);
+        match conn.stream.read_buf(&mut conn.input).now_or_never() {
+            None => break, // nothing (more) pending: the usual case
+            Some(Ok(0)) | Some(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Some(Ok(_)) => {}
         }
     }
+    if conn.input.is_empty() || is_goodbye(&conn.input) {
+        if closed || !conn.input.is_empty() {
+            *slot = None; // closed by the server while idle: open a new one
+        }
+        return Ok(());
+    }
+    let left = conn.input.len();
+    *slot = None;
+    Err(unsolicited(left))
+}
+
+/// How many unasked bytes a kept connection is checked for: a goodbye is far shorter.
+const GOODBYE_LOOK: usize = 4096;
+
+/// Whether `input` holds exactly the server's goodbye (see [`codec::CLOSING`]).
+fn is_goodbye(input: &BytesMut) -> bool {
+    let mut input = input.clone();
+    let goodbye = FrameCodec::replies(GOODBYE_LOOK).decode(&mut input);
+    input.is_empty()
+        && goodbye
+            .ok()
+            .flatten()
+            .is_some_and(|frame| frame.is_closing())
 }
 
 /// Reads `count` framed replies; `timeout` bounds the wait for each.
@@ -314,7 +392,12 @@ async fn read_replies<R: AsyncRead + Unpin>(
             },
         )
         .await?;
-        replies.push(frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))?);
+        let frame = frame.ok_or(Error::Wire(WireError::ClosedBeforeMessage))?;
+        let goodbye = frame.is_closing();
+        replies.push(frame);
+        if goodbye {
+            break; // nothing more comes on this connection
+        }
     }
     Ok(replies)
 }
@@ -328,6 +411,10 @@ struct Waiter {
     frames: Vec<Frame>,
     queued_at: Instant,
     complete: Completion,
+    /// The request frames, kept to be sent again if the server closes before handling them.
+    request: Bytes,
+    /// How many times they were sent again so far.
+    resent: usize,
 }
 
 impl Waiter {
@@ -361,25 +448,26 @@ struct Conn {
 }
 
 impl Conn {
-    /// Queues `waiter` for the replies and writes `frames`.
-    fn send(self: &Arc<Self>, frames: Bytes, waiter: Waiter) {
+    /// Queues `waiter` for the replies and writes `frames`; hands both back, unsent, if the
+    /// connection has failed already.
+    #[must_use]
+    fn send(self: &Arc<Self>, frames: Bytes, waiter: Waiter) -> Option<(Bytes, Waiter)> {
         let mut state = locked(&self.state);
-        if let Some(failure) = &state.failed {
-            let failure = failure.duplicate();
-            drop(state);
-            return waiter.finish(Err(failure));
+        if state.failed.is_some() {
+            return Some((frames, waiter));
         }
         state.waiters.push_back(waiter);
         if state.flushing {
             state.backlog.push_back(frames);
-            return;
+            return None;
         }
         let written = match self.write.try_write(&frames) {
             Ok(written) => written,
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(err) => {
                 drop(state);
-                return self.fail(WireError::Io(err).into());
+                self.fail(WireError::Io(err).into());
+                return None;
             }
         };
         if written < frames.len() {
@@ -387,6 +475,7 @@ impl Conn {
             state.flushing = true;
             self.runtime.spawn(self.clone().flush());
         }
+        None
     }
 
     /// Writes the backlog as the socket takes it.
@@ -421,21 +510,30 @@ impl Conn {
 
     /// Ends the connection: every waiting request fails with `failure`.
     fn fail(&self, failure: Error) {
-        let failure = Arc::new(failure);
-        let waiters = {
-            let mut state = locked(&self.state);
-            if state.failed.is_some() {
-                return;
-            }
-            state.failed = Some(failure.clone());
-            state.backlog.clear();
-            std::mem::take(&mut state.waiters)
-        };
-        for waiter in waiters {
-            waiter.finish(Err(failure.duplicate()));
+        for waiter in self.retire(failure) {
+            waiter.finish(Err(self.failure()));
         }
         if let Some(reader) = locked(&self.reader).take() {
             reader.abort();
+        }
+    }
+
+    /// Marks the connection failed with `failure` and hands over the requests waiting on it.
+    fn retire(&self, failure: Error) -> VecDeque<Waiter> {
+        let mut state = locked(&self.state);
+        if state.failed.is_some() {
+            return VecDeque::new();
+        }
+        state.failed = Some(Arc::new(failure));
+        state.backlog.clear();
+        std::mem::take(&mut state.waiters)
+    }
+
+    /// A copy of what the connection failed with.
+    fn failure(&self) -> Error {
+        match &locked(&self.state).failed {
+            Some(failure) => failure.duplicate(),
+            None => Error::Wire(WireError::ClosedBeforeMessage),
         }
     }
 
@@ -529,18 +627,33 @@ impl Pipeline {
             frames: Vec::with_capacity(count.min(1024)),
             queued_at: Instant::now(),
             complete,
+            request: frames.clone(),
+            resent: 0,
         };
-        let mut slot = locked(&self.slot);
-        match &mut *slot {
-            Slot::Ready(conn) if !conn.is_failed() && !conn.closed_while_idle() => {
-                let conn = conn.clone();
-                drop(slot);
-                conn.send(frames, waiter);
-            }
-            Slot::Connecting(queued) => queued.push((frames, waiter)),
-            _ => {
-                *slot = Slot::Connecting(vec![(frames, waiter)]);
-                runtime.spawn(self.clone().connect(runtime.clone()));
+        self.dispatch(runtime, frames, waiter);
+    }
+
+    /// Writes a request on the connection, or queues it for the one being opened (opening one
+    /// if needed). A connection that failed meanwhile hands the request back unsent, and it
+    /// goes to the next.
+    fn dispatch(self: &Arc<Self>, runtime: &Handle, mut frames: Bytes, mut waiter: Waiter) {
+        loop {
+            let mut slot = locked(&self.slot);
+            match &mut *slot {
+                Slot::Ready(conn) if !conn.is_failed() && !conn.closed_while_idle() => {
+                    let conn = conn.clone();
+                    drop(slot);
+                    match conn.send(frames, waiter) {
+                        None => return,
+                        Some(unsent) => (frames, waiter) = unsent,
+                    }
+                }
+                Slot::Connecting(queued) => return queued.push((frames, waiter)),
+                _ => {
+                    *slot = Slot::Connecting(vec![(frames, waiter)]);
+                    runtime.spawn(self.clone().connect(runtime.clone()));
+                    return;
+                }
             }
         }
     }
@@ -586,7 +699,49 @@ impl Pipeline {
         *slot = Slot::Ready(conn.clone());
         // In the order they were made, before any request that comes after.
         for (frames, waiter) in queued {
-            conn.send(frames, waiter);
+            if let Some((_, waiter)) = conn.send(frames, waiter) {
+                waiter.finish(Err(conn.failure()));
+            }
+        }
+    }
+
+    /// Sends again, on a new connection, the requests that `closed` (which the server closed
+    /// with its goodbye) did not get replies for: none of them was handled. Ahead of any
+    /// request queued since; a request sent again too often fails instead.
+    fn resend(self: &Arc<Self>, closed: &Arc<Conn>, waiters: VecDeque<Waiter>) {
+        let mut again = Vec::with_capacity(waiters.len());
+        for mut waiter in waiters {
+            if waiter.resent >= MAX_RESENDS {
+                waiter.finish(Err(not_handled(&self.endpoint)));
+                continue;
+            }
+            waiter.resent += 1;
+            let rest = waiter
+                .request
+                .slice(codec::frames_len(&waiter.request, waiter.frames.len())..);
+            again.push((rest, waiter));
+        }
+        if again.is_empty() {
+            return;
+        }
+        let mut slot = locked(&self.slot);
+        match &mut *slot {
+            Slot::Connecting(queued) => {
+                again.append(queued);
+                *queued = again;
+            }
+            Slot::Ready(conn) if !Arc::ptr_eq(conn, closed) && !conn.is_failed() => {
+                drop(slot);
+                for (frames, waiter) in again {
+                    self.dispatch(&closed.runtime, frames, waiter);
+                }
+            }
+            _ => {
+                *slot = Slot::Connecting(again);
+                closed
+                    .runtime
+                    .spawn(self.clone().connect(closed.runtime.clone()));
+            }
         }
     }
 
@@ -642,6 +797,12 @@ async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipel
         };
         last_reply = Instant::now();
         match frame {
+            Ok(Some(frame)) if frame.is_closing() => {
+                // The server's goodbye: nothing waiting was handled; all of it goes again.
+                let waiters = conn.retire(Error::Wire(WireError::ClosedBeforeMessage));
+                pipeline.resend(&conn, waiters);
+                return;
+            }
             Ok(Some(frame)) => {
                 let mut state = locked(&conn.state);
                 let Some(front) = state.waiters.front_mut() else {

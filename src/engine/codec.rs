@@ -20,6 +20,12 @@
 //! | E | len: u31 (BE)    |  JSON (len bytes)              |
 //! +---+------------------+--------------------------------+
 //! ```
+//!
+//! A server that closes a framed connection by its own choice (idle timeout, making room,
+//! shutdown) first writes one error reply of kind [`CLOSING`], unasked, then closes. It handles
+//! nothing it reads after that: every request the client sent with no reply before it was
+//! **not handled**, and can be sent again on a new connection whatever it does.
+//!
 //! Nothing here knows Python.
 
 use std::fmt;
@@ -117,6 +123,41 @@ pub struct Frame {
     pub payload: Bytes,
     /// Set on framed replies that carry an error instead of a value.
     pub is_error: bool,
+}
+
+/// The kind of the error reply a server writes before it closes a framed connection by choice:
+/// no request without a reply before it was handled.
+pub const CLOSING: &str = "closing";
+
+impl Frame {
+    /// Whether this is the server's goodbye ([`CLOSING`]).
+    pub fn is_closing(&self) -> bool {
+        self.is_error && error_kind(&self.payload).as_deref() == Some(CLOSING)
+    }
+}
+
+/// The `"error"` of an error reply's payload, if it has one.
+pub fn error_kind(payload: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<serde_json::Value>(payload).ok()? {
+        serde_json::Value::Object(mut fields) => match fields.remove("error")? {
+            serde_json::Value::String(kind) => Some(kind),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The length of the first `count` frames of `frames` (whole frames, back to back).
+pub fn frames_len(frames: &[u8], count: usize) -> usize {
+    let mut at = 0;
+    for _ in 0..count {
+        let Some(header) = frames.get(at..at + HEADER_LEN) else {
+            return frames.len();
+        };
+        let len = u32::from_be_bytes(header.try_into().expect("four bytes")) as usize;
+        at = (at + HEADER_LEN + len).min(frames.len());
+    }
+    at
 }
 
 /// Decodes and encodes length-prefixed frames, refusing payloads over `max_len`.

@@ -235,6 +235,30 @@ pub const DEFAULT_MAX_UNSENT: usize = 64 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: u64 = 64 * 1024 * 1024;
 
+/// After the goodbye on a framed connection the server closes by choice, how long it reads
+/// (and drops) what the client still sends: a request already on its way would otherwise meet
+/// a closed socket, whose reset could cost the client the goodbye. It ends sooner when the
+/// client closes.
+const GOODBYE_LINGER: Duration = Duration::from_secs(1);
+
+/// How a framed connection's serving ended.
+enum Ending {
+    /// The peer closed, or the server closed after telling why.
+    Done,
+    /// The server chooses to close, between requests: say goodbye first, with the reason.
+    Goodbye(&'static str),
+}
+
+/// What waiting for a request came to.
+enum Waited {
+    /// These many bytes of it arrived.
+    Read(usize),
+    /// The peer closed its side.
+    PeerClosed,
+    /// The server closes the connection (the reason says why).
+    Closing(&'static str),
+}
+
 /// What one classic exchange came to.
 enum Classic {
     /// Shutdown came before the request.
@@ -548,11 +572,15 @@ impl Service {
 
     /// Serves one accepted connection until it ends, `stop` is cancelled between requests, or
     /// an error drops it.
+    ///
+    /// `slot` is the connection's place under `max_connections`: given back as soon as the
+    /// connection is only saying goodbye.
     pub async fn serve_connection<S>(
         &self,
         mut stream: S,
         caller: Arc<Caller>,
         stop: CancellationToken,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -574,7 +602,15 @@ impl Service {
                 Ok(_) => Ok(()),
                 Err(err) => Err(err),
             },
-            Protocol::Framed => self.serve_framed(&mut stream, &caller, &stop).await,
+            Protocol::Framed => match self.serve_framed(&mut stream, &caller, &stop).await {
+                Ok(Ending::Goodbye(why)) => {
+                    drop(slot);
+                    self.say_goodbye(&mut stream, why, &peer).await;
+                    Ok(())
+                }
+                Ok(Ending::Done) => Ok(()),
+                Err(err) => Err(err),
+            },
         };
         if let Err(err) = outcome {
             self.connection_failed(&err, &peer);
@@ -624,12 +660,21 @@ impl Service {
                     let read = if input.is_empty() {
                         // Nothing of the request yet: idle, and so first to go for room.
                         let idle = registration.enter();
-                        tokio::select! {
-                            _ = idle.evicted() => {
-                                bump(&self.stats.idle_evicted, 1);
-                                return Ok(None);
-                            }
-                            read = stream.read_buf(&mut input) => read,
+                        let read = tokio::select! {
+                            _ = idle.evicted() => None,
+                            read = stream.read_buf(&mut input) => Some(read),
+                        };
+                        match read {
+                            Some(read) => read,
+                            // Chosen to make room: only if its request has not begun to
+                            // arrive meanwhile (the classic wire cannot say "not handled").
+                            None => match stream.read_buf(&mut input).now_or_never() {
+                                Some(read) => read,
+                                None => {
+                                    bump(&self.stats.idle_evicted, 1);
+                                    return Ok(None);
+                                }
+                            },
                         }
                     } else {
                         stream.read_buf(&mut input).await
@@ -757,11 +802,11 @@ impl Service {
     /// Before closing on a refused request: says "no more from us", then reads and drops what
     /// the peer still sends, for a bounded time and number of bytes. Closing with its bytes
     /// unread would reset the connection, and the peer, still sending, might never read why.
-    async fn linger<S>(&self, stream: &mut S)
+    async fn linger<S>(&self, stream: &mut S, time: Duration)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let _ = tokio::time::timeout(LINGER_TIME, async {
+        let _ = tokio::time::timeout(time, async {
             let _ = stream.shutdown().await;
             let mut sink = tokio::io::sink();
             let _ = tokio::io::copy(&mut stream.take(LINGER_BYTES), &mut sink).await;
@@ -769,8 +814,27 @@ impl Service {
         .await;
     }
 
-    /// Waits for the first bytes of a request and returns how many came; `Ok(None)` if shutdown
-    /// or the idle limit came first, or the peer closed cleanly.
+    /// Closes a framed connection by the server's choice, between requests: the goodbye reply
+    /// (kind `closing`: nothing without a reply was handled), then "no more from us", then
+    /// what the client still sends is read and dropped for a bounded time, unhandled.
+    async fn say_goodbye<S>(&self, stream: &mut S, why: &str, peer: &Address)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let message = format!(
+            "the server closed this connection ({why}); every request sent on it without a \
+             reply was not handled and can be sent again on a new connection"
+        );
+        let mut output = BytesMut::new();
+        if codec::put_reply(&error_reply(codec::CLOSING, &message), true, &mut output).is_ok()
+            && self.send(stream, &mut output, peer).await.is_ok()
+        {
+            self.linger(stream, GOODBYE_LINGER).await;
+        }
+    }
+
+    /// Waits for the first bytes of a request: how many came, or that the peer closed, or that
+    /// the server closes the connection (shutdown, the idle limit, or room wanted).
     async fn await_request<S>(
         &self,
         stream: &mut S,
@@ -778,7 +842,7 @@ impl Service {
         stop: Pin<&mut WaitForCancellationFuture<'_>>,
         registration: &IdleRegistration<'_>,
         idle_timer: &mut IdleTimer,
-    ) -> Result<Option<usize>>
+    ) -> Result<Waited>
     where
         S: AsyncRead + Unpin,
     {
@@ -787,19 +851,19 @@ impl Service {
         idle_timer.start();
         tokio::select! {
             biased;
-            _ = stop => Ok(None),
+            _ = stop => Ok(Waited::Closing("the server is shutting down")),
             _ = idle.evicted() => {
                 bump(&self.stats.idle_evicted, 1);
-                Ok(None)
+                Ok(Waited::Closing("the server is full: the connection idle longest makes room"))
             }
             read = stream.read_buf(input) => match read {
-                Ok(0) => Ok(None),
-                Ok(n) => Ok(Some(n)),
+                Ok(0) => Ok(Waited::PeerClosed),
+                Ok(n) => Ok(Waited::Read(n)),
                 Err(err) => Err(WireError::Io(err).into()),
             },
             _ = idle_timer.expired() => {
                 bump(&self.stats.idle_closed, 1);
-                Ok(None)
+                Ok(Waited::Closing("idle_timeout passed with no request"))
             }
         }
     }
@@ -811,7 +875,7 @@ impl Service {
         stream: &mut S,
         caller: &Arc<Caller>,
         stop: &CancellationToken,
-    ) -> Result<()>
+    ) -> Result<Ending>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -883,7 +947,7 @@ impl Service {
                 let reply = error_reply("frame_too_large", &err.to_string());
                 codec::put_reply(&reply, true, &mut output)?;
                 self.send(stream, &mut output, peer).await?;
-                self.linger(stream).await;
+                self.linger(stream, LINGER_TIME).await;
                 return Err(err.into());
             }
             self.send(stream, &mut output, peer).await?;
@@ -902,8 +966,9 @@ impl Service {
                     )
                     .await?
                 {
-                    Some(n) => bump(&self.stats.bytes_in, n as u64),
-                    None => return Ok(()),
+                    Waited::Read(n) => bump(&self.stats.bytes_in, n as u64),
+                    Waited::PeerClosed => return Ok(Ending::Done),
+                    Waited::Closing(why) => return Ok(Ending::Goodbye(why)),
                 }
                 continue;
             }
@@ -941,7 +1006,7 @@ impl Service {
                 }
                 Ok(Ok(0)) => {
                     codec.decode_eof(&mut input)?;
-                    return Ok(());
+                    return Ok(Ending::Done);
                 }
                 Ok(Ok(n)) => {
                     bump(&self.stats.bytes_in, n as u64);
@@ -1085,11 +1150,10 @@ async fn accept_loop(
                 let stop = stop.clone();
                 let abort = abort.clone();
                 tracker.spawn(async move {
-                    let _slot = slot;
                     let serve = AssertUnwindSafe(async {
                         if let Some(stream) = service.secured(stream, &peer).await {
                             let caller = Arc::new(caller_of(&stream, peer.clone()));
-                            service.serve_connection(stream, caller, stop).await;
+                            service.serve_connection(stream, caller, stop, Some(slot)).await;
                         }
                     });
                     tokio::select! {
@@ -1504,7 +1568,7 @@ mod tests {
                 address: peer(),
                 certificate: None,
             });
-            service.serve_connection(server, caller, stop).await
+            service.serve_connection(server, caller, stop, None).await
         });
         (client, task)
     }
@@ -1667,10 +1731,35 @@ mod tests {
         assert_eq!(service.stats.idle_closed.load(Ordering::Relaxed), 0);
         let last = Instant::now();
         assert_eq!(last - began, Duration::from_secs(12));
-        task.await.unwrap();
-        // Closed exactly one idle limit after the last request.
+        // Closed exactly one idle limit after the last request, saying so first.
+        assert!(read_reply(&mut client, &mut input).await.is_closing());
         assert_eq!(Instant::now() - last, Duration::from_secs(5));
+        drop(client);
+        task.await.unwrap();
         assert_eq!(service.stats.idle_closed.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_meets_the_goodbye_is_not_handled_and_the_client_is_told() {
+        let (service, _) = service(Protocol::Framed, limits());
+        let stop = CancellationToken::new();
+        let (mut client, task) = connect(&service, &stop);
+        client.write_all(&frames(&[b"first"])).await.unwrap();
+        let mut input = BytesMut::new();
+        assert_eq!(
+            &read_reply(&mut client, &mut input).await.payload[..],
+            b"\"first\""
+        );
+        stop.cancel();
+        let goodbye = read_reply(&mut client, &mut input).await;
+        assert!(goodbye.is_closing(), "{goodbye:?}");
+        // Sent after the goodbye: read and dropped, never answered, and no reset.
+        client.write_all(&frames(&[b"late"])).await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        task.await.unwrap();
+        assert_eq!(service.stats.requests(), 1);
     }
 
     #[tokio::test(start_paused = true)]
