@@ -240,6 +240,100 @@ def test_idle_timeout_is_on_by_default(server_class):
     assert inspect.signature(server_class).parameters["idle_timeout"].default == 75.0
 
 
+class NeverIdlePeer:
+    """Keeps ``count`` connections inside a request (a header, then one byte of the payload,
+    then silence), from ``source``, and opens a new one for each the server closes, until
+    stopped: never idle, so never evictable for being idle."""
+
+    def __init__(self, address, count: int, source: str = "127.0.0.1") -> None:
+        self.address, self.count, self.source = address[:2], count, source
+        self.stop = threading.Event()
+        self.opened = 0
+        self.thread = PeerThread(self._run)
+        self.thread.start()
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket()
+        sock.bind((self.source, 0))
+        sock.settimeout(10)
+        sock.connect(self.address)
+        sock.sendall(frame(b"x" * 100)[:5])
+        sock.setblocking(False)
+        self.opened += 1
+        return sock
+
+    def _run(self) -> None:
+        socks = [self._open() for _ in range(self.count)]
+        try:
+            for _ in range(20_000):  # bounded: about 100 s at most
+                if self.stop.wait(0.005):
+                    return
+                for index, sock in enumerate(socks):
+                    try:
+                        closed = sock.recv(4096) == b""
+                    except BlockingIOError:
+                        closed = False
+                    except OSError:
+                        closed = True
+                    if closed:
+                        sock.close()
+                        socks[index] = self._open()
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.outcome(timeout=30)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["framed", "classic"])
+def test_peers_that_never_go_idle_cost_a_connection_each_not_the_server(server_factory, protocol):
+    # 24 connections kept inside a request against max_connections=16: each is closed to make
+    # room once it has made no progress for 2 s, so good clients get in within seconds
+    # (framesock 0.1: no good request for the whole timeout, again and again).
+    server = server_factory(lambda r: r, protocol=protocol, max_connections=16, timeout=60)
+    peer = NeverIdlePeer(server.address, 24)
+    try:
+        wait_until(lambda: server.stats()["connections_active"] == 16)
+        for n in range(2):
+            if protocol == "framed":
+                with framesock.Client(*server.address[:2], protocol="framed", timeout=30) as client:
+                    assert client.request(f"good {n}") == f"good {n}"
+            else:
+                assert framesock.start_client(*server.address[:2], message=f"good {n}", timeout=30) == f"good {n}"
+        assert server.stats()["stalled_evicted"] > 0
+    finally:
+        peer.close()
+
+
+def test_max_connections_per_address_refuses_one_address_past_its_share(server_factory):
+    # A peer from 127.0.0.2 keeps connections inside requests; with a limit per address it
+    # holds four of them, and a client from 127.0.0.1 is served at once.
+    server = server_factory(lambda r: r, max_connections=16, max_connections_per_address=4)
+    peer = NeverIdlePeer(server.address, 12, source="127.0.0.2")
+    try:
+        wait_until(lambda: server.stats()["address_refused"] >= 8)
+        with framesock.Client(*server.address[:2], protocol="framed") as client:
+            assert client.request("good") == "good"
+        others = [framesock.Client(*server.address[:2], protocol="framed") for _ in range(4)]
+        try:
+            for client in others:
+                assert client.request("mine") == "mine"
+            with framesock.Client(*server.address[:2], protocol="framed") as fifth:
+                # 127.0.0.1 has four connections: a fifth is refused, saying why, at each try.
+                with pytest.raises(ConnectionAbortedError, match="not handled"):
+                    fifth.request("one too many")
+        finally:
+            for client in others:
+                client.close()
+    finally:
+        peer.close()
+    with pytest.raises(ValueError, match="max_connections_per_address"):
+        framesock.Server(port=0, max_connections_per_address=0)
+
+
 def test_max_buffered_bounds_what_slow_senders_pin(server_factory):
     server = server_factory(lambda r: len(r), max_buffered=1 << 20, max_frame=1 << 20, request_as="bytes", timeout=10)
     slow = connect(server)

@@ -269,6 +269,7 @@ class Server:
         max_unsent: int = 65536,
         max_buffered: int = 268435456,
         tls: Optional[ServerTLS] = None,
+        max_connections_per_address: Optional[int] = None,
     ) -> "Server":
         """Bind the server.
 
@@ -288,7 +289,8 @@ class Server:
             max_frame: Largest request payload, in bytes.
             max_connections: Connections served at once. When it is reached, the connection
                 idle longest (silent between requests) is closed to make room; with none idle,
-                accepting waits.
+                one stuck inside a request (no progress for 2 s) is; with neither, accepting
+                waits.
             backlog: Listen backlog.
             request_as: What the handler receives: ``"text"``, ``"bytes"`` or ``"json"``.
             handler_threads: Most handler calls running at once (threads are started as
@@ -301,6 +303,10 @@ class Server:
                 or being answered). A request that would go past it is read and dropped and
                 answered with a ``RemoteError`` of kind ``"busy"`` (framed), or its
                 connection closed (classic).
+            tls: TLS settings (``ServerTLS``); None serves plain TCP.
+            max_connections_per_address: Connections one client IP address may have at
+                once; more are refused as they come (framed: with the closing handshake).
+                None: no limit (behind a load balancer every client has its address).
 
         Raises:
             OSError: The address cannot be bound.

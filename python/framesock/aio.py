@@ -161,6 +161,7 @@ class Server:
         max_unsent: int = 64 * 1024,
         max_buffered: int = 256 * 1024 * 1024,
         tls: Optional[_framesock.ServerTLS] = None,
+        max_connections_per_address: Optional[int] = None,
     ) -> None:
         self._server = _framesock.Server(
             handler,
@@ -179,6 +180,7 @@ class Server:
             max_unsent=max_unsent,
             max_buffered=max_buffered,
             tls=tls,
+            max_connections_per_address=max_connections_per_address,
         )
 
     @property

@@ -73,6 +73,8 @@ class ServerStats(TypedDict):
     bytes_buffered: int
     idle_closed: int
     idle_evicted: int
+    stalled_evicted: int
+    address_refused: int
     busy: int
     errors: ErrorCounts
 

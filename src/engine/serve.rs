@@ -69,6 +69,11 @@ pub struct Stats {
     idle_closed: AtomicU64,
     /// Idle connections closed to make room for a new one at `max_connections`.
     idle_evicted: AtomicU64,
+    /// Connections closed to make room while stuck inside a request (no progress for
+    /// `STALL_GRACE`), with no idle one left to close.
+    stalled_evicted: AtomicU64,
+    /// Connections refused at once: their address had `max_connections_per_address` already.
+    address_refused: AtomicU64,
     /// Requests answered `busy` (framed) or connections closed (classic) because
     /// `max_buffered` was reached.
     busy: AtomicU64,
@@ -214,6 +219,8 @@ pub struct Limits {
     /// Reply bytes a connection may have waiting to be sent: past this it writes them (and
     /// reads no further request) before answering more.
     pub max_unsent: usize,
+    /// Connections one client IP address may have at once (None: no limit).
+    pub max_connections_per_address: Option<usize>,
 }
 
 impl Limits {
@@ -279,6 +286,8 @@ pub struct Service {
     pub log: Arc<dyn Log>,
     /// The connections silent between requests, for making room when the server is full.
     idle: IdleConnections,
+    /// Connections per client IP address now, for `max_connections_per_address`.
+    per_address: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// The budget of peer-problem records (WARNING).
     peer_log: LogBudget,
     /// The budget of routine records (DEBUG: clients that left without a word), kept apart so
@@ -320,6 +329,14 @@ struct IdleSlot {
 
 const BUSY: u64 = 0;
 const EVICTED: u64 = u64::MAX;
+/// Added to the order of a connection stuck inside a request: every idle connection goes
+/// before it, and among the stuck ones the one stuck longest goes first.
+const STALLED: u64 = 1 << 62;
+
+/// How long a request may make no progress before its connection may be closed to make room
+/// (only when the server is full and no connection is idle): well under `timeout`, so a peer
+/// that keeps connections inside requests on purpose costs one connection each, not the server.
+const STALL_GRACE: Duration = Duration::from_secs(2);
 
 impl IdleConnections {
     /// A connection's slot, until the registration goes.
@@ -376,6 +393,11 @@ impl IdleRegistration<'_> {
     /// make room.
     fn enter(&self) -> IdleGuard<'_> {
         let order = self.set.last.fetch_add(1, Ordering::Relaxed) + 1;
+        self.mark(order)
+    }
+
+    /// Marks the connection evictable in `order` until the guard goes.
+    fn mark(&self, order: u64) -> IdleGuard<'_> {
         // Already chosen (while busy): it stays so, and its next wait ends at once.
         let _ = self
             .slot
@@ -388,6 +410,17 @@ impl IdleRegistration<'_> {
             slot: &self.slot,
             order,
         }
+    }
+}
+
+impl IdleRegistration<'_> {
+    /// Completes once the connection, inside a request that made no progress for
+    /// `STALL_GRACE`, has been chosen to make room (after every idle one).
+    async fn stalled(&self) {
+        tokio::time::sleep(STALL_GRACE).await;
+        let order = STALLED + self.set.last.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = self.mark(order);
+        guard.evicted().await;
     }
 }
 
@@ -483,6 +516,7 @@ impl Service {
             stats: Stats::default(),
             log,
             idle: IdleConnections::default(),
+            per_address: Mutex::default(),
             peer_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
             quiet_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
             tls: None,
@@ -590,6 +624,20 @@ impl Service {
         let stop = stop.child_token();
         bump(&self.stats.accepted, 1);
         let _active = ActiveConnection::count(&self.stats.active);
+        let Some(_counted) = AddressCount::admit(self, &peer) else {
+            bump(&self.stats.address_refused, 1);
+            let limit = self.limits.max_connections_per_address.unwrap_or_default();
+            self.peer_problem(format!(
+                "connection from {peer} refused: its address has max_connections_per_address \
+                 ({limit}) connections already"
+            ));
+            if self.protocol == Protocol::Framed {
+                drop(slot);
+                let why = "its address has max_connections_per_address connections already";
+                self.say_goodbye(&mut stream, why, &peer).await;
+            }
+            return;
+        };
         let outcome = match self.protocol {
             Protocol::Classic => match self.answer_classic(&mut stream, &caller, &stop).await {
                 Ok(Classic::Answered {
@@ -677,7 +725,13 @@ impl Service {
                             },
                         }
                     } else {
-                        stream.read_buf(&mut input).await
+                        tokio::select! {
+                            read = stream.read_buf(&mut input) => read,
+                            () = registration.stalled() => {
+                                bump(&self.stats.stalled_evicted, 1);
+                                return Ok(None);
+                            }
+                        }
                     };
                     if read.map_err(WireError::Io)? == 0 {
                         let frame = codec.decode_eof(&mut input)?;
@@ -996,7 +1050,16 @@ impl Service {
                 charge.reserve(whole, input.len());
                 admitted = true;
             }
-            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)).await;
+            let read = tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(deadline, stream.read_buf(&mut input)) => read,
+                () = registration.stalled() => {
+                    bump(&self.stats.stalled_evicted, 1);
+                    return Ok(Ending::Goodbye(
+                        "the server is full and this request made no progress: it makes room",
+                    ));
+                }
+            };
             match read {
                 Err(_elapsed) => {
                     return Err(Error::Timeout(format!(
@@ -1066,6 +1129,43 @@ impl Service {
         );
         self.peer_problem(format!("request from {peer} refused: {message}"));
         error_reply("busy", &message)
+    }
+}
+
+/// A connection counted against its IP address's `max_connections_per_address` while it lives.
+struct AddressCount<'a> {
+    service: &'a Service,
+    ip: std::net::IpAddr,
+}
+
+impl<'a> AddressCount<'a> {
+    /// Counts a connection from `peer`: None if its address has the most it may have already;
+    /// without a limit (or for a Unix socket) nothing is counted.
+    fn admit(service: &'a Service, peer: &Address) -> Option<Option<Self>> {
+        let (Some(limit), Address::Inet(addr)) = (service.limits.max_connections_per_address, peer)
+        else {
+            return Some(None);
+        };
+        let ip = addr.ip();
+        let mut counts = locked(&service.per_address);
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Some(AddressCount { service, ip }))
+    }
+}
+
+impl Drop for AddressCount<'_> {
+    fn drop(&mut self) {
+        let mut counts = locked(&self.service.per_address);
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -1547,6 +1647,7 @@ mod tests {
             idle_timeout: None,
             max_frame: 1024,
             max_buffered: DEFAULT_MAX_BUFFERED,
+            max_connections_per_address: None,
             max_unsent: DEFAULT_MAX_UNSENT,
         }
     }

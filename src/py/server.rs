@@ -184,12 +184,13 @@ impl Server {
         max_connections = Int::new(1024), backlog = Int::new(1024), request_as = String::from("text"),
         handler_threads = None, max_unsent = Int::new(DEFAULT_MAX_UNSENT as i64),
         max_buffered = Int::new(DEFAULT_MAX_BUFFERED as i64), tls = None,
+        max_connections_per_address = None,
     ))]
     #[pyo3(
         text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
         protocol='classic', timeout=20.0, idle_timeout=75.0, max_frame=16777216, \
         max_connections=1024, backlog=1024, request_as='text', handler_threads=None, \
-        max_unsent=65536, max_buffered=268435456, tls=None)"
+        max_unsent=65536, max_buffered=268435456, tls=None, max_connections_per_address=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -210,6 +211,7 @@ impl Server {
         max_unsent: Int,
         max_buffered: Int,
         tls: Option<PyRef<'_, ServerTlsSettings>>,
+        max_connections_per_address: Option<Int>,
     ) -> PyResult<Self> {
         let settings = Settings {
             endpoint: args::endpoint(host, port, path)?,
@@ -220,6 +222,9 @@ impl Server {
                 max_frame: args::byte_limit("max_frame", max_frame)?,
                 max_unsent: args::count("max_unsent", max_unsent, MAX_BYTES)?,
                 max_buffered: args::count("max_buffered", max_buffered, MAX_BYTES)?,
+                max_connections_per_address: max_connections_per_address
+                    .map(|count| args::count("max_connections_per_address", count, MAX_CONNECTIONS))
+                    .transpose()?,
             },
             max_connections: args::count("max_connections", max_connections, MAX_CONNECTIONS)?,
             backlog: args::backlog(backlog)?,
@@ -544,6 +549,7 @@ pub fn one_shot_server(
             max_unsent: DEFAULT_MAX_UNSENT,
             // One connection: max_frame is the bound that matters.
             max_buffered: usize::MAX,
+            max_connections_per_address: None,
         },
         max_connections: 1,
         backlog: args::backlog(backlog)?,
