@@ -598,3 +598,50 @@ def test_random_hostile_actions_never_mix_up_a_good_clients_replies(fuzzed_serve
             message = f"good {seed} {n}"
             assert good.request(message) == {"echo": message}
         assert good.request_many([f"m{i}" for i in range(5)]) == [{"echo": f"m{i}"} for i in range(5)]
+
+
+# Run as its own process, so its peak RSS is this server's alone.
+JSON_BOMB_PROGRAM = """
+import json, resource, socket, struct, threading, time
+import framesock
+
+def handler(request):
+    time.sleep(0.05)  # holds the decoded document a moment, as a real handler would
+    return len(request)
+
+server = framesock.Server(handler, port=0, protocol="framed", request_as="json",
+                          max_frame=4 * 2**20, max_buffered=32 * 2**20, handler_threads=8)
+server.start()
+bomb = b"[" + b"{}," * (4 * 2**20 // 3 - 1) + b"0]"  # ~24x its size once decoded
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+replies = []
+
+def send():
+    with framesock.Client(*server.address[:2], protocol="framed", timeout=60) as client:
+        replies.append(client.request(bomb))
+
+threads = [threading.Thread(target=send) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(90)
+server.shutdown()
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+print(sorted(replies) == [len(bomb) // 3] * 8, grown)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_json_bombs_are_decoded_within_max_buffered():
+    # Eight 4 MiB documents of empty dicts, each about 96 MiB once decoded, with max_buffered
+    # 32 MiB: they are answered one after another (each counted at 32x its size, one larger
+    # than all of max_buffered waits for all of it), not eight at once (~770 MiB).
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", JSON_BOMB_PROGRAM], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-2000:]
+    all_answered, grown_mib = done.stdout.split()
+    assert all_answered == "True"
+    # Measured: 293 MiB (one decoded document at a time, the clients' eight requests, the raw
+    # bytes held, the allocators' slack); 569 MiB when the decoded documents are not counted.
+    assert int(grown_mib) < 420, grown_mib

@@ -154,8 +154,10 @@ async def handler(request):
 async def main():
     server = aio.Server(handler, port=0, protocol="framed")
     await server.start()
-    client = aio.Client(*server.address[:2], protocol="framed")
-    requests = [asyncio.ensure_future(client.request(str(i))) for i in range(3)]
+    # One client each: a connection's pipelined requests start together only if they arrive
+    # in one read.
+    clients = [aio.Client(*server.address[:2], protocol="framed") for _ in range(3)]
+    requests = [asyncio.ensure_future(client.request(str(i))) for i, client in enumerate(clients)]
     while len(running) < 3:
         await asyncio.sleep(0.01)
     print("waiting", flush=True)

@@ -45,6 +45,13 @@ pub trait Handler: Send + Sync + 'static {
     fn concurrent(&self) -> bool {
         false
     }
+
+    /// How many times its size a request can take in memory once the handler has it (decoded
+    /// JSON, say): above 1, the server holds requests being answered, so counted, to its
+    /// `max_buffered`.
+    fn expansion(&self) -> u64 {
+        1
+    }
 }
 
 /// Where replies come from.
@@ -62,6 +69,14 @@ impl Responder {
         match self {
             Responder::Fixed(json) => Ok(json.clone()),
             Responder::Handler(handler) => handler.respond(request.clone(), caller).await,
+        }
+    }
+
+    /// See [`Handler::expansion`].
+    pub fn expansion(&self) -> u64 {
+        match self {
+            Responder::Fixed(_) => 1,
+            Responder::Handler(handler) => handler.expansion(),
         }
     }
 

@@ -295,7 +295,13 @@ pub struct Service {
     quiet_log: LogBudget,
     /// TLS for every connection, if set.
     tls: Option<crate::engine::tls::ServerTls>,
+    /// What requests being answered may take in memory once the handler has them (in KiB),
+    /// when that is more than their size (see `Handler::expansion`).
+    answering: Semaphore,
 }
+
+/// The unit of `Service::answering`: a semaphore counts in u32 per acquire.
+const ANSWERING_UNIT: u64 = 1024;
 
 /// At most this many records of one budget per window.
 const PEER_LOG_BURST: u32 = 10;
@@ -509,6 +515,7 @@ impl Service {
         responder: Responder,
         log: Arc<dyn Log>,
     ) -> Self {
+        let max_buffered = limits.max_buffered as u64;
         Service {
             protocol,
             limits,
@@ -517,6 +524,7 @@ impl Service {
             log,
             idle: IdleConnections::default(),
             per_address: Mutex::default(),
+            answering: Semaphore::new(answering_units(max_buffered)),
             peer_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
             quiet_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
             tls: None,
@@ -561,6 +569,28 @@ impl Service {
                 None
             }
         }
+    }
+
+    /// The reply to one request. A request that grows in memory once the handler has it
+    /// (decoded JSON) waits until the requests being answered leave room for it in
+    /// `max_buffered`, counted at that size; one larger than all of it waits for all of it.
+    async fn answer(
+        &self,
+        request: &Bytes,
+        caller: &Arc<Caller>,
+    ) -> std::result::Result<Bytes, Failure> {
+        let expansion = self.responder.expansion();
+        if expansion <= 1 {
+            return self.responder.reply(request, caller).await;
+        }
+        let cost = answering_units(request.len() as u64 * expansion)
+            .min(answering_units(self.limits.max_buffered as u64));
+        let _room = self
+            .answering
+            .acquire_many(cost as u32)
+            .await
+            .expect("the semaphore is never closed");
+        self.responder.reply(request, caller).await
     }
 
     /// Counts and logs a failed exchange; returns the framed error reply's JSON. A handler
@@ -757,7 +787,7 @@ impl Service {
             &self.stats.bytes_in,
             (codec::HEADER_LEN + request.len()) as u64,
         );
-        let reply = self.responder.reply(&request, caller).await;
+        let reply = self.answer(&request, caller).await;
         if let Ok(json) = &reply {
             within(timeout, || format!("sending the reply to {peer}"), async {
                 stream.write_all(json).await.map_err(WireError::Io)?;
@@ -978,16 +1008,12 @@ impl Service {
             };
             for requests in batch.chunks(chunk) {
                 if let [request] = requests {
-                    let reply = self.responder.reply(request, caller).await;
+                    let reply = self.answer(request, caller).await;
                     self.queue_outcome(stream, &mut output, reply, peer).await?;
                     continue;
                 }
-                let replies = join_all(
-                    requests
-                        .iter()
-                        .map(|request| self.responder.reply(request, caller)),
-                )
-                .await;
+                let replies =
+                    join_all(requests.iter().map(|request| self.answer(request, caller))).await;
                 for reply in replies {
                     self.queue_outcome(stream, &mut output, reply, peer).await?;
                 }
@@ -1167,6 +1193,12 @@ impl Drop for AddressCount<'_> {
             }
         }
     }
+}
+
+/// `bytes` in units of `Service::answering`, rounded up, at least one, at most what one
+/// acquire can take.
+fn answering_units(bytes: u64) -> usize {
+    bytes.div_ceil(ANSWERING_UNIT).clamp(1, u64::from(u32::MAX)) as usize
 }
 
 /// Who is at the other end of `stream`: its address, and its verified certificate if it

@@ -135,7 +135,11 @@ impl LoopBridge {
             let mut jobs = locked(&self.jobs);
             if self.is_closed() {
                 drop(jobs);
-                drop_safely(job);
+                if crate::py::gil::exiting_elsewhere() {
+                    std::mem::forget(job); // see `close`
+                } else {
+                    drop_safely(job);
+                }
                 return;
             }
             let was_empty = jobs.is_empty();
@@ -184,6 +188,19 @@ impl LoopBridge {
             }
             std::mem::take(&mut *jobs)
         };
+        if crate::py::gil::exiting_elsewhere() {
+            // After the exit hook, on the loop's own thread: any Python code run from here (a
+            // finalizer, `remove_reader`) may let the GIL go, and asking for it back would end
+            // this thread inside a Rust frame (an abort). What is left goes with the process.
+            std::mem::forget(pending);
+            std::mem::forget(locked(&self.watch).take());
+            let mut bridges = locked(&BRIDGES);
+            let at = bridges
+                .iter()
+                .position(|b| std::ptr::eq(Arc::as_ptr(b), self));
+            std::mem::forget(at.map(|at| bridges.swap_remove(at)));
+            return;
+        }
         drop(pending);
         let _ = self
             .event_loop

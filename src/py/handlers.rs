@@ -377,6 +377,13 @@ impl Handler for Arc<PyHandler> {
         // plain handler answers them one at a time, as on the blocking Server.
         matches!(self.event_loop.get(), Some((_, true)))
     }
+
+    fn expansion(&self) -> u64 {
+        match self.request_as {
+            RequestAs::Json => json::EXPANSION,
+            RequestAs::Text | RequestAs::Bytes => 1,
+        }
+    }
 }
 
 /// A Task's done-callback that sends its outcome as the reply.

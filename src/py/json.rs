@@ -29,6 +29,11 @@ use crate::py::errors;
 /// bounded amount of memory before it is refused.
 pub const MAX_DEPTH: usize = 20_000;
 
+/// The most memory a decoded document was measured to take, as a multiple of its text: 30x
+/// for a list of empty lists (`[[],[],...]`), 24x for one of empty dicts; numbers 4-8x,
+/// strings less (repeated ones are shared).
+pub const EXPANSION: u64 = 32;
+
 /// Decodes JSON text into what `json.loads(text)` gives; what it refuses raises
 /// `framesock.JSONDecodeError`.
 pub fn loads<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
@@ -58,8 +63,9 @@ const PAUSE_GC_FROM: usize = 4096;
 /// Decoding makes many lists and dicts, and each few hundred of them start a collection that
 /// walks the young objects, and now and then all of them: a fifth of the time of decoding a
 /// large document went there. The collections cannot find anything: a decoded document holds
-/// no cycles, and no other Python code runs meanwhile (the GIL is held throughout and nothing
-/// made here has a finalizer), so nobody else's garbage waits longer than this call.
+/// no cycles, and nothing made here has a finalizer. Other threads run in the moments a long
+/// document lets the GIL go (see `build`); their garbage cycles wait for the end of this call
+/// (at most the time one document takes to decode) to be collected.
 fn without_gc<T>(py: Python<'_>, work: impl FnOnce() -> T) -> PyResult<T> {
     static GC: PyOnceLock<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
     let (is_enabled, disable, enable) = GC.get_or_try_init(py, || {
@@ -107,6 +113,10 @@ enum Open<'py> {
     Dict(Bound<'py, PyDict>, Bound<'py, PyString>),
 }
 
+/// How many values [`build`] makes between two moments without the GIL: about a millisecond's
+/// work, so a 16 MiB document no longer holds the GIL for most of a second in one stretch.
+const VALUES_BETWEEN_PAUSES: u32 = 1 << 15;
+
 /// Builds the Python value of `text` as jiter parses it, with a stack of open containers
 /// instead of recursion (so depth costs heap, not thread stack).
 fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused> {
@@ -114,7 +124,15 @@ fn build<'py>(py: Python<'py>, text: &[u8]) -> Result<Bound<'py, PyAny>, Refused
     let mut strings = StringCache::for_document(text.len());
     let mut open: Vec<Open<'py>> = Vec::new();
     let mut peek = parser.peek()?;
+    let mut until_pause = VALUES_BETWEEN_PAUSES;
     loop {
+        until_pause -= 1;
+        if until_pause == 0 {
+            // A long document: let the GIL go for a moment, so other threads (handler
+            // threads, the program) run meanwhile instead of waiting for the whole of it.
+            until_pause = VALUES_BETWEEN_PAUSES;
+            crate::py::gil::detach_for_python(py, || ());
+        }
         // The value that starts at `peek`, unless it opens a non-empty container.
         let mut value = match peek {
             Peek::Null => {
