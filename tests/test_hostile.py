@@ -645,3 +645,73 @@ def test_json_bombs_are_decoded_within_max_buffered():
     # Measured: 293 MiB (one decoded document at a time, the clients' eight requests, the raw
     # bytes held, the allocators' slack); 569 MiB when the decoded documents are not counted.
     assert int(grown_mib) < 420, grown_mib
+
+
+# Run as its own process, so its peak RSS is this server's alone.
+NEVER_READING_PROGRAM = """
+import asyncio, resource, socket, struct, sys, time
+from framesock import aio
+import framesock
+
+BIG = "x" * 2**20
+calls = 0
+
+async def coroutine_handler(request):
+    global calls
+    calls += 1
+    return BIG
+
+def plain_handler(request):
+    global calls
+    calls += 1
+    return BIG
+
+def settled():
+    # No handler has run for half a second: every connection waits on its client.
+    seen, quiet_since = calls, time.monotonic()
+    for _ in range(400):  # at most 20 s
+        time.sleep(0.05)
+        if calls != seen:
+            seen, quiet_since = calls, time.monotonic()
+        elif time.monotonic() - quiet_since >= 0.5:
+            return
+    raise AssertionError("handlers never stopped")
+
+async def main(kind, connections):
+    handler = coroutine_handler if kind == "coroutine" else plain_handler
+    async with aio.Server(handler, port=0, protocol="framed", timeout=60) as server:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        socks = []
+        for _ in range(connections):
+            sock = socket.create_connection(server.address[:2])
+            sock.sendall((struct.pack(">I", 1) + b"r") * 64)  # 64 pipelined, never read
+            socks.append(sock)
+        await asyncio.get_running_loop().run_in_executor(None, settled)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+        for sock in socks:
+            sock.close()
+    print(calls, grown)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["coroutine", "plain"])
+def test_replies_for_clients_that_never_read_stay_within_the_memory_formula(kind):
+    # 16 connections each pipeline 64 requests for 1 MiB replies and never read. The README's
+    # formula: max_connections x (max_unsent + 72 KiB + 2 x the largest reply), here about
+    # 16 x 2.2 MiB = 35 MiB. framesock 0.1 held 16 coroutine replies per connection (+767 MiB
+    # for 16 connections in a hostile review).
+    import subprocess
+
+    connections = 16
+    done = subprocess.run(
+        [sys.executable, "-c", NEVER_READING_PROGRAM, kind, str(connections)],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    calls, grown_mib = map(int, done.stdout.split())
+    assert calls < connections * 64  # stopped answering: the clients do not read
+    formula_mib = connections * (64 + 72 + 2 * 1024) / 1024
+    assert grown_mib < formula_mib + 24, (grown_mib, formula_mib)  # + the interpreter's slack

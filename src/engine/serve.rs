@@ -9,7 +9,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::join_all;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::task::AtomicWaker;
 use futures_util::FutureExt;
 use serde::Serialize;
@@ -201,8 +201,8 @@ impl Drop for ActiveConnection<'_> {
 /// The most buffered requests of one connection taken at once.
 const MAX_BATCH: usize = 256;
 
-/// How many pipelined requests of one connection a concurrent (coroutine) responder answers
-/// at once; their replies are held together, so this bounds that memory too.
+/// The most pipelined requests of one connection a concurrent (coroutine) responder answers
+/// at once (fewer when replies are large: see `answer_concurrently`).
 const CONCURRENT_CHUNK: usize = 16;
 
 /// Limits that apply to every connection.
@@ -800,6 +800,46 @@ impl Service {
         Ok(Classic::Answered { request, reply })
     }
 
+    /// Answers `batch` with a concurrent responder: several requests at once, the replies
+    /// queued in order. Only as many run at once as replies of the largest size seen so far
+    /// (`largest`) fit in `max_unsent` (one while none is known, at most `CONCURRENT_CHUNK`),
+    /// and none starts while earlier replies wait to be written: so the replies a connection
+    /// holds stay near `max_unsent`, also for a client that never reads them.
+    async fn answer_concurrently<S>(
+        &self,
+        stream: &mut S,
+        output: &mut BytesMut,
+        batch: &[Bytes],
+        caller: &Arc<Caller>,
+        largest: &mut usize,
+    ) -> Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let mut running = FuturesOrdered::new();
+        let mut requests = batch.iter();
+        loop {
+            let room = match *largest {
+                0 => 1,
+                size => (self.limits.max_unsent / size).clamp(1, CONCURRENT_CHUNK),
+            };
+            while running.len() < room {
+                let Some(request) = requests.next() else {
+                    break;
+                };
+                running.push_back(self.answer(request, caller));
+            }
+            let Some(reply) = running.next().await else {
+                return Ok(());
+            };
+            if let Ok(json) = &reply {
+                *largest = (*largest).max(json.len());
+            }
+            self.queue_outcome(stream, output, reply, &caller.address)
+                .await?;
+        }
+    }
+
     /// Adds a handler's reply, or the error reply for its failure, to `output`.
     async fn queue_outcome<S>(
         &self,
@@ -978,6 +1018,8 @@ impl Service {
         // lock to add a waiter and again to take it out.
         let mut stop_wait = std::pin::pin!(stop.cancelled());
         let mut batch = Vec::new();
+        // The largest reply of this connection so far, for how many to answer at once.
+        let mut largest_reply = 0;
         loop {
             // Every request already buffered (up to a bound), answered in order.
             let mut refused = None;
@@ -999,22 +1041,14 @@ impl Service {
             }
             let in_batch: usize = batch.iter().map(Bytes::len).sum();
             charge.set(input.len() + in_batch);
-            // Pipelined requests to a concurrent responder are answered a few at a time
-            // (join_all keeps their order); the replies go out whenever they pass max_unsent.
-            let chunk = if self.responder.concurrent() {
-                CONCURRENT_CHUNK
+            // Pipelined requests to a concurrent responder are answered a few at a time, in
+            // order; the replies go out whenever they pass max_unsent.
+            if self.responder.concurrent() {
+                self.answer_concurrently(stream, &mut output, &batch, caller, &mut largest_reply)
+                    .await?;
             } else {
-                1
-            };
-            for requests in batch.chunks(chunk) {
-                if let [request] = requests {
+                for request in &batch {
                     let reply = self.answer(request, caller).await;
-                    self.queue_outcome(stream, &mut output, reply, peer).await?;
-                    continue;
-                }
-                let replies =
-                    join_all(requests.iter().map(|request| self.answer(request, caller))).await;
-                for reply in replies {
                     self.queue_outcome(stream, &mut output, reply, peer).await?;
                 }
             }
