@@ -411,6 +411,26 @@ def test_refused_documents_raise_json_decode_error_where_json_does():
         assert_decodes_like_json(text)
 
 
+def test_large_refused_documents_raise_json_decode_error_where_json_does():
+    # Past 64 KiB framesock asks json.loads about a prefix of the document only (a large
+    # invalid document is not parsed whole twice): the error must still be json's, exactly,
+    # wherever the fault lies, also right at the prefix's edge.
+    body = b'{"key": [1, 2.5, "text \\u00e9 \xc3\xa9", true, null], "n": 12345}, '
+    good = b"[" + body * 2000
+    faults = [b"]x", b"}", b",]", b'"\\x"', b"01", b'"\x01"', b"nul", b'"open', b"1.e5", b"[" * 10]
+    for fault in faults:
+        for cut in [len(good) // 3, len(good) // 3 + 4096 - 3, len(good) // 3 + 4096 + 300, len(good) - 10]:
+            # A run of spaces or digits right before the fault moves where json notices it.
+            for lead in [b"", b" " * 5000, b"7" * 300]:
+                document = good[:cut] + lead + fault + good[cut:]
+                assert_decodes_like_json(document)
+    # The whole document is kept as the error's doc, as json.loads keeps it.
+    document = good + b"x"
+    with pytest.raises(framesock.JSONDecodeError) as caught:
+        _framesock._json_loads(document)
+    assert caught.value.doc == document.decode()
+
+
 def test_json_loads_input_extras_are_read_too():
     for text in [
         b'\xef\xbb\xbf{"bom": 1}',

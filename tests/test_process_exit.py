@@ -1,7 +1,7 @@
 """Whole programs, run as their own processes, many times, on every CPython the machine has.
 
 What only a whole process shows: that it exits with status 0 (no crash, no abort, no hang at
-exit), also after fork. Each program in ``tests/programs`` is run 20 times (some 40) (four at a time) on
+exit), also after fork. Each program in ``tests/programs`` is run 40 times (four at a time) on
 each interpreter from 3.9 up found here (the one running the tests, and pyenv's); framesock's
 abi3 extension is imported from this checkout on all of them.
 """
@@ -20,9 +20,7 @@ import pytest
 import framesock
 
 PROGRAMS = Path(__file__).parent / "programs"
-RUNS = 20
-# Programs whose failure came in fewer than half the runs get more of them.
-RUNS_OF = {"aio_loop_in_daemon_thread.py": 40}
+RUNS = 40
 AT_ONCE = 4
 # Generous: a run takes well under a second; this only turns a hang into a failure.
 RUN_LIMIT = 30
@@ -67,8 +65,7 @@ def run_many(python: str, program: Path) -> list[str]:
         return None
 
     with ThreadPoolExecutor(AT_ONCE) as pool:
-        runs = range(RUNS_OF.get(program.name, RUNS))
-        return [failure for failure in pool.map(run_once, runs) if failure]
+        return [failure for failure in pool.map(run_once, range(RUNS)) if failure]
 
 
 @pytest.mark.timeout(300)

@@ -196,8 +196,16 @@ pub fn refused_json(py: Python<'_>, text: &[u8], err: PyErr, near: usize) -> PyE
     raise(py, |c| &c.json_decode, args)
 }
 
+/// `framesock.JSONDecodeError(message, doc, pos)`.
+pub fn json_decode_error(py: Python<'_>, message: String, doc: Py<PyAny>, pos: usize) -> PyErr {
+    match exceptions(py) {
+        Ok(_) => raise(py, |c| &c.json_decode, (message, doc, pos)),
+        Err(other) => other,
+    }
+}
+
 /// `(msg, doc, pos)` of a `json.JSONDecodeError`; None for any other exception.
-fn json_decode_error_args(exception: &Bound<'_, PyAny>) -> Option<(String, Py<PyAny>, usize)> {
+pub fn json_decode_error_args(exception: &Bound<'_, PyAny>) -> Option<(String, Py<PyAny>, usize)> {
     let class = exception
         .py()
         .import("json")

@@ -320,14 +320,58 @@ fn slot_of(text: &[u8]) -> usize {
 
 /// `json.loads(text)`, for the documents jiter refuses; `near` is where jiter stopped.
 fn reference_loads<'py>(py: Python<'py>, text: &[u8], near: usize) -> PyResult<Bound<'py, PyAny>> {
-    static JSON_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    let json_loads = JSON_LOADS.get_or_try_init(py, || {
-        Ok::<_, PyErr>(py.import("json")?.getattr("loads")?.unbind())
-    })?;
+    let json_loads = json_loads(py)?;
+    if text.len() >= PREFIX_FROM {
+        if let Some(refused) = refused_by_prefix(py, text, near) {
+            return Err(refused);
+        }
+    }
     json_loads
-        .bind(py)
         .call1((PyBytes::new(py, text),))
         .map_err(|err| errors::refused_json(py, text, err, near))
+}
+
+fn json_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static JSON_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    JSON_LOADS.import(py, "json", "loads")
+}
+
+/// Documents from this size on get their error from a prefix first (see [`refused_by_prefix`]).
+const PREFIX_FROM: usize = 64 * 1024;
+/// How far past where jiter stopped the prefix goes.
+const PREFIX_PAST: usize = 4096;
+/// How far before the prefix's end `json.loads`' error must be to be the whole document's.
+const PREFIX_MARGIN: usize = 256;
+
+/// The error `json.loads(text)` raises, found by `json.loads` on the text up to a little past
+/// where jiter stopped, so that a large invalid document is not parsed whole a second time
+/// (a 16 MiB one took 1.4 s of CPU, with the GIL). `json` reads left to right: an error it
+/// reports well before the end of the prefix came from reading the prefix alone, and reading
+/// the whole document raises the same one there; except "Unterminated string", which is told
+/// at the string's start but found at the end. None when this cannot tell (not plain UTF-8,
+/// the error near or at the prefix's end, or no error): then the whole document is parsed.
+fn refused_by_prefix(py: Python<'_>, text: &[u8], near: usize) -> Option<PyErr> {
+    let whole = std::str::from_utf8(text).ok()?;
+    if whole.starts_with('\u{feff}') || text.iter().take(4).any(|&byte| byte == 0) {
+        // A BOM, or what json.loads takes for UTF-16 or UTF-32: let it see the bytes.
+        return None;
+    }
+    let mut end = near.checked_add(PREFIX_PAST)?;
+    if end >= whole.len() {
+        return None;
+    }
+    while !whole.is_char_boundary(end) {
+        end += 1;
+    }
+    let prefix = &whole[..end];
+    let err = json_loads(py).ok()?.call1((prefix,)).err()?;
+    let (message, _, pos) = errors::json_decode_error_args(err.value(py))?;
+    let prefix_chars = prefix.chars().count();
+    if pos + PREFIX_MARGIN > prefix_chars || message.starts_with("Unterminated string") {
+        return None;
+    }
+    let doc = pyo3::types::PyString::new(py, whole).into_any().unbind();
+    Some(errors::json_decode_error(py, message, doc, pos))
 }
 
 /// Encodes a Python value as `json.dumps(value, allow_nan=False).encode()` would.
