@@ -384,6 +384,35 @@ def reply_decoding() -> None:
                     plain.sock.close()
 
 
+def beside_json_documents() -> None:
+    """Small JSON requests to a request_as="json" server, alone and beside a peer that streams
+    14 MiB JSON documents to the same server without pause: what one client's huge documents
+    cost the others (decoding gives the GIL up every 32k values)."""
+    import threading
+
+    document = json.dumps([{"a": i} for i in range(1_000_000)]).encode()  # ~15 MiB
+    for label, streaming in [("alone", False), ("beside a peer streaming 14 MiB documents", True)]:
+        workload = f"small JSON requests, {label}"
+        say(workload)
+        with framesock.Server(lambda r: r, port=0, protocol="framed", request_as="json") as srv:
+            stop = threading.Event()
+
+            def stream() -> None:
+                with framesock.Client(*srv.address[:2], protocol="framed", timeout=120) as peer:
+                    while not stop.is_set():
+                        peer.request(document)
+
+            streamer = threading.Thread(target=stream, daemon=True)
+            if streaming:
+                streamer.start()
+                time.sleep(1)  # the first documents are in
+            with framesock.Client(*srv.address[:2], protocol="framed") as client:
+                timed_row(workload, "framesock", lambda: client.request('{"small": 1}'))
+            stop.set()
+            if streaming:
+                streamer.join(120)
+
+
 def tls_workloads() -> None:
     """TLS: framesock against asyncio + ssl and uvloop + ssl doing the same work; certificates
     made here with trustme (a CA and a certificate for localhost)."""
@@ -543,6 +572,7 @@ def main() -> None:
         "big": big_frames,
         "decode": reply_decoding,
         "tls": tls_workloads,
+        "json-bomb": beside_json_documents,
     }
     for name, step in steps.items():
         if not only or name in only:
