@@ -431,6 +431,13 @@ def test_large_refused_documents_raise_json_decode_error_where_json_does():
             for lead in [b"", b" " * 5000, b"7" * 300]:
                 document = good[:cut] + lead + fault + good[cut:]
                 assert_decodes_like_json(document)
+    # Near the end, inside containers opened and closed at every depth: json.loads takes the
+    # document up from its last '[', '{' or ',' there, after a stand-in for what came before.
+    nested = b'{"a": [1, {"b": [[], {}, "s,[{\\"]"]}, ' * 300 + b'"k": ' + body * 40
+    for fault in faults + [b"", b" ", b",", b"]]]]", b"}}}}", b'"x": 1', b":", b"\n\n  x"]:
+        for closing in [b"", b"]", b"]}", b"]}" * 300]:
+            assert_decodes_like_json(nested + closing + fault)
+            assert_decodes_like_json(nested + closing + b"\n" + fault + b" " * 5000)
     # The whole document is kept as the error's doc, as json.loads keeps it.
     document = good + b"x"
     with pytest.raises(framesock.JSONDecodeError) as caught:

@@ -343,35 +343,128 @@ const PREFIX_PAST: usize = 4096;
 /// How far before the prefix's end `json.loads`' error must be to be the whole document's.
 const PREFIX_MARGIN: usize = 256;
 
-/// The error `json.loads(text)` raises, found by `json.loads` on the text up to a little past
-/// where jiter stopped, so that a large invalid document is not parsed whole a second time
-/// (a 16 MiB one took 1.4 s of CPU, with the GIL). `json` reads left to right: an error it
-/// reports well before the end of the prefix came from reading the prefix alone, and reading
-/// the whole document raises the same one there; except "Unterminated string", which is told
-/// at the string's start but found at the end. None when this cannot tell (not plain UTF-8,
-/// the error near or at the prefix's end, or no error): then the whole document is parsed.
+/// The error `json.loads(text)` raises, found without parsing the document a second time
+/// (a 16 MiB one took 1.4 s of CPU, with the GIL): `json.loads` reads a short stand-in for what
+/// comes before the last `[`, `{` or `,` ahead of where jiter stopped (see [`Resume`]) and the
+/// document from there, first to a little past where jiter stopped, then to the end. `json`
+/// reads left to right: an error it reports well before the end of what it read came from that
+/// text alone, and reading the whole document raises the same one there; except "Unterminated
+/// string", which is told at the string's start but found at the end. None when this cannot
+/// tell (not plain UTF-8, or no `json.JSONDecodeError`): then the whole document is parsed.
 fn refused_by_prefix(py: Python<'_>, text: &[u8], near: usize) -> Option<PyErr> {
     let whole = std::str::from_utf8(text).ok()?;
     if whole.starts_with('\u{feff}') || text.iter().take(4).any(|&byte| byte == 0) {
         // A BOM, or what json.loads takes for UTF-16 or UTF-32: let it see the bytes.
         return None;
     }
-    let mut end = near.checked_add(PREFIX_PAST)?;
-    if end >= whole.len() {
-        return None;
+    let resume = Resume::find(text, near);
+    let mut end = near.saturating_add(PREFIX_PAST);
+    if end < whole.len() {
+        while !whole.is_char_boundary(end) {
+            end += 1;
+        }
+        let (message, pos, read) = resume.loads(py, whole, end)?;
+        if pos + PREFIX_MARGIN <= read && !message.starts_with("Unterminated string") {
+            return Some(resume.error(py, whole, message, pos));
+        }
     }
-    while !whole.is_char_boundary(end) {
-        end += 1;
+    let (message, pos, _) = resume.loads(py, whole, whole.len())?;
+    Some(resume.error(py, whole, message, pos))
+}
+
+/// Where `json.loads` can take up a document: just after the last `[`, `{` or `,` before a
+/// given point, with a short text that leaves its parser in the same state there. The same
+/// containers are open (a list as `[`, a dict as `{"":`, the innermost one after a `,` as
+/// `[0,` or `{"":0,`), so the same text after it gets the same error, at a position that is
+/// the same distance from the end of the stand-in as it is from `at` in the document.
+struct Resume {
+    /// A byte offset in the document (0: from its start, with no stand-in).
+    at: usize,
+    lead: String,
+}
+
+impl Resume {
+    /// Scans `text[..near]`, which jiter read as the valid start of a document.
+    fn find(text: &[u8], near: usize) -> Self {
+        let mut open: Vec<u8> = Vec::new();
+        // Containers closed since the last resume point, innermost first.
+        let mut closed: Vec<u8> = Vec::new();
+        let mut point = None;
+        let (mut in_string, mut escaped) = (false, false);
+        for (at, &byte) in text[..near.min(text.len())].iter().enumerate() {
+            if in_string {
+                match byte {
+                    _ if escaped => escaped = false,
+                    b'\\' => escaped = true,
+                    b'"' => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    open.push(byte);
+                    closed.clear();
+                    point = Some((at + 1, byte));
+                }
+                b',' => {
+                    closed.clear();
+                    point = Some((at + 1, byte));
+                }
+                b']' | b'}' => match open.pop() {
+                    Some(container) => closed.push(container),
+                    None => return Self::from_start(),
+                },
+                _ => {}
+            }
+        }
+        let Some((at, after)) = point else {
+            return Self::from_start();
+        };
+        open.extend(closed.iter().rev());
+        let Some((&innermost, outer)) = open.split_last() else {
+            return Self::from_start();
+        };
+        let mut lead = String::with_capacity(4 * open.len() + 2);
+        for &container in outer {
+            lead.push_str(if container == b'[' { "[" } else { "{\"\":" });
+        }
+        lead.push_str(match (innermost, after) {
+            (b'[', b',') => "[0,",
+            (_, b',') => "{\"\":0,",
+            (b'[', _) => "[",
+            _ => "{",
+        });
+        Self { at, lead }
     }
-    let prefix = &whole[..end];
-    let err = json_loads(py).ok()?.call1((prefix,)).err()?;
-    let (message, _, pos) = errors::json_decode_error_args(err.value(py))?;
-    let prefix_chars = prefix.chars().count();
-    if pos + PREFIX_MARGIN > prefix_chars || message.starts_with("Unterminated string") {
-        return None;
+
+    fn from_start() -> Self {
+        Self {
+            at: 0,
+            lead: String::new(),
+        }
     }
-    let doc = pyo3::types::PyString::new(py, whole).into_any().unbind();
-    Some(errors::json_decode_error(py, message, doc, pos))
+
+    /// `json.loads` of the stand-in and `whole[self.at..end]`: its error's message and
+    /// position, in characters of the document, and how many characters it read.
+    fn loads(&self, py: Python<'_>, whole: &str, end: usize) -> Option<(String, usize, usize)> {
+        let mut text = String::with_capacity(self.lead.len() + end - self.at);
+        text.push_str(&self.lead);
+        text.push_str(&whole[self.at..end]);
+        let err = json_loads(py).ok()?.call1((text.as_str(),)).err()?;
+        let (message, _, pos) = errors::json_decode_error_args(err.value(py))?;
+        let before = whole[..self.at].chars().count();
+        // The lead is ASCII; an error inside it lies on the matching characters before `at`.
+        let pos = (pos + before).checked_sub(self.lead.len())?;
+        let read = before + whole[self.at..end].chars().count();
+        Some((message, pos, read))
+    }
+
+    fn error(&self, py: Python<'_>, whole: &str, message: String, pos: usize) -> PyErr {
+        let doc = pyo3::types::PyString::new(py, whole).into_any().unbind();
+        errors::json_decode_error(py, message, doc, pos)
+    }
 }
 
 /// Encodes a Python value as `json.dumps(value, allow_nan=False).encode()` would.
