@@ -29,6 +29,7 @@ from framesock._framesock import (
     start_client,
     start_server,
 )
+from framesock.workers.run import run
 
 __all__ = [
     "Caller",
@@ -46,6 +47,7 @@ __all__ = [
     "Server",
     "__version__",
     "start_client",
+    "run",
     "start_server",
 ]
 

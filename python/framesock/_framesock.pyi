@@ -270,6 +270,8 @@ class Server:
         max_buffered: int = 268435456,
         tls: Optional[ServerTLS] = None,
         max_connections_per_address: Optional[int] = None,
+        fd: Optional[int] = None,
+        io_threads: Optional[int] = None,
     ) -> "Server":
         """Bind the server.
 
@@ -307,6 +309,13 @@ class Server:
             max_connections_per_address: Connections one client IP address may have at
                 once; more are refused as they come (framed: with the closing handshake).
                 None: no limit (behind a load balancer every client has its address).
+            fd: Serve a listening socket made elsewhere (a supervisor, systemd), by its file
+                descriptor, instead of binding ``host``/``port`` or ``path``. The server
+                listens on a duplicate; the descriptor, and a Unix socket's file, stay the
+                caller's.
+            io_threads: Threads doing the network I/O of the whole process (None: one per
+                core). Takes effect when the first server or client of the process starts
+                the engine; a different number after that is a ``ValueError``.
 
         Raises:
             OSError: The address cannot be bound.

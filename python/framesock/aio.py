@@ -162,6 +162,8 @@ class Server:
         max_buffered: int = 256 * 1024 * 1024,
         tls: Optional[_framesock.ServerTLS] = None,
         max_connections_per_address: Optional[int] = None,
+        fd: Optional[int] = None,
+        io_threads: Optional[int] = None,
     ) -> None:
         self._server = _framesock.Server(
             handler,
@@ -181,6 +183,8 @@ class Server:
             max_buffered=max_buffered,
             tls=tls,
             max_connections_per_address=max_connections_per_address,
+            fd=fd,
+            io_threads=io_threads,
         )
 
     @property

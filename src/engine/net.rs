@@ -16,8 +16,15 @@ use crate::engine::error::{Error, Result};
 /// Where to listen or connect.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
     Unix(PathBuf),
+    /// A listening socket made elsewhere (a supervisor), by its file descriptor: servers only.
+    /// The server listens on a duplicate; the descriptor stays its owner's, and so does a Unix
+    /// socket's file.
+    Socket(std::os::fd::RawFd),
 }
 
 impl std::fmt::Display for Endpoint {
@@ -26,6 +33,7 @@ impl std::fmt::Display for Endpoint {
             Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Endpoint::Tcp { host, port } => write!(f, "{host}:{port}"),
             Endpoint::Unix(path) => write_unix_path(f, path),
+            Endpoint::Socket(fd) => write!(f, "the socket with file descriptor {fd}"),
         }
     }
 }
@@ -210,6 +218,10 @@ impl Listener {
                     file,
                 ))
             }
+            Endpoint::Socket(fd) => adopt(*fd).map_err(|err| Error::Os {
+                err,
+                doing: format!("listen on {endpoint}"),
+            }),
         }
     }
 
@@ -242,6 +254,41 @@ impl Listener {
                 Ok((Stream::Unix(stream), Address::Unix(unix_address(&peer))))
             }
         }
+    }
+}
+
+/// A listener on a duplicate of `fd`, which must be a listening TCP or Unix stream socket.
+fn adopt(fd: std::os::fd::RawFd) -> io::Result<Listener> {
+    use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: only borrowed for the duplicate; a bad descriptor fails in `try_clone_to_owned`.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    let socket = socket2::Socket::from(owned);
+    let not_listening = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening stream socket (bind and listen first)",
+        )
+    };
+    if socket.r#type()? != socket2::Type::STREAM || !socket.is_listener()? {
+        return Err(not_listening());
+    }
+    let is_unix = socket.local_addr()?.domain() == socket2::Domain::UNIX;
+    socket.set_nonblocking(true)?;
+    let fd = socket.into_raw_fd();
+    if is_unix {
+        // SAFETY: `fd` is the duplicate just made, owned by nothing else.
+        let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+        Ok(Listener::Unix(
+            UnixListener::from_std(std_listener)?,
+            SocketFile(None),
+        ))
+    } else {
+        // SAFETY: as above.
+        let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        Ok(Listener::Tcp(TcpListener::from_std(std_listener)?))
     }
 }
 
@@ -286,6 +333,10 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Stream> {
                 doing: format!("connect to {}", path.display()),
             })
         }
+        Endpoint::Socket(_) => Err(Error::Os {
+            err: io::Error::from(io::ErrorKind::InvalidInput),
+            doing: format!("connect to {endpoint} (only a server adopts a socket)"),
+        }),
     }
 }
 
@@ -297,7 +348,7 @@ pub async fn connect_tls(
 ) -> Result<Stream> {
     let host = match endpoint {
         Endpoint::Tcp { host, .. } => host.as_str(),
-        Endpoint::Unix(_) => "localhost",
+        Endpoint::Unix(_) | Endpoint::Socket(_) => "localhost",
     };
     let name = tls.name_for(host).map_err(Error::Tls)?;
     let plain = connect(endpoint).await?;

@@ -151,6 +151,20 @@ pub fn endpoint(host: String, port: Int, path: Option<PathBuf>) -> PyResult<Endp
     })
 }
 
+/// The most I/O threads a process may ask for.
+pub const MAX_IO_THREADS: usize = 1024;
+
+/// A listening socket given by its file descriptor (`fd=`), which `path` must not contradict.
+pub fn adopted_socket(fd: Int, path: Option<&std::path::Path>) -> PyResult<Endpoint> {
+    if path.is_some() {
+        return Err(PyValueError::new_err(
+            "fd and path both name the socket to listen on: give one",
+        ));
+    }
+    let fd = count("fd", fd, i32::MAX as usize)?;
+    Ok(Endpoint::Socket(fd as std::os::fd::RawFd))
+}
+
 /// A client's server: `host` and `port` may be None when `path` is given, so that
 /// `Client(server.host, server.port, path=server.path)` works for every kind of server.
 pub fn client_endpoint(

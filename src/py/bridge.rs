@@ -22,7 +22,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
-use crate::engine::lock::locked;
+use crate::engine::lock::{locked, ForkSafe};
 use crate::engine::{self, runtime};
 use crate::py::gil::{drop_safely, GilDrop};
 
@@ -45,7 +45,7 @@ pub struct LoopBridge {
 }
 
 /// The bridges of loops that are still running (one per loop).
-static BRIDGES: Mutex<Vec<Arc<LoopBridge>>> = Mutex::new(Vec::new());
+static BRIDGES: ForkSafe<Vec<Arc<LoopBridge>>> = ForkSafe::new(Vec::new);
 
 impl LoopBridge {
     /// The bridge to the running event loop, made on first use. Call on the loop.
@@ -61,7 +61,7 @@ impl LoopBridge {
             .import(py, "asyncio", "get_running_loop")?
             .call0()?;
         // Python code runs only with the lock released (see `close`): a snapshot is read.
-        let known = locked(&BRIDGES).clone();
+        let known = BRIDGES.lock().clone();
         if let Some(bridge) = known.iter().find(|b| b.event_loop.bind(py).is(&running)) {
             return Ok(bridge.clone());
         }
@@ -78,7 +78,7 @@ impl LoopBridge {
             .collect();
         let bridge = LoopBridge::new(&running)?;
         let forgotten = {
-            let mut bridges = locked(&BRIDGES);
+            let mut bridges = BRIDGES.lock();
             let (forgotten, kept) = std::mem::take(&mut *bridges)
                 .into_iter()
                 .partition(|b| gone.iter().any(|g| Arc::ptr_eq(g, b)));
@@ -194,7 +194,7 @@ impl LoopBridge {
             // this thread inside a Rust frame (an abort). What is left goes with the process.
             std::mem::forget(pending);
             std::mem::forget(locked(&self.watch).take());
-            let mut bridges = locked(&BRIDGES);
+            let mut bridges = BRIDGES.lock();
             let at = bridges
                 .iter()
                 .position(|b| std::ptr::eq(Arc::as_ptr(b), self));
@@ -207,7 +207,7 @@ impl LoopBridge {
             .bind(py)
             .call_method1("remove_reader", (self.wake_rx.as_raw_fd(),));
         let this = {
-            let mut bridges = locked(&BRIDGES);
+            let mut bridges = BRIDGES.lock();
             let at = bridges
                 .iter()
                 .position(|b| std::ptr::eq(Arc::as_ptr(b), self));
@@ -359,9 +359,15 @@ impl AbortIfCancelled {
     }
 }
 
+/// In a child right after `fork`: the parent's bridges are forgotten (their loops do not run
+/// here, and closing them would call into Python from the fork handler).
+pub fn forget_after_fork() {
+    BRIDGES.forget_after_fork();
+}
+
 /// Every bridge closes (at interpreter exit): nothing is sent to a loop after that.
 pub fn close_all(py: Python<'_>) {
-    let bridges = std::mem::take(&mut *locked(&BRIDGES));
+    let bridges = std::mem::take(&mut *BRIDGES.lock());
     for bridge in bridges {
         bridge.close(py);
     }

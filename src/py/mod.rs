@@ -40,6 +40,8 @@ fn _at_exit(py: Python<'_>) {
 #[pyfunction]
 fn _after_fork_in_child() {
     runtime::forget_after_fork();
+    threads::forget_after_fork();
+    bridge::forget_after_fork();
 }
 
 /// The native module behind the `framesock` package.

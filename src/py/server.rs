@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::engine::handler::{Log, NoLog, Responder};
+use crate::engine::runtime;
 use crate::engine::serve::{
     self, CannotStart, Exchange, Limits, OneShotError, Protocol, Service, DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_UNSENT,
@@ -184,13 +185,14 @@ impl Server {
         max_connections = Int::new(1024), backlog = Int::new(1024), request_as = String::from("text"),
         handler_threads = None, max_unsent = Int::new(DEFAULT_MAX_UNSENT as i64),
         max_buffered = Int::new(DEFAULT_MAX_BUFFERED as i64), tls = None,
-        max_connections_per_address = None,
+        max_connections_per_address = None, fd = None, io_threads = None,
     ))]
     #[pyo3(
         text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
         protocol='classic', timeout=20.0, idle_timeout=75.0, max_frame=16777216, \
         max_connections=1024, backlog=1024, request_as='text', handler_threads=None, \
-        max_unsent=65536, max_buffered=268435456, tls=None, max_connections_per_address=None)"
+        max_unsent=65536, max_buffered=268435456, tls=None, max_connections_per_address=None, \
+        fd=None, io_threads=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -212,9 +214,18 @@ impl Server {
         max_buffered: Int,
         tls: Option<PyRef<'_, ServerTlsSettings>>,
         max_connections_per_address: Option<Int>,
+        fd: Option<Int>,
+        io_threads: Option<Int>,
     ) -> PyResult<Self> {
+        if let Some(count) = io_threads {
+            let count = args::count("io_threads", count, args::MAX_IO_THREADS)?;
+            runtime::set_io_threads(count).map_err(PyValueError::new_err)?;
+        }
         let settings = Settings {
-            endpoint: args::endpoint(host, port, path)?,
+            endpoint: match fd {
+                Some(fd) => args::adopted_socket(fd, path.as_deref())?,
+                None => args::endpoint(host, port, path)?,
+            },
             protocol: args::protocol(&protocol)?,
             limits: Limits {
                 timeout: args::timeout("timeout", timeout)?,

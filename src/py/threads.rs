@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 
-use crate::engine::lock::locked;
+use crate::engine::lock::{locked, ForkSafe};
 use crate::engine::runtime;
 use crate::py::gil::{self, drop_safely};
 
@@ -68,7 +68,7 @@ struct Pool {
 }
 
 /// Every pool that is open, for closing them all at exit.
-static POOLS: Mutex<Vec<Weak<Pool>>> = Mutex::new(Vec::new());
+static POOLS: ForkSafe<Vec<Weak<Pool>>> = ForkSafe::new(Vec::new);
 
 /// A server's handler threads.
 #[derive(Clone)]
@@ -424,6 +424,12 @@ impl JobSource {
             finish(py, outcome);
         }
     }
+}
+
+/// In a child right after `fork`: the parent's pools have no threads here; they are forgotten
+/// (each also knows itself inherited by its generation, and refuses work).
+pub fn forget_after_fork() {
+    POOLS.forget_after_fork();
 }
 
 /// Closes every pool and waits (without the GIL, at most `limit`) until no handler thread is

@@ -1,0 +1,92 @@
+"""``framesock.run()``: serve an app until a signal says stop, in worker processes or here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Optional, Union
+
+from framesock.workers import supervisor as supervising
+from framesock.workers import worker as working
+
+logger = logging.getLogger("framesock.supervisor")
+
+
+def run(
+    app: Union[str, Callable[..., Any]],
+    *,
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    path: Optional[str] = None,
+    backlog: int = 1024,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    tls_client_ca: Optional[str] = None,
+    graceful_timeout: float = 25.0,
+    max_requests: Optional[int] = None,
+    loop: str = "auto",
+    app_dir: Optional[str] = None,
+    io_threads: Optional[int] = None,
+    log_level: Optional[str] = None,
+    ready: Optional[Callable[[Any], None]] = None,
+    **settings: Any,
+) -> int:
+    """Serves ``app`` until SIGTERM (graceful stop: exchanges in progress get up to
+    ``graceful_timeout`` seconds) or SIGINT (0.1 s); blocks, on the main thread.
+
+    ``app`` is ``"module:attr"`` (a handler, plain or coroutine function, or a JSON value served
+    as a static reply), served by ``workers`` processes under a supervisor that replaces a
+    worker that dies and on SIGHUP replaces them all one at a time with freshly imported code;
+    or a callable, served in this process (``workers`` must be 1). ``settings`` are ``Server``'s
+    keyword arguments (``protocol``, ``request_as``, ``timeout``...); ``ready(address)`` is called
+    once the socket is bound (before any worker serves). Logging goes to stderr at
+    ``log_level`` (default INFO) unless the program has set logging up already.
+
+    Returns the exit status ``framesock-server`` gives: 0 after a requested stop, 3 when the
+    app cannot be loaded or served, 4 when workers keep dying soon after starting.
+    """
+    level = (log_level or "INFO").upper()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("framesock.run() handles signals, so it runs on the main thread")
+    tls = {"cert": tls_cert, "key": tls_key, "client_ca": tls_client_ca} if tls_cert or tls_key else None
+    if isinstance(app, str):
+        supervisor = supervising.Supervisor(
+            app,
+            workers=workers,
+            host=host,
+            port=port,
+            path=path,
+            backlog=backlog,
+            settings=settings,
+            tls=tls,
+            graceful_timeout=graceful_timeout,
+            max_requests=max_requests,
+            loop=loop,
+            app_dir=app_dir,
+            io_threads=io_threads,
+            log_level=level,
+        )
+        return supervisor.run(ready)
+    if not callable(app):
+        raise TypeError(f"app must be 'module:attr' or a callable, got {type(app).__name__}")
+    if workers != 1 or max_requests is not None:
+        raise ValueError("workers and max_requests need the app as 'module:attr', which each worker imports")
+    config: dict[str, Any] = {
+        "app": getattr(app, "__qualname__", repr(app)),
+        "settings": settings,
+        "tls": tls,
+        "listen": {"host": host, "port": port, "path": path, "backlog": backlog},
+        "io_threads": io_threads,
+    }
+    worker = working.Worker(config, on_ready=ready)
+    previous = working.handle_stop_signals(worker, graceful_timeout)
+    try:
+        working.serve(worker, app, loop)
+    finally:
+        for signum, handler in previous.items():
+            working.signal.signal(signum, handler)
+    logger.info("stopped")
+    return supervising.EXIT_OK
