@@ -27,6 +27,18 @@ def handler(request: str) -> dict:
     return {"echo": request, "length": len(request)}
 
 
+# Iterations of `busy_handler`'s loop: about 50 µs of pure-Python work on this machine, idle.
+BUSY_LOOP = 750
+
+
+def busy_handler(request: str) -> dict:
+    """A handler that works about 50 µs for each request, all of it holding the GIL."""
+    total = 0
+    for number in range(BUSY_LOOP):
+        total += number * number
+    return {"echo": request, "work": total}
+
+
 async def async_handler(request: str) -> dict:
     """The same work as a coroutine, for the async-handler workloads."""
     return handler(request)
@@ -186,7 +198,14 @@ def run_asyncio(options) -> None:
 
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(options.tls_cert, options.tls_key)
-        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024, limit=2**31 - 1, ssl=context)
+        if options.port:
+            # One of several processes on one port, each with its own socket (SO_REUSEPORT).
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", options.port))
+            server = await asyncio.start_server(serve, sock=sock, backlog=1024, limit=2**31 - 1, ssl=context)
+        else:
+            server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024, limit=2**31 - 1, ssl=context)
         announce(server.sockets[0].getsockname()[1])
         await server.serve_forever()
 
@@ -196,6 +215,34 @@ def run_asyncio(options) -> None:
         uvloop.run(main())
     else:
         asyncio.run(main())
+
+
+def run_processes(options) -> None:
+    """``--processes N`` copies of the asyncio/uvloop peer on one port, each with a socket of its
+    own (SO_REUSEPORT: the kernel spreads connections over them), as a multi-process asyncio
+    server is deployed. A socket bound here but never listening holds the port."""
+    import signal
+    import subprocess
+
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    command = [sys.executable, __file__, options.peer, "--protocol", options.protocol, "--reply", options.reply, "--port", str(port)]
+    children = [subprocess.Popen(command, stdout=subprocess.PIPE) for _ in range(options.processes)]
+    for child in children:
+        child.stdout.readline()
+
+    def stop(*_) -> None:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    announce(port)
+    signal.pause()
 
 
 # --- multiprocessing.connection: its send_bytes frames are 4-byte big-endian lengths too ---------
@@ -257,9 +304,14 @@ def main() -> None:
     cli.add_argument("--reply-size", type=int, default=0)
     cli.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
     cli.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    cli.add_argument("--processes", type=int, default=1, help="asyncio/uvloop: this many processes, SO_REUSEPORT")
+    cli.add_argument("--port", type=int, default=0, help="(used by --processes) serve this port with SO_REUSEPORT")
     options = cli.parse_args()
     try:
-        PEERS[options.peer](options)
+        if options.processes > 1:
+            run_processes(options)
+        else:
+            PEERS[options.peer](options)
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -61,6 +61,7 @@ def server(
     threads: int | None = None,
     loop: str = "asyncio",
     tls: tuple[str, str] | None = None,
+    processes: int = 1,
 ):
     """Starts a peer server process and yields its port; stops it afterwards. ``tls`` is a
     (certificate, key) pair of PEM files to serve TLS with."""
@@ -76,6 +77,8 @@ def server(
             command += ["--reply-size", str(Path(reply_file).stat().st_size)]
         if tls:
             command += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+        if processes > 1:
+            command += ["--processes", str(processes)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         line = proc.stdout.readline().decode()
@@ -91,6 +94,45 @@ def server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def workers_server(workers: int, app: str = "peers:handler"):
+    """``framesock-server APP --workers N`` on a free port; yields (port, log lines). Each
+    worker's last log line gives its counters: see `connections_per_worker`."""
+    import threading
+
+    command = [
+        sys.executable, "-m", "framesock.server", app, "--workers", str(workers), "--protocol", "framed",
+        "--port", "0", "--app-dir", str(HERE), "--max-connections", "4096",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    port = None
+    try:
+        while sum("serving" in line for line in lines) < workers:
+            line = proc.stderr.readline()
+            if not line:
+                raise RuntimeError("framesock-server did not start:\n" + "".join(lines))
+            lines.append(line)
+            if "listening on" in line:
+                port = int(line.rsplit(":", 1)[1])
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        yield port, lines
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+
+
+def connections_per_worker(lines: list[str]) -> list[int]:
+    """How many connections each worker accepted, from its last log line."""
+    return sorted((int(line.split(" requests on ")[1].split()[0]) for line in lines if "[worker" in line and " requests on " in line), reverse=True)
 
 
 def loadgen(*args: str) -> dict:
@@ -217,6 +259,43 @@ def framed_concurrent(reply: str) -> None:
     if reply == "handler":
         peers.remove("native")  # the ceiling has no Python in it
     load_rows_in_rounds(workload, "framed", [(peer, {"peer": peer, "reply": reply}) for peer in peers])
+
+
+def workers() -> None:
+    """Past one process: N workers against uvloop in N processes (SO_REUSEPORT), and a handler
+    that works 50 µs per request on 2 workers against 1."""
+    processes = 2
+    workload = f"framed, {CONNECTIONS} connections, Python handler, {processes} processes"
+    say(workload)
+    spreads: list[list[int]] = []
+
+    def every_peer() -> None:
+        with workers_server(processes) as (port, lines):
+            load_row(workload, f"framesock, --workers {processes}", port, "framed")
+        spreads.append(connections_per_worker(lines))
+        with server("uvloop", "framed", reply="handler", processes=processes) as port:
+            load_row(workload, f"uvloop, {processes} processes (SO_REUSEPORT)", port, "framed")
+
+    in_rounds(every_peer)
+    mine = next(row for row in ROWS if row.workload == workload and row.peer.startswith("framesock"))
+    shown = ", ".join("/".join(map(str, spread)) for spread in spreads)
+    mine.note = f"{mine.note}; connections per worker by round: {shown}"
+    WORKER_SPREADS.extend(spreads)
+
+    workload = f"framed, {CONNECTIONS} connections, 50 µs Python handler"
+    say(workload)
+
+    def both() -> None:
+        with workers_server(2, "peers:busy_handler") as (port, _):
+            load_row(workload, "framesock, --workers 2", port, "framed")
+        with workers_server(1, "peers:busy_handler") as (port, _):
+            load_row(workload, "--workers 1", port, "framed")
+
+    in_rounds(both)
+
+
+# Connections each worker accepted, per round of the workers row (for the fairness target).
+WORKER_SPREADS: list[list[int]] = []
 
 
 def one_connection_from_python() -> None:
@@ -485,6 +564,8 @@ TARGETS = [
     ("reply decoding, 10 MiB reply", "socket + orjson.loads", 1.0),
     (f"TLS, {CONNECTIONS} connections, static reply", "uvloop", 2.0),
     (f"TLS, {CONNECTIONS} connections, Python handler", "uvloop", 2.0),
+    (f"framed, {CONNECTIONS} connections, Python handler, 2 processes", "uvloop, 2 processes (SO_REUSEPORT)", 1.5),
+    (f"framed, {CONNECTIONS} connections, 50 µs Python handler", "--workers 1", 1.6),
 ]
 
 
@@ -533,7 +614,16 @@ def target_lines() -> list[str]:
         achieved = mine / theirs
         verdict = "met" if achieved >= minimum else "**missed**"
         lines.append(f"- {workload}: framesock ÷ {peer} = {achieved:.2f} (target ≥ {minimum:.2f}): {verdict}")
-    return lines + tls_over_plain_lines()
+    return lines + tls_over_plain_lines() + fairness_lines()
+
+
+def fairness_lines() -> list[str]:
+    """No worker above twice its fair share of the connections, in any round."""
+    if not WORKER_SPREADS:
+        return []
+    worst = max(max(spread) * len(spread) / sum(spread) for spread in WORKER_SPREADS if spread and sum(spread))
+    verdict = "met" if worst <= 2 else "**missed**"
+    return [f"- workers: the busiest worker's connections ÷ its fair share, worst round = {worst:.2f} (target ≤ 2): {verdict}"]
 
 
 def chart(path: Path) -> None:
@@ -573,6 +663,7 @@ def main() -> None:
         "decode": reply_decoding,
         "tls": tls_workloads,
         "json-bomb": beside_json_documents,
+        "workers": workers,
     }
     for name, step in steps.items():
         if not only or name in only:

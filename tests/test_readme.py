@@ -1,8 +1,9 @@
 """The README's code blocks, run, so that the README cannot drift from the code.
 
 - ``python`` blocks run as programs, each on its own, in a folder holding the TLS files the
-  README names (``server.pem``, ``server.key``, ``ca.pem``); the tutorial's port 8000 becomes a
-  free port.
+  README names (``server.pem``, ``server.key``, ``ca.pem``) and every block that starts with
+  ``# file: NAME`` (a module the other blocks use), written as NAME; the tutorial's port 8000
+  becomes a free port.
 - ``console`` blocks: each ``$ command`` runs, and what it prints (stdout and stderr) must be
   the lines that follow it.
 - ``sh`` blocks are commands the test cannot run (installing, the Makefile's own targets; the
@@ -56,6 +57,10 @@ def folder(tmp_path):
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for kind, code, _ in BLOCKS:
+        named = re.match(r"# file: (\S+)\n", code)
+        if kind == "python" and named:
+            (tmp_path / named[1]).write_text(code)
     return tmp_path
 
 

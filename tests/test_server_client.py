@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -477,3 +479,63 @@ def test_active_count_drops_when_shutdown_cuts_exchanges_short(serve, caplog):
     finally:
         for sock in socks:
             sock.close()
+
+
+# --- a listening socket made elsewhere (fd=) ------------------------------------------------------
+
+
+def test_a_server_adopts_a_listening_socket_by_its_fd_and_leaves_it_to_its_owner(tmp_path):
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix_path = str(tmp_path / "adopted.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(unix_path)
+    unix.listen()
+    try:
+        for sock, target in [(tcp, dict(host="127.0.0.1", port=tcp.getsockname()[1])), (unix, dict(host=None, port=None, path=unix_path))]:
+            with framesock.Server(lambda r: {"adopted": r}, fd=sock.fileno(), protocol="framed") as server:
+                assert server.address == sock.getsockname()
+                with framesock.Client(target.pop("host"), target.pop("port"), protocol="framed", **target) as client:
+                    assert client.request("x") == {"adopted": "x"}
+            # The owner's socket is still open and listening; a Unix socket keeps its file.
+            assert sock.fileno() >= 0
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        assert os.path.exists(unix_path)
+    finally:
+        tcp.close()
+        unix.close()
+
+
+def test_an_fd_that_is_not_a_listening_socket_is_refused():
+    unbound = socket.socket()
+    read_end, write_end = os.pipe()
+    try:
+        for fd in [unbound.fileno(), read_end]:
+            with pytest.raises(OSError, match="file descriptor"):
+                framesock.Server(fd=fd)
+        with pytest.raises(ValueError, match="fd and path"):
+            framesock.Server(fd=unbound.fileno(), path="/tmp/x.sock")
+        with pytest.raises(ValueError, match="fd must be"):
+            framesock.Server(fd=-1)
+    finally:
+        unbound.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+IO_THREADS_PROGRAM = """
+import os, framesock
+with framesock.Server(port=0, io_threads=1) as server:
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    assert names.count("framesock-io") == 1, names
+    try:
+        framesock.Server(port=0, io_threads=2)
+    except ValueError as err:
+        assert "already runs 1 I/O threads" in str(err), err
+    else:
+        raise AssertionError("io_threads=2 accepted after the engine started with 1")
+"""
+
+
+def test_io_threads_sets_the_engines_thread_count_once():
+    done = subprocess.run([sys.executable, "-c", IO_THREADS_PROGRAM], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()

@@ -239,6 +239,10 @@ fn os_error(err: io::Error, doing: &str) -> PyErr {
             let text = text.split(" (os error").next().unwrap_or(&text).to_owned();
             PyOSError::new_err((errno, format!("{text} ({doing})")))
         }
+        // The engine's own refusals (an adopted fd that is not a listening socket): EINVAL.
+        None if err.kind() == io::ErrorKind::InvalidInput => {
+            PyOSError::new_err((libc::EINVAL, format!("{err} ({doing})")))
+        }
         None => PyErr::from(err),
     }
 }

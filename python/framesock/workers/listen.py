@@ -1,5 +1,14 @@
-"""The listening socket the supervisor makes before any worker starts, with Python's socket
-module: the supervisor never starts framesock's engine, so it has no I/O threads to carry."""
+"""The listening sockets the supervisor makes before any worker starts, with Python's socket
+module: the supervisor never starts framesock's engine, so it has no I/O threads to carry.
+
+TCP: one socket per worker slot, all on one port with SO_REUSEPORT, so the kernel spreads new
+connections evenly over the slots (with one shared socket, the worker that happens to be awake
+took them: 32 of 32 connections to one of two workers in a benchmark round). The supervisor keeps
+every slot's socket open, so connections waiting in a slot's queue while its worker is replaced
+or restarted wait for the next worker of that slot instead of being reset (the kernel resets a
+closed SO_REUSEPORT socket's queue unless net.ipv4.tcp_migrate_req is on). A Unix socket cannot
+be shared out that way: there every worker takes from one socket.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +19,30 @@ import stat
 from typing import Optional
 
 
-def listen(host: str, port: int, path: Optional[str], backlog: int) -> socket.socket:
-    """A listening TCP socket on ``host``'s first address (SO_REUSEADDR, as ``Server`` binds),
-    or a Unix socket at ``path`` (a stale socket file left by a server that is gone is replaced)."""
+def listen(host: str, port: int, path: Optional[str], backlog: int, slots: int) -> list[socket.socket]:
+    """``slots`` listening TCP sockets on one port of ``host``'s first address (SO_REUSEADDR as
+    ``Server`` binds, and SO_REUSEPORT), or one Unix socket at ``path`` (a stale socket file left
+    by a server that is gone is replaced)."""
     if path is not None:
-        return listen_unix(path, backlog)
+        return [listen_unix(path, backlog)]
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
+        for _ in range(slots):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if slots > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            # With port 0 the first socket picks the port; the others join it there.
+            address = sock.getsockname()
+            sock.listen(backlog)
     except BaseException:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return sock
+    return sockets
 
 
 def listen_unix(path: str, backlog: int) -> socket.socket:

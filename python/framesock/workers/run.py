@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from typing import Any, Callable, Optional, Union
 
@@ -87,6 +88,6 @@ def run(
         working.serve(worker, app, loop)
     finally:
         for signum, handler in previous.items():
-            working.signal.signal(signum, handler)
+            signal.signal(signum, handler)
     logger.info("stopped")
     return supervising.EXIT_OK

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from framesock.workers import listen as listening
 from framesock.workers import messages
@@ -57,7 +57,8 @@ def add_counters(total: dict[str, Any], stats: dict[str, Any], gauges: bool = Tr
     """Adds ``stats`` into ``total`` (nested dicts too); gauges only if asked."""
     for key, value in stats.items():
         if isinstance(value, dict):
-            add_counters(total.setdefault(key, {}), value, gauges)
+            inner: dict[str, Any] = total.setdefault(key, {})
+            add_counters(inner, cast("dict[str, Any]", value), gauges)
         elif isinstance(value, (int, float)) and (gauges or key not in GAUGES):
             total[key] = total.get(key, 0) + value
 
@@ -65,8 +66,11 @@ def add_counters(total: dict[str, Any], stats: dict[str, Any], gauges: bool = Tr
 class Worker:
     """A worker process as the supervisor sees it."""
 
-    def __init__(self, number: int, process: subprocess.Popen[bytes], report: int, replacing: Optional[Worker]) -> None:
+    def __init__(
+        self, number: int, slot: int, process: subprocess.Popen[bytes], report: int, replacing: Optional[Worker]
+    ) -> None:
         self.number = number
+        self.slot = slot
         self.process = process
         self.report = report
         self.reader = messages.Reader()
@@ -134,8 +138,8 @@ class Supervisor:
             "io_threads": io_threads if io_threads is not None else share_of_cores(workers),
             "log_level": log_level,
         }
-        self.socket = listening.listen(host, port, path, backlog)
-        self.socket_file = listening.socket_file(self.socket)
+        self.sockets = listening.listen(host, port, path, backlog, workers)
+        self.socket_file = listening.socket_file(self.sockets[0])
         self.workers: list[Worker] = []
         self.numbers = 0
         self.retired: dict[str, Any] = {}
@@ -151,7 +155,7 @@ class Supervisor:
     @property
     def address(self) -> Any:
         """The bound address: ``(host, port)`` (the real port with 0), or the socket path."""
-        return self.socket.getsockname()
+        return self.sockets[0].getsockname()
 
     def stats(self) -> dict[str, Any]:
         """Every worker's counters summed (as last reported, once a second), those of workers
@@ -175,8 +179,8 @@ class Supervisor:
         try:
             if ready is not None:
                 ready(self.address)
-            for _ in range(self.count):
-                self.spawn()
+            for slot in range(self.count):
+                self.spawn(slot)
             while self.workers or self.stopping is None:
                 for key, _ in self.selector.select(timeout=0.25):
                     if key.fileobj is wake_read:
@@ -198,7 +202,8 @@ class Supervisor:
             wake_write.close()
             os.close(self.life_write)
             os.close(self.life_read)
-            self.socket.close()
+            for sock in self.sockets:
+                sock.close()
             listening.remove_socket_file(self.socket_file)
         total = self.stats()
         logger.info(
@@ -244,13 +249,15 @@ class Supervisor:
                 # failure to load, it would only fail the same way.
                 worker.signal(signal.SIGKILL if failed else signal.SIGTERM)
 
-    def spawn(self, replacing: Optional[Worker] = None) -> Worker:
+    def spawn(self, slot: int, replacing: Optional[Worker] = None) -> Worker:
+        """Starts a worker on ``slot``'s socket (the Unix socket is every slot's)."""
         self.numbers += 1
+        listener = self.sockets[slot % len(self.sockets)]
         report_read, report_write = os.pipe()
         config = dict(
             self.config,
             worker=self.numbers,
-            fd=self.socket.fileno(),
+            fd=listener.fileno(),
             report_fd=report_write,
             life_fd=self.life_read,
             max_requests=jittered(self.max_requests),
@@ -258,14 +265,14 @@ class Supervisor:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "framesock.workers", json.dumps(config)],
-                pass_fds=(self.socket.fileno(), report_write, self.life_read),
+                pass_fds=(listener.fileno(), report_write, self.life_read),
                 # Its own session: a terminal's Ctrl-C reaches the supervisor alone, which passes it on.
                 start_new_session=True,
             )
         finally:
             os.close(report_write)
         os.set_blocking(report_read, False)
-        worker = Worker(self.numbers, process, report_read, replacing)
+        worker = Worker(self.numbers, slot, process, report_read, replacing)
         self.selector.register(report_read, selectors.EVENT_READ, worker)
         self.workers.append(worker)
         logger.info("%s started%s", worker, f" to replace {replacing}" if replacing else "")
@@ -356,7 +363,7 @@ class Supervisor:
                 self.status = EXIT_CRASH_LOOP
                 self.stop(signal.SIGINT, QUICK_GRACE)
                 return
-        self.spawn(replacing=worker.replacing)
+        self.spawn(worker.slot, replacing=worker.replacing)
 
     def step(self) -> None:
         """Moves a rolling replacement on, and ends a stop that takes too long."""
@@ -370,7 +377,7 @@ class Supervisor:
         while self.to_replace:
             old = self.to_replace.pop(0)
             if old in self.workers and not old.stopping:
-                self.spawn(replacing=old)
+                self.spawn(old.slot, replacing=old)
                 return
 
 

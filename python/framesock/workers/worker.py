@@ -69,6 +69,10 @@ class Worker:
             logger.info("served %d requests (--max-requests): asking to be replaced", stats["requests"])
             self.send(recycle=True)
 
+    def finished(self, stats: Any) -> None:
+        self.report(stats)
+        logger.info("stopped: %d requests on %d connections", stats["requests"], stats["connections_accepted"])
+
     def server_arguments(self, app: Any) -> dict[str, Any]:
         settings = dict(self.config["settings"])
         tls = self.config.get("tls")
@@ -90,12 +94,15 @@ class Worker:
             event.wait(STATS_EVERY)
             self.report(server.stats())
         server.shutdown(timeout=self.stop_grace)
-        self.report(server.stats())
+        self.finished(server.stats())
 
     async def serve_async(self, app: Any) -> None:
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
-        self.wake = lambda: loop.call_soon_threadsafe(event.set)
+        def wake() -> None:
+            loop.call_soon_threadsafe(event.set)
+
+        self.wake = wake
         server = aio.Server(**self.server_arguments(app))
         await server.start()
         self.announce_ready(server.address)
@@ -106,7 +113,7 @@ class Worker:
                 pass
             self.report(server.stats())
         await server.shutdown(timeout=self.stop_grace)
-        self.report(server.stats())
+        self.finished(server.stats())
 
 
 def watch_supervisor(fd: int, worker: Worker) -> None:
@@ -153,10 +160,11 @@ def serve(worker: Worker, app: Any, loop: str = "auto") -> None:
 
 def handle_stop_signals(worker: Worker, graceful_timeout: float) -> dict[int, Any]:
     """SIGTERM stops gracefully, SIGINT quickly; returns the handlers they had."""
-    return {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: worker.ask_stop(graceful_timeout)),
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: worker.ask_stop(QUICK_GRACE)),
-    }
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        worker.ask_stop(graceful_timeout if signum == signal.SIGTERM else QUICK_GRACE)
+
+    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 def main(argv: list[str]) -> int:
