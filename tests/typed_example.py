@@ -142,6 +142,7 @@ def mistakes() -> None:
     aio.Server(request_as="dict")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
     Server(port=0).stats()["request"]  # type: ignore[typeddict-item]  # pyright: ignore[reportGeneralTypeIssues]
     start_server(port="8000")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    framesock.run(42)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::py::cached::Cached;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
 use crate::engine::lock::{locked, ForkSafe};
@@ -56,7 +56,7 @@ impl LoopBridge {
                 "the interpreter is exiting: framesock.aio no longer serves this event loop",
             ));
         }
-        static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static GET_RUNNING_LOOP: Cached<Py<PyAny>> = Cached::new();
         let running = GET_RUNNING_LOOP
             .import(py, "asyncio", "get_running_loop")?
             .call0()?;
@@ -278,7 +278,7 @@ pub fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: PyResult<Py<P
 
 /// `types.CoroutineType`.
 fn coroutine_type(py: Python<'_>) -> &Bound<'_, pyo3::types::PyType> {
-    static COROUTINE: PyOnceLock<Py<pyo3::types::PyType>> = PyOnceLock::new();
+    static COROUTINE: Cached<Py<pyo3::types::PyType>> = Cached::new();
     COROUTINE
         .import(py, "types", "CoroutineType")
         .expect("types.CoroutineType exists")
@@ -294,8 +294,8 @@ pub fn run_as_task<'py>(
     awaitable: &Bound<'py, PyAny>,
     when_done: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    static TASK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    static ENSURE_FUTURE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static TASK: Cached<Py<PyAny>> = Cached::new();
+    static ENSURE_FUTURE: Cached<Py<PyAny>> = Cached::new();
     let kwargs = PyDict::new(py);
     kwargs.set_item("loop", event_loop)?;
     let task = if awaitable.is_instance(coroutine_type(py))? {

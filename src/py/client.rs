@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 // parking_lot's guard may cross `py.detach` (its `send_guard` feature); std's may not.
-use parking_lot::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+use crate::engine::lock::locked;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyString};
@@ -115,10 +117,16 @@ impl Client {
     /// Locks the state without holding the GIL, so a thread waiting here never blocks the
     /// thread that holds the lock and needs the GIL to finish.
     fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, ClientState>> {
-        // Uncontended (the usual case): no need to let go of the GIL.
-        let state = match self.state.try_lock() {
-            Some(state) => state,
-            None => gil::detach_for_python(py, || self.state.lock()),
+        // Uncontended (the usual case): no need to let go of the GIL. Contended: wait without
+        // it for the holder to finish, then try again (a guard cannot leave the GIL-free wait).
+        let state = loop {
+            match self.state.try_lock() {
+                Ok(state) => break state,
+                Err(TryLockError::Poisoned(poisoned)) => break poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    gil::detach_for_python(py, || drop(locked(&self.state)));
+                }
+            }
         };
         if state.closed || self.closing.is_cancelled() {
             return Err(PyValueError::new_err("the client is closed"));
@@ -139,7 +147,7 @@ impl Client {
     /// The client's runtime; in a process forked after it was made, a new one (the old one's
     /// sockets share their kernel state with the parent's, so they are left alone, not closed).
     fn caller_runtime(&self) -> PyResult<Arc<tokio::runtime::Runtime>> {
-        let mut caller = self.runtime.lock();
+        let mut caller = locked(&self.runtime);
         let now = runtime::generation();
         if caller.generation != now {
             std::mem::forget(caller.runtime.take());
@@ -314,7 +322,7 @@ impl Client {
     /// flight on another thread fails at once with ConnectionClosedError.
     fn close(&self) {
         self.closing.cancel();
-        if let Some(mut state) = self.state.try_lock() {
+        if let Ok(mut state) = self.state.try_lock() {
             state.connection = None;
             state.closed = true;
         } // else the request in flight sees `closing`, drops the connection and marks it closed
@@ -345,19 +353,22 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         let now = runtime::generation();
-        let state = self.state.get_mut();
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if state.generation != now {
             // Opened before a fork: see `caller_runtime`.
             std::mem::forget(state.connection.take());
         }
-        let caller = self.runtime.get_mut();
+        let caller = self.runtime.get_mut().unwrap_or_else(|p| p.into_inner());
         if caller.generation != now {
             std::mem::forget(caller.runtime.take());
             return;
         }
         // The connection closes with its runtime (which never blocks here: the shutdown is in
         // the background, in case the last reference goes on some runtime's thread).
-        self.state.get_mut().connection = None;
+        self.state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .connection = None;
         if let Some(runtime) = caller
             .runtime
             .take()

@@ -16,12 +16,12 @@
 
 use std::io;
 
+use crate::py::cached::Cached;
 use pyo3::exceptions::{
     PyConnectionError, PyException, PyOSError, PyRecursionError, PyTimeoutError,
     PyUnicodeDecodeError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
 use crate::engine::codec::WireError;
@@ -40,7 +40,7 @@ pub struct Exceptions {
     pub remote: Py<PyType>,
 }
 
-static EXCEPTIONS: PyOnceLock<Exceptions> = PyOnceLock::new();
+static EXCEPTIONS: Cached<Exceptions> = Cached::new();
 
 fn make_class(
     py: Python<'_>,
@@ -57,7 +57,7 @@ fn make_class(
 
 /// The exception classes for this interpreter.
 pub fn exceptions<'py>(py: Python<'py>) -> PyResult<&'py Exceptions> {
-    EXCEPTIONS.get_or_try_init(py, || {
+    EXCEPTIONS.get_or_try_init(|| {
         let base = make_class(
             py,
             "FramesockError",

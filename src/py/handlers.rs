@@ -7,9 +7,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::py::cached::Cached;
 use bytes::Bytes;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use tokio::sync::oneshot;
 
@@ -111,7 +111,7 @@ impl PyHandler {
         threads: HandlerThreads,
         keep_last_value: bool,
     ) -> PyResult<Self> {
-        static TAKES_CALLER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static TAKES_CALLER: Cached<Py<PyAny>> = Cached::new();
         let wants_caller = TAKES_CALLER
             .import(py, "framesock._support", "takes_caller")?
             .call1((callable.bind(py),))?
@@ -146,7 +146,7 @@ impl PyHandler {
         if let Some((bridge, _)) = self.event_loop.get() {
             return Ok(bridge.clone());
         }
-        static IS_COROUTINE_FUNCTION: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static IS_COROUTINE_FUNCTION: Cached<Py<PyAny>> = Cached::new();
         let call_on_loop = IS_COROUTINE_FUNCTION
             .import(py, "inspect", "iscoroutinefunction")?
             .call1((self.callable.bind(py),))?

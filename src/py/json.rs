@@ -13,11 +13,11 @@
 
 use std::fmt::Write as _;
 
+use crate::py::cached::Cached;
 use jiter::Peek;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::engine::json_text::{escape, write_float_repr, Utf8};
@@ -67,8 +67,8 @@ const PAUSE_GC_FROM: usize = 4096;
 /// document lets the GIL go (see `build`); their garbage cycles wait for the end of this call
 /// (at most the time one document takes to decode) to be collected.
 fn without_gc<T>(py: Python<'_>, work: impl FnOnce() -> T) -> PyResult<T> {
-    static GC: PyOnceLock<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
-    let (is_enabled, disable, enable) = GC.get_or_try_init(py, || {
+    static GC: Cached<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> = Cached::new();
+    let (is_enabled, disable, enable) = GC.get_or_try_init(|| {
         let gc = py.import("gc")?;
         Ok::<_, PyErr>((
             gc.getattr("isenabled")?.unbind(),
@@ -332,7 +332,7 @@ fn reference_loads<'py>(py: Python<'py>, text: &[u8], near: usize) -> PyResult<B
 }
 
 fn json_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    static JSON_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static JSON_LOADS: Cached<Py<PyAny>> = Cached::new();
     JSON_LOADS.import(py, "json", "loads")
 }
 
@@ -714,9 +714,9 @@ impl<'py> Encoder<'py> {
             let _ = write!(Utf8(&mut self.out), "{small}");
             return Ok(());
         }
-        static INT_REPR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static INT_REPR: Cached<Py<PyAny>> = Cached::new();
         let py = int.py();
-        let int_repr = INT_REPR.get_or_try_init(py, || {
+        let int_repr = INT_REPR.get_or_try_init(|| {
             Ok::<_, PyErr>(py.get_type::<PyInt>().getattr("__repr__")?.unbind())
         })?;
         // Past sys.get_int_max_str_digits() this raises ValueError, as json.dumps does.

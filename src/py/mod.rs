@@ -3,6 +3,7 @@
 mod aio;
 mod args;
 mod bridge;
+mod cached;
 mod client;
 mod errors;
 mod gil;

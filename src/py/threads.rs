@@ -8,10 +8,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 
 use crate::engine::lock::{locked, ForkSafe};
@@ -110,9 +109,9 @@ impl HandlerThreads {
             pools.push(Arc::downgrade(&pool));
         }
         runtime::handle().spawn(watchdog(pool.clone()));
-        pool.state.lock().threads = 1;
+        locked(&pool.state).threads = 1;
         if let Err(err) = spawn_thread(py, &pool) {
-            pool.state.lock().threads = 0;
+            locked(&pool.state).threads = 0;
             pool.close(); // ends the watchdog
             return Err(err);
         }
@@ -130,7 +129,7 @@ impl HandlerThreads {
         if self.pool.is_inherited() {
             return;
         }
-        let mut state = self.pool.state.lock();
+        let mut state = locked(&self.pool.state);
         if state.closed {
             drop(state);
             drop_safely(prepare);
@@ -158,7 +157,7 @@ impl HandlerThreads {
     /// The pool's counters, for diagnosis: (queued, threads, starting, asleep, woken,
     /// watching, generation matches).
     pub fn debug_state(&self) -> (usize, usize, usize, usize, usize, bool, bool) {
-        let state = self.pool.state.lock();
+        let state = locked(&self.pool.state);
         (
             state.queue.len(),
             state.threads,
@@ -188,7 +187,7 @@ impl Pool {
         }
         self.watch.notify_one();
         let dropped = {
-            let mut state = self.state.lock();
+            let mut state = locked(&self.state);
             state.closed = true;
             std::mem::take(&mut state.queue)
         };
@@ -213,10 +212,10 @@ const STALL: Duration = Duration::from_millis(1);
 async fn watchdog(pool: Arc<Pool>) {
     loop {
         pool.watch.notified().await;
-        let mut takes_seen = pool.state.lock().takes;
+        let mut takes_seen = locked(&pool.state).takes;
         loop {
             tokio::time::sleep(STALL).await;
-            let mut state = pool.state.lock();
+            let mut state = locked(&pool.state);
             if state.closed {
                 return;
             }
@@ -232,7 +231,7 @@ async fn watchdog(pool: Arc<Pool>) {
                 pool.work.notify_one();
             }
         }
-        if pool.state.lock().closed {
+        if locked(&pool.state).closed {
             return;
         }
     }
@@ -263,7 +262,7 @@ struct JobSource {
     /// Set until this reserve thread's first wait.
     reserve: AtomicBool,
     /// Where the outcome of the call being made goes.
-    current: std::sync::Mutex<Option<Finish>>,
+    current: Mutex<Option<Finish>>,
 }
 
 #[pymethods]
@@ -280,7 +279,7 @@ impl JobSource {
     fn done_and_take<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) -> Option<Job> {
         self.finish(py, Ok(value));
         gil::bury_the_dead(py);
-        self.take_queued(py, self.pool.state.lock())
+        self.take_queued(py, locked(&self.pool.state))
     }
 
     /// The current call raised `error`.
@@ -293,7 +292,7 @@ impl JobSource {
     /// its place, so queued work is never left without one; None once the pool is closed.
     fn abandon(&self, py: Python<'_>, error: Bound<'_, PyAny>) -> Option<JobSource> {
         self.finish(py, Err(PyErr::from_value(error)));
-        let mut state = self.pool.state.lock();
+        let mut state = locked(&self.pool.state);
         if state.closed {
             state.threads -= 1;
             return None;
@@ -303,7 +302,7 @@ impl JobSource {
 
     /// The thread meant for this source could not be started.
     fn not_started(&self) {
-        let mut state = self.pool.state.lock();
+        let mut state = locked(&self.pool.state);
         state.threads -= 1;
         if self.reserve.swap(false, Ordering::Relaxed) {
             state.starting -= 1;
@@ -319,7 +318,7 @@ impl JobSource {
         let pool = &self.pool;
         let mut reserve = self.reserve.swap(false, Ordering::Relaxed);
         loop {
-            let mut state = pool.state.lock();
+            let mut state = locked(&pool.state);
             if reserve {
                 state.starting -= 1;
             }
@@ -338,7 +337,7 @@ impl JobSource {
             state.in_wait += 1;
             drop(state);
             py.detach(|| {
-                let mut state = pool.state.lock();
+                let mut state = locked(&pool.state);
                 // A reserve thread's first wait happens whatever is queued (see spawn_thread).
                 let mut first = !take;
                 while !state.closed && (first || state.queue.is_empty()) {
@@ -346,14 +345,19 @@ impl JobSource {
                     state.asleep += 1;
                     // Timed, so queued work never waits on a missed wake-up: a sleeping
                     // thread looks at the queue at least every RECHECK whatever the counts say.
-                    let timed_out = pool.work.wait_for(&mut state, RECHECK).timed_out();
+                    let (woken, waited) = pool
+                        .work
+                        .wait_timeout(state, RECHECK)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    state = woken;
+                    let timed_out = waited.timed_out();
                     state.asleep -= 1;
                     if !timed_out {
                         state.woken = state.woken.saturating_sub(1);
                     }
                 }
             });
-            let mut state = pool.state.lock();
+            let mut state = locked(&pool.state);
             state.in_wait -= 1;
             drop(state);
             pool.left.notify_all();
@@ -374,11 +378,11 @@ impl JobSource {
         JobSource {
             pool: pool.clone(),
             reserve: AtomicBool::new(reserve),
-            current: std::sync::Mutex::new(None),
+            current: Mutex::new(None),
         }
     }
 
-    fn current(&self) -> std::sync::MutexGuard<'_, Option<Finish>> {
+    fn current(&self) -> MutexGuard<'_, Option<Finish>> {
         locked(&self.current)
     }
 
@@ -387,7 +391,7 @@ impl JobSource {
     fn take_queued<'a>(
         &'a self,
         py: Python<'_>,
-        mut state: parking_lot::MutexGuard<'a, PoolState>,
+        mut state: MutexGuard<'a, PoolState>,
     ) -> Option<Job> {
         let pool = &self.pool;
         loop {
@@ -413,7 +417,7 @@ impl JobSource {
                     return Some((Some(call.function), Some(call.arguments), reserve));
                 }
                 None if reserve.is_some() => return Some((None, None, reserve)),
-                None => state = pool.state.lock(),
+                None => state = locked(&pool.state),
             }
         }
     }
@@ -447,9 +451,15 @@ pub fn close_all(py: Python<'_>, limit: Duration) {
     py.detach(|| {
         let deadline = Instant::now() + limit;
         for pool in &pools {
-            let mut state = pool.state.lock();
+            let mut state = locked(&pool.state);
             while state.in_wait > 0 {
-                if pool.left.wait_until(&mut state, deadline).timed_out() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let (woken, waited) = pool
+                    .left
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                state = woken;
+                if waited.timed_out() {
                     break;
                 }
             }
