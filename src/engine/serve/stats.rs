@@ -1,0 +1,148 @@
+//! The counters a server keeps (what `stats()` shows), and the guards that keep them right.
+
+use super::*;
+
+/// Counters, updated without locks from every connection; serialised with the field names
+/// `stats()` shows.
+#[derive(Default, Serialize)]
+pub struct Stats {
+    #[serde(rename = "connections_accepted")]
+    pub(super) accepted: AtomicU64,
+    #[serde(rename = "connections_active")]
+    pub(super) active: AtomicU64,
+    pub(super) requests: AtomicU64,
+    pub(super) bytes_in: AtomicU64,
+    pub(super) bytes_out: AtomicU64,
+    /// Request bytes held now (partly received or being answered), against `max_buffered`.
+    pub(super) bytes_buffered: AtomicU64,
+    pub(super) idle_closed: AtomicU64,
+    /// Idle connections closed to make room for a new one at `max_connections`.
+    pub(super) idle_evicted: AtomicU64,
+    /// Connections closed to make room while stuck inside a request (no progress for
+    /// `STALL_GRACE`), with no idle one left to close.
+    pub(super) stalled_evicted: AtomicU64,
+    /// Connections refused at once: their address had `max_connections_per_address` already.
+    pub(super) address_refused: AtomicU64,
+    /// Requests answered `busy` (framed) or connections closed (classic) because
+    /// `max_buffered` was reached.
+    pub(super) busy: AtomicU64,
+    pub(super) errors: ErrorCounts,
+}
+
+/// Failed exchanges and connections, by kind.
+#[derive(Default, Serialize)]
+pub(super) struct ErrorCounts {
+    pub(super) handler: AtomicU64,
+    pub(super) encode: AtomicU64,
+    pub(super) bad_request: AtomicU64,
+    pub(super) frame_too_large: AtomicU64,
+    pub(super) timeout: AtomicU64,
+    pub(super) disconnected: AtomicU64,
+    pub(super) io: AtomicU64,
+    /// A bug in framesock (a caught panic): the connection, or the server, was ended.
+    pub(super) internal: AtomicU64,
+    /// TLS handshakes that failed.
+    pub(super) tls: AtomicU64,
+}
+
+pub(super) fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Stats {
+    pub(super) fn failure(&self, kind: FailureKind) -> &AtomicU64 {
+        match kind {
+            FailureKind::BadRequest => &self.errors.bad_request,
+            FailureKind::Handler => &self.errors.handler,
+            FailureKind::Encode => &self.errors.encode,
+        }
+    }
+
+    pub(super) fn connection_error(&self, err: &Error) -> &AtomicU64 {
+        match err {
+            Error::Wire(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. }) => {
+                &self.errors.frame_too_large
+            }
+            Error::Wire(WireError::Truncated { .. } | WireError::ClosedBeforeMessage) => {
+                &self.errors.disconnected
+            }
+            Error::Timeout(_) => &self.errors.timeout,
+            _ => &self.errors.io,
+        }
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// The request bytes one connection holds, counted in `Stats::bytes_buffered` for as long as
+/// it holds them (also when shutdown drops its task).
+pub(super) struct Charge<'a> {
+    pub(super) total: &'a AtomicU64,
+    pub(super) held: u64,
+    /// What the request now arriving declared (with its header): counted whole from its
+    /// header on, so the requests arriving together can never outgrow `max_buffered`.
+    pub(super) reserved: u64,
+}
+
+impl<'a> Charge<'a> {
+    pub(super) fn new(total: &'a AtomicU64) -> Self {
+        Charge {
+            total,
+            held: 0,
+            reserved: 0,
+        }
+    }
+
+    /// Counts the request now arriving as its whole declared size (`holding` bytes are here).
+    pub(super) fn reserve(&mut self, whole: u64, holding: usize) {
+        self.reserved = whole;
+        self.set(holding);
+    }
+
+    /// This connection now holds `bytes` (or its reservation, if larger).
+    pub(super) fn set(&mut self, bytes: usize) {
+        let bytes = (bytes as u64).max(self.reserved);
+        if bytes > self.held {
+            self.total.fetch_add(bytes - self.held, Ordering::Relaxed);
+        } else {
+            self.total.fetch_sub(self.held - bytes, Ordering::Relaxed);
+        }
+        self.held = bytes;
+    }
+
+    /// What the other connections hold.
+    pub(super) fn others(&self) -> u64 {
+        self.total.load(Ordering::Relaxed).saturating_sub(self.held)
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.reserved = 0;
+        self.set(0);
+    }
+}
+
+/// Counts a connection as active for as long as it lives, also when shutdown drops its task.
+pub(super) struct ActiveConnection<'a>(&'a AtomicU64);
+
+impl<'a> ActiveConnection<'a> {
+    pub(super) fn count(active: &'a AtomicU64) -> Self {
+        bump(active, 1);
+        ActiveConnection(active)
+    }
+}
+
+impl Drop for ActiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
