@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import socket
 import ssl
 import struct
@@ -504,3 +505,27 @@ def test_a_framesock_client_talks_to_openssl_s_server(tmp_path, ca, server_cert)
         server.stdout.close()
         if not server.stdin.closed:
             server.stdin.close()
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+def test_clients_that_close_normally_leave_no_error_and_no_log(tls_server, ca, protocol, caplog):
+    # Before: every framed TLS Client closed normally was an `io` error and a WARNING
+    # ("peer closed connection without sending TLS close_notify"). framesock's clients now end
+    # with close_notify, and the server takes any end between requests as a clean one.
+    server = tls_server(protocol=protocol)
+    tls = client_tls(ca)
+
+    async def with_aio() -> None:
+        async with framesock.aio.Client(*server.address[:2], protocol=protocol, tls=tls) as client:
+            assert await client.request("aio") == {"echo": "aio"}
+
+    with caplog.at_level(logging.DEBUG, logger="framesock"):
+        for _ in range(3):
+            with framesock.Client(*server.address[:2], protocol=protocol, tls=tls) as client:
+                assert client.request("blocking") == {"echo": "blocking"}
+            asyncio.run(with_aio())
+        wait_until(lambda: server.stats()["connections_active"] == 0)
+    stats = server.stats()
+    assert stats["requests"] == 6
+    assert not any(stats["errors"].values()), stats["errors"]
+    assert [r.getMessage() for r in caplog.records if r.name == "framesock"] == []

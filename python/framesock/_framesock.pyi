@@ -376,7 +376,7 @@ class Server:
         """framesock.aio: awaitables returned by the handler run on the running loop, and the
         server shuts down when that loop is torn down."""
     def stats(self) -> ServerStats:
-        """Counters: ``connections_accepted``, ``connections_active``, ``requests``,
+        """Counters: ``connections_accepted``, ``connections_active``, ``connections_empty``, ``requests``,
         ``bytes_in``, ``bytes_out``, ``idle_closed`` and ``errors`` by kind (``handler``,
         ``encode``, ``bad_request``, ``frame_too_large``, ``timeout``, ``disconnected``, ``io``).
         """

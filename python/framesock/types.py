@@ -67,6 +67,7 @@ class ServerStats(TypedDict):
 
     connections_accepted: int
     connections_active: int
+    connections_empty: int
     requests: int
     bytes_in: int
     bytes_out: int

@@ -133,9 +133,23 @@ pub struct Connection {
     input: BytesMut,
 }
 
+impl Connection {
+    /// Ends the connection; a TLS session with `close_notify`, if the socket takes it now (the
+    /// caller's runtime `rt` drives the write; nothing waits).
+    pub fn end(mut self, rt: &tokio::runtime::Runtime) {
+        if matches!(self.stream, Stream::TlsClient(_)) {
+            use futures_util::FutureExt;
+            rt.block_on(async { self.stream.shutdown().now_or_never() });
+        }
+    }
+}
+
 /// How many times a request the server did not handle (it closed the connection first, saying
 /// so) is sent again, each time on a new connection, before the caller is told.
 pub const MAX_RESENDS: usize = 3;
+
+/// The most a client's close spends on ending a TLS session with `close_notify`.
+const CLOSE_NOTIFY_LIMIT: Duration = Duration::from_millis(100);
 
 /// Sends `count` request frames (already encoded back to back in `frames`) on the kept
 /// connection, connecting first if needed, and reads `count` replies in order.
@@ -745,8 +759,15 @@ impl Pipeline {
         }
     }
 
-    /// Drops the connection; waiting requests fail with `why`.
+    /// Drops the connection; waiting requests fail with `why`. A TLS session is ended with
+    /// `close_notify` first (in the background, at most `CLOSE_NOTIFY_LIMIT`).
     pub fn close(&self, why: &str) {
+        if let Slot::Ready(conn) = &*locked(&self.slot) {
+            let conn = conn.clone();
+            conn.runtime.clone().spawn(async move {
+                conn.write.close_notify(CLOSE_NOTIFY_LIMIT).await;
+            });
+        }
         let closed = || {
             Error::Wire(WireError::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,

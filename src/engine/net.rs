@@ -516,6 +516,19 @@ impl WritePart {
         }
     }
 
+    /// Ends a TLS session with `close_notify`, so the server sees a clean end (at most `limit`
+    /// spent on it); nothing to do for plain sockets, whose close says it all.
+    pub async fn close_notify(&self, limit: std::time::Duration) {
+        use tokio::io::AsyncWriteExt;
+        if let WritePart::Tls(session) = self {
+            let _ = tokio::time::timeout(limit, async {
+                let mut write = session.lock().await;
+                write.shutdown().await
+            })
+            .await;
+        }
+    }
+
     /// Writes what the socket takes now; `WouldBlock` if it takes nothing.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {

@@ -323,8 +323,15 @@ impl Client {
     fn close(&self) {
         self.closing.cancel();
         if let Ok(mut state) = self.state.try_lock() {
-            state.connection = None;
+            let connection = state.connection.take();
             state.closed = true;
+            if let (Some(connection), true) =
+                (connection, state.generation == runtime::generation())
+            {
+                if let Ok(rt) = self.caller_runtime() {
+                    connection.end(&rt);
+                }
+            }
         } // else the request in flight sees `closing`, drops the connection and marks it closed
     }
 

@@ -79,6 +79,11 @@ impl Service {
                             }
                         }
                     };
+                    let read = match read {
+                        // Left before the first byte: as if it had closed (see below).
+                        Err(err) if input.is_empty() && peer_left(&err) => Ok(0),
+                        read => read,
+                    };
                     if read.map_err(WireError::Io)? == 0 {
                         let frame = codec.decode_eof(&mut input)?;
                         return frame

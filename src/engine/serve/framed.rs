@@ -146,6 +146,8 @@ impl Service {
             read = stream.read_buf(input) => match read {
                 Ok(0) => Ok(Waited::PeerClosed),
                 Ok(n) => Ok(Waited::Read(n)),
+                // Between requests: a reset, or TLS ended without close_notify, loses nothing.
+                Err(err) if peer_left(&err) => Ok(Waited::PeerClosed),
                 Err(err) => Err(WireError::Io(err).into()),
             },
             _ = idle_timer.expired() => {
@@ -183,6 +185,8 @@ impl Service {
         let mut batch = Vec::new();
         // The largest reply of this connection so far, for how many to answer at once.
         let mut largest_reply = 0;
+        // Whether any byte came: a connection that ends before its first is counted apart.
+        let mut received = !input.is_empty();
         loop {
             // Every request already buffered (up to a bound), answered in order.
             let mut refused = None;
@@ -243,7 +247,14 @@ impl Service {
                     )
                     .await?
                 {
-                    Waited::Read(n) => bump(&self.stats.bytes_in, n as u64),
+                    Waited::Read(n) => {
+                        received = true;
+                        bump(&self.stats.bytes_in, n as u64);
+                    }
+                    Waited::PeerClosed if !received => {
+                        bump(&self.stats.empty, 1);
+                        return Ok(Ending::Done);
+                    }
                     Waited::PeerClosed => return Ok(Ending::Done),
                     Waited::Closing(why) => return Ok(Ending::Goodbye(why)),
                 }

@@ -16,9 +16,6 @@ pub struct Service {
     pub(super) per_address: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// The budget of peer-problem records (WARNING).
     pub(super) peer_log: LogBudget,
-    /// The budget of routine records (DEBUG: clients that left without a word), kept apart so
-    /// that a flood of port probes does not hide the warnings.
-    pub(super) quiet_log: LogBudget,
     /// TLS for every connection, if set.
     pub(super) tls: Option<crate::engine::tls::ServerTls>,
     /// What requests being answered may take in memory once the handler has them (in KiB),
@@ -76,7 +73,6 @@ impl Service {
             per_address: Mutex::default(),
             answering: Semaphore::new(answering_units(max_buffered)),
             peer_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
-            quiet_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
             tls: None,
         }
     }
@@ -168,17 +164,14 @@ impl Service {
 
     /// Counts and logs a connection that ended in error.
     pub(super) fn connection_failed(&self, err: &Error, peer: &Address) {
-        bump(self.stats.connection_error(err), 1);
-        let message = format!("connection from {peer} dropped: {err}");
-        match err {
-            // A client that connects and leaves without a word (a port probe) is not news.
-            Error::Wire(WireError::ClosedBeforeMessage) => {
-                if let Some(message) = self.quiet_log.admit(message) {
-                    self.log.log(Level::Debug, message, None)
-                }
-            }
-            _ => self.peer_problem(message),
+        if let Error::Wire(WireError::ClosedBeforeMessage) = err {
+            // A client that connects and leaves without a word (a health check, a port
+            // probe) is neither an error nor news.
+            bump(&self.stats.empty, 1);
+            return;
         }
+        bump(self.stats.connection_error(err), 1);
+        self.peer_problem(format!("connection from {peer} dropped: {err}"));
     }
 
     /// Logs what a peer did wrong (a bad frame, a timeout, a disconnect, no room): WARNING,

@@ -10,6 +10,10 @@ pub struct Stats {
     pub(super) accepted: AtomicU64,
     #[serde(rename = "connections_active")]
     pub(super) active: AtomicU64,
+    /// Connections that ended (closed or reset) before their first byte: a balancer's or a
+    /// monitor's TCP check, a port probe. Not errors, and not logged.
+    #[serde(rename = "connections_empty")]
+    pub(super) empty: AtomicU64,
     pub(super) requests: AtomicU64,
     pub(super) bytes_in: AtomicU64,
     pub(super) bytes_out: AtomicU64,
@@ -27,6 +31,16 @@ pub struct Stats {
     /// `max_buffered` was reached.
     pub(super) busy: AtomicU64,
     pub(super) errors: ErrorCounts,
+}
+
+/// Whether a read error only says the peer left: closed (TLS without `close_notify`), reset
+/// or aborted. Where no request was on its way, nothing was lost.
+pub(super) fn peer_left(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        err.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted
+    )
 }
 
 /// Failed exchanges and connections, by kind.
