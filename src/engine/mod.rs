@@ -10,6 +10,7 @@ pub mod json_text;
 pub mod lock;
 pub mod log_budget;
 pub mod net;
+pub mod proxy;
 pub mod runtime;
 pub mod serve;
 pub mod tls;
