@@ -88,12 +88,17 @@ def server(
         time.sleep(0.2)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace=5)
+
+
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if `proc` is still there after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -109,6 +114,7 @@ def workers_server(workers: int, app: str = "peers:handler"):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     port = None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     try:
         while sum("serving" in line for line in lines) < workers:
             line = proc.stderr.readline()
@@ -117,17 +123,12 @@ def workers_server(workers: int, app: str = "peers:handler"):
             lines.append(line)
             if "listening on" in line:
                 port = int(line.rsplit(":", 1)[1])
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
         reader.start()
         yield port, lines
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(5)
+        stop(proc, grace=30)
+        if reader.is_alive():
+            reader.join(5)
 
 
 def connections_per_worker(lines: list[str]) -> list[int]:

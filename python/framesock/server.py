@@ -18,11 +18,14 @@ from typing import Any, Optional
 from framesock import ServerTLS, _cli, start_server
 from framesock.workers import app as apps
 
+# `Server` settings that are options too, passed on when given.
+SERVER_SETTINGS = (
+    "protocol", "request_as", "idle_timeout", "max_connections", "max_connections_per_address",
+    "max_frame", "handler_threads", "max_unsent", "max_buffered",
+)  # fmt: skip
 # Options that only serving an app takes (the tutorial's one-shot server has its own few).
-APP_ONLY = (
-    "workers", "path", "protocol", "request_as", "idle_timeout", "max_connections", "max_frame",
-    "handler_threads", "max_unsent", "max_buffered", "backlog", "graceful_timeout", "max_requests",
-    "loop", "app_dir", "log_level", "io_threads", "max_connections_per_address",
+APP_ONLY = SERVER_SETTINGS + (
+    "workers", "path", "backlog", "graceful_timeout", "max_requests", "loop", "app_dir", "log_level", "io_threads",
 )  # fmt: skip
 
 
@@ -113,14 +116,7 @@ def serve_tutorial(options: argparse.Namespace) -> None:
 def serve_app(options: argparse.Namespace) -> None:
     from framesock.workers.run import run
 
-    settings = {
-        name: getattr(options, name)
-        for name in (
-            "protocol", "request_as", "idle_timeout", "max_connections", "max_connections_per_address",
-            "max_frame", "handler_threads", "max_unsent", "max_buffered",
-        )  # fmt: skip
-        if getattr(options, name) is not None
-    }
+    settings = {name: getattr(options, name) for name in SERVER_SETTINGS if getattr(options, name) is not None}
     workers = options.workers if options.workers is not None else 1
     status = 1
 
