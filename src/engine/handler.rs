@@ -12,23 +12,13 @@ use bytes::Bytes;
 
 use crate::engine::error::Failure;
 use crate::engine::net::Address;
+use crate::engine::tls::PeerCertificate;
 
 /// Who sent a request: the peer's address and, under mutual TLS, its verified certificate.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub address: Address,
     pub certificate: Option<PeerCertificate>,
-}
-
-/// A client certificate the server verified (mutual TLS).
-#[derive(Debug, Clone)]
-pub struct PeerCertificate {
-    /// The subject, as RFC 4514 writes it (e.g. `CN=client one,O=...`).
-    pub subject: String,
-    /// The subject alternative names, each as `DNS:name`, `IP:address`, `email:...` or `URI:...`.
-    pub alt_names: Vec<String>,
-    /// The certificate itself (DER).
-    pub der: Vec<u8>,
 }
 
 /// A reply on its way: the JSON text, or why there is none.

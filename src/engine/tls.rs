@@ -370,8 +370,19 @@ pub fn describe_failure(err: &std::io::Error, peer: &str) -> String {
     why
 }
 
+/// A client certificate the server verified (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct PeerCertificate {
+    /// The subject, as RFC 4514 writes it (e.g. `CN=client one,O=...`).
+    pub subject: String,
+    /// The subject alternative names, each as `DNS:name`, `IP:address`, `email:...` or `URI:...`.
+    pub alt_names: Vec<String>,
+    /// The certificate itself (DER).
+    pub der: Vec<u8>,
+}
+
 /// What a verified client certificate says about its holder: subject and alternative names.
-pub fn describe_certificate(der: Vec<u8>) -> crate::engine::handler::PeerCertificate {
+pub fn describe_certificate(der: Vec<u8>) -> PeerCertificate {
     use x509_parser::extensions::GeneralName;
     let (subject, alt_names) = match x509_parser::parse_x509_certificate(&der) {
         Ok((_, cert)) => {
@@ -397,7 +408,7 @@ pub fn describe_certificate(der: Vec<u8>) -> crate::engine::handler::PeerCertifi
         }
         Err(_) => (String::new(), Vec::new()),
     };
-    crate::engine::handler::PeerCertificate {
+    PeerCertificate {
         subject,
         alt_names,
         der,

@@ -10,7 +10,6 @@ use pyo3::prelude::*;
 use crate::engine::codec::MAX_PAYLOAD;
 use crate::engine::net::{Address, Endpoint};
 use crate::engine::serve::Protocol;
-use crate::py::handlers::RequestAs;
 
 /// Default for `max_frame` and `max_reply`: 16 MiB.
 pub const DEFAULT_MAX_LEN: usize = 16 * 1024 * 1024;
@@ -113,18 +112,6 @@ pub fn protocol(name: &str) -> PyResult<Protocol> {
         "framed" => Ok(Protocol::Framed),
         other => Err(PyValueError::new_err(format!(
             "protocol must be 'classic' or 'framed', not {other:?}"
-        ))),
-    }
-}
-
-/// `request_as=`: "text", "bytes" or "json".
-pub fn request_as(name: &str) -> PyResult<RequestAs> {
-    match name {
-        "text" => Ok(RequestAs::Text),
-        "bytes" => Ok(RequestAs::Bytes),
-        "json" => Ok(RequestAs::Json),
-        other => Err(PyValueError::new_err(format!(
-            "request_as must be 'text', 'bytes' or 'json', not {other:?}"
         ))),
     }
 }

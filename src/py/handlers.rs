@@ -32,6 +32,20 @@ pub enum RequestAs {
     Json,
 }
 
+impl RequestAs {
+    /// `request_as=`: "text", "bytes" or "json".
+    pub fn parse(name: &str) -> PyResult<Self> {
+        match name {
+            "text" => Ok(RequestAs::Text),
+            "bytes" => Ok(RequestAs::Bytes),
+            "json" => Ok(RequestAs::Json),
+            other => Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "request_as must be 'text', 'bytes' or 'json', not {other:?}"
+            ))),
+        }
+    }
+}
+
 /// The payload as text, exactly as `payload.decode("utf-8", "replace")` gives it (bytes that
 /// are not UTF-8 become U+FFFD; the raw bytes are kept apart). CPython's own decoder does it, in
 /// one pass.

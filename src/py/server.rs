@@ -18,7 +18,7 @@ use crate::engine::serve::{
 use crate::py::args::{self, address_object, Int};
 use crate::py::bridge::LoopBridge;
 use crate::py::errors::failure_error;
-use crate::py::handlers::{request_text, PyHandler, PyLog};
+use crate::py::handlers::{request_text, PyHandler, PyLog, RequestAs};
 use crate::py::json;
 use crate::py::threads::{self, HandlerThreads};
 use crate::py::tls::ServerTls as ServerTlsSettings;
@@ -106,7 +106,7 @@ impl Replies {
         settings: &Settings,
         purpose: Use,
     ) -> PyResult<Self> {
-        let request_as = args::request_as(&settings.request_as)?;
+        let request_as = RequestAs::parse(&settings.request_as)?;
         let (fixed, callable) = match (response, handler) {
             (Some(_), Some(_)) => {
                 return Err(PyTypeError::new_err(

@@ -6,7 +6,7 @@ use super::*;
 pub struct Exchange {
     pub peer: Address,
     /// The client's verified certificate (mutual TLS).
-    pub certificate: Option<crate::engine::handler::PeerCertificate>,
+    pub certificate: Option<crate::engine::tls::PeerCertificate>,
     pub local: Address,
     pub request: Bytes,
     pub reply: Bytes,
