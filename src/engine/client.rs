@@ -72,11 +72,10 @@ async fn read_classic_reply(stream: &mut Stream, max_reply: usize) -> Result<Vec
 /// Whether `bytes` are exactly one framed reply: JSON text never starts with the byte 0x00 or
 /// 0x80 that a frame header of a reply under 16 MiB starts with.
 fn looks_framed(bytes: &[u8]) -> bool {
-    if bytes.len() < codec::HEADER_LEN || !matches!(bytes[0], 0x00 | 0x80) {
+    if !matches!(bytes.first(), Some(0x00 | 0x80)) {
         return false;
     }
-    let declared = u32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]) as usize;
-    bytes.len() == codec::HEADER_LEN + declared
+    matches!(codec::declared_reply(bytes), Some((declared, _)) if bytes.len() == codec::HEADER_LEN + declared)
 }
 
 /// Whether the start of a framed reply's "header" is really JSON text: a classic server's

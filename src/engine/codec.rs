@@ -147,14 +147,35 @@ pub fn error_kind(payload: &[u8]) -> Option<String> {
     }
 }
 
+/// The payload length a request header at the start of `bytes` declares; None before its four
+/// bytes have arrived.
+pub fn declared_request_len(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(
+        bytes.get(..HEADER_LEN)?.try_into().ok()?,
+    ))
+}
+
+/// What a reply header at the start of `bytes` declares: (payload length, error flag).
+pub fn declared_reply(bytes: &[u8]) -> Option<(usize, bool)> {
+    let raw = declared_request_len(bytes)?;
+    Some(((raw & !ERROR_FLAG) as usize, raw & ERROR_FLAG != 0))
+}
+
+/// The header of a reply of `len` payload bytes (at most `MAX_REPLY_PAYLOAD`), written
+/// apart from its payload.
+pub fn reply_header(len: usize, is_error: bool) -> [u8; HEADER_LEN] {
+    debug_assert!(len <= MAX_REPLY_PAYLOAD);
+    (len as u32 | if is_error { ERROR_FLAG } else { 0 }).to_be_bytes()
+}
+
 /// The length of the first `count` frames of `frames` (whole frames, back to back).
 pub fn frames_len(frames: &[u8], count: usize) -> usize {
     let mut at = 0;
     for _ in 0..count {
-        let Some(header) = frames.get(at..at + HEADER_LEN) else {
+        let Some(len) = declared_request_len(&frames[at..]) else {
             return frames.len();
         };
-        let len = u32::from_be_bytes(header.try_into().expect("four bytes")) as usize;
+        let len = len as usize;
         at = (at + HEADER_LEN + len).min(frames.len());
     }
     at

@@ -41,8 +41,7 @@ impl Service {
                         return Ok(Some(frame));
                     }
                     if !admitted && input.len() >= codec::HEADER_LEN {
-                        let declared =
-                            u32::from_be_bytes(input[..4].try_into().unwrap_or_default());
+                        let declared = codec::declared_request_len(&input).unwrap_or_default();
                         let whole = codec::HEADER_LEN as u64 + u64::from(declared);
                         if charge.others() + whole > self.limits.max_buffered as u64 {
                             self.busy_reply(peer); // no room: the classic wire can only close

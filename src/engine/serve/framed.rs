@@ -101,7 +101,16 @@ impl Service {
         S: AsyncWrite + Unpin,
     {
         if json.len() > codec::MAX_REPLY_PAYLOAD {
-            let reply = error_reply("encode", "reply is too large for a frame");
+            // Counted and logged as any reply that cannot be sent (it was neither).
+            let failure = Failure::new(
+                FailureKind::Encode,
+                format!(
+                    "the reply ({} bytes) is too large for a frame (at most {})",
+                    json.len(),
+                    codec::MAX_REPLY_PAYLOAD
+                ),
+            );
+            let reply = self.exchange_failed(&failure, peer);
             codec::put_reply(&reply, true, output)?;
             return Ok(());
         }
@@ -109,8 +118,7 @@ impl Service {
             self.send(stream, output, peer).await?;
         }
         if json.len() > self.limits.max_unsent {
-            let declared = json.len() as u32 | if is_error { codec::ERROR_FLAG } else { 0 };
-            let mut header = BytesMut::from(&declared.to_be_bytes()[..]);
+            let mut header = BytesMut::from(&codec::reply_header(json.len(), is_error)[..]);
             self.send(stream, &mut header, peer).await?;
             self.write_bounded(stream, json, peer).await?;
             bump(&self.stats.bytes_out, json.len() as u64);
@@ -270,7 +278,7 @@ impl Service {
             });
             if !admitted && input.len() >= codec::HEADER_LEN {
                 // A new request's header: is there room for all it declares?
-                let declared = u32::from_be_bytes(input[..4].try_into().unwrap_or_default());
+                let declared = codec::declared_request_len(&input).unwrap_or_default();
                 let whole = codec::HEADER_LEN as u64 + u64::from(declared);
                 if charge.others() + whole > self.limits.max_buffered as u64 {
                     self.refuse_busy(stream, &mut input, whole, deadline, peer)
