@@ -156,7 +156,7 @@ const CLOSE_NOTIFY_LIMIT: Duration = Duration::from_millis(100);
 /// Writing and reading run together, so a batch far larger than the socket buffers cannot
 /// deadlock with both sides blocked on full buffers. `timeout` bounds connecting and the wait
 /// for each reply. Requests the server closed the connection before handling (its goodbye,
-/// see [`codec::CLOSING`]) are sent again on a new connection, up to [`MAX_RESENDS`] times.
+/// see [`codec::ErrorKind::Closing`]) are sent again on a new connection, up to [`MAX_RESENDS`] times.
 pub async fn framed_exchange(
     slot: &mut Option<Connection>,
     endpoint: &Endpoint,
@@ -278,7 +278,9 @@ async fn framed_attempt(
 /// Whether the server closes the connection after this reply: a refused header
 /// (`frame_too_large`) leaves the stream out of sync, so it does.
 fn ends_connection(reply: &Frame) -> bool {
-    reply.is_error && codec::error_kind(&reply.payload).as_deref() == Some("frame_too_large")
+    reply.is_error
+        && codec::error_kind(&reply.payload).as_deref()
+            == Some(codec::ErrorKind::FrameTooLarge.name())
 }
 
 /// Checks that nothing came after the replies asked for but the server's goodbye, and lets go
@@ -362,7 +364,7 @@ fn check_kept(slot: &mut Option<Connection>) -> Result<()> {
 /// How many unasked bytes a kept connection is checked for: a goodbye is far shorter.
 const GOODBYE_LOOK: usize = 4096;
 
-/// Whether `input` holds exactly the server's goodbye (see [`codec::CLOSING`]).
+/// Whether `input` holds exactly the server's goodbye (see [`codec::ErrorKind::Closing`]).
 fn is_goodbye(input: &BytesMut) -> bool {
     let mut input = input.clone();
     let goodbye = FrameCodec::replies(GOODBYE_LOOK).decode(&mut input);

@@ -22,7 +22,7 @@
 //! ```
 //!
 //! A server that closes a framed connection by its own choice (idle timeout, making room,
-//! shutdown) first writes one error reply of kind [`CLOSING`], unasked, then closes. It handles
+//! shutdown) first writes one error reply of kind `closing` ([`ErrorKind::Closing`]), unasked, then closes. It handles
 //! nothing it reads after that: every request the client sent with no reply before it was
 //! **not handled**, and can be sent again on a new connection whatever it does.
 //!
@@ -125,15 +125,55 @@ pub struct Frame {
     pub is_error: bool,
 }
 
-/// The kind of the error reply a server writes before it closes a framed connection by choice:
-/// no request without a reply before it was handled.
-pub const CLOSING: &str = "closing";
+/// Every kind of error reply, by the name it has on the wire (`{"error": name, ...}`), in
+/// `stats()["errors"]` where it is counted, and in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request could not be turned into what the handler wants.
+    BadRequest,
+    /// The handler failed (raised, was cancelled, or was abandoned).
+    Handler,
+    /// The handler's value could not be encoded as JSON, or is too large for a frame.
+    Encode,
+    /// A request header declared more than `max_frame`; the connection closes after it.
+    FrameTooLarge,
+    /// The server holds `max_buffered` request bytes already: the request was read and dropped.
+    Busy,
+    /// The server closes the connection by choice (idle, making room, shutting down), before it
+    /// handled anything still unanswered: what has no reply may be sent again elsewhere.
+    Closing,
+}
+
+impl ErrorKind {
+    /// The name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Handler => "handler",
+            ErrorKind::Encode => "encode",
+            ErrorKind::FrameTooLarge => "frame_too_large",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Closing => "closing",
+        }
+    }
+}
 
 impl Frame {
-    /// Whether this is the server's goodbye ([`CLOSING`]).
+    /// Whether this is the server's goodbye ([`ErrorKind::Closing`]).
     pub fn is_closing(&self) -> bool {
-        self.is_error && error_kind(&self.payload).as_deref() == Some(CLOSING)
+        self.is_error && self.error_kind() == Some(ErrorKind::Closing.name().to_owned())
     }
+
+    /// The kind of an error reply, if it names one.
+    pub fn error_kind(&self) -> Option<String> {
+        error_kind(&self.payload)
+    }
+}
+
+/// The payload of an error reply: `{"error": kind, "message": text}`.
+pub fn error_reply(kind: ErrorKind, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": kind.name(), "message": message }))
+        .expect("a map of two strings always serialises")
 }
 
 /// The `"error"` of an error reply's payload, if it has one.

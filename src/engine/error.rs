@@ -6,7 +6,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use crate::engine::codec::WireError;
+use crate::engine::codec::{ErrorKind, WireError};
 
 /// Everything a network step can fail with.
 #[derive(Debug)]
@@ -118,13 +118,18 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// The error reply's kind.
+    pub fn wire(self) -> ErrorKind {
+        match self {
+            FailureKind::BadRequest => ErrorKind::BadRequest,
+            FailureKind::Handler => ErrorKind::Handler,
+            FailureKind::Encode => ErrorKind::Encode,
+        }
+    }
+
     /// The name on the wire (`{"error": name, ...}`) and in `stats()["errors"]`.
     pub fn name(self) -> &'static str {
-        match self {
-            FailureKind::BadRequest => "bad_request",
-            FailureKind::Handler => "handler",
-            FailureKind::Encode => "encode",
-        }
+        self.wire().name()
     }
 }
 

@@ -233,7 +233,7 @@ impl Service {
             batch.clear();
             if let Some(err) = refused {
                 // The stream cannot be resynchronised after a refused header: say why, close.
-                let reply = error_reply("frame_too_large", &err.to_string());
+                let reply = codec::error_reply(codec::ErrorKind::FrameTooLarge, &err.to_string());
                 codec::put_reply(&reply, true, &mut output)?;
                 self.send(stream, &mut output, peer).await?;
                 self.linger(stream, LINGER_TIME).await;
@@ -370,6 +370,6 @@ impl Service {
             self.limits.max_buffered
         );
         self.peer_problem(format!("request from {peer} refused: {message}"));
-        error_reply("busy", &message)
+        codec::error_reply(codec::ErrorKind::Busy, &message)
     }
 }

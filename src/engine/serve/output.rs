@@ -82,7 +82,12 @@ impl Service {
              reply was not handled and can be sent again on a new connection"
         );
         let mut output = BytesMut::new();
-        if codec::put_reply(&error_reply(codec::CLOSING, &message), true, &mut output).is_ok()
+        if codec::put_reply(
+            &codec::error_reply(codec::ErrorKind::Closing, &message),
+            true,
+            &mut output,
+        )
+        .is_ok()
             && self.send(stream, &mut output, peer).await.is_ok()
         {
             self.linger(stream, GOODBYE_LINGER).await;

@@ -49,12 +49,6 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic".to_owned())
 }
 
-/// The payload of a framed error reply: `{"error": kind, "message": text}`.
-pub fn error_reply(kind: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "error": kind, "message": message }))
-        .expect("a map of two strings always serialises")
-}
-
 impl Service {
     pub fn new(
         protocol: Protocol,
@@ -151,15 +145,19 @@ impl Service {
     /// bad is the peer's: see `peer_problem`.
     pub(super) fn exchange_failed(&self, failure: &Failure, peer: &Address) -> Vec<u8> {
         bump(self.stats.failure(failure.kind), 1);
-        let kind = failure.kind.name();
-        let message = format!("request from {peer} failed ({kind}): {}", failure.message);
+        let kind = failure.kind.wire();
+        let message = format!(
+            "request from {peer} failed ({}): {}",
+            kind.name(),
+            failure.message
+        );
         match failure.kind {
             FailureKind::BadRequest => self.peer_problem(message),
             FailureKind::Handler | FailureKind::Encode => {
                 self.log.log(Level::Error, message, Some(failure))
             }
         }
-        error_reply(kind, &failure.message)
+        codec::error_reply(kind, &failure.message)
     }
 
     /// Counts and logs a connection that ended in error.
