@@ -41,13 +41,10 @@ impl Service {
                         return Ok(Some(frame));
                     }
                     if !admitted && input.len() >= codec::HEADER_LEN {
-                        let declared = codec::declared_request_len(&input).unwrap_or_default();
-                        let whole = codec::HEADER_LEN as u64 + u64::from(declared);
-                        if charge.others() + whole > self.limits.max_buffered as u64 {
+                        if admit(&mut charge, &input, &self.limits).is_err() {
                             self.busy_reply(peer); // no room: the classic wire can only close
                             return Ok(None);
                         }
-                        charge.reserve(whole, input.len());
                         admitted = true;
                     }
                     let read = if input.is_empty() {

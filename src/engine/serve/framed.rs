@@ -278,9 +278,7 @@ impl Service {
             });
             if !admitted && input.len() >= codec::HEADER_LEN {
                 // A new request's header: is there room for all it declares?
-                let declared = codec::declared_request_len(&input).unwrap_or_default();
-                let whole = codec::HEADER_LEN as u64 + u64::from(declared);
-                if charge.others() + whole > self.limits.max_buffered as u64 {
+                if let Err(whole) = admit(&mut charge, &input, &self.limits) {
                     self.refuse_busy(stream, &mut input, whole, deadline, peer)
                         .await?;
                     charge.set(0);
@@ -289,7 +287,6 @@ impl Service {
                     request_deadline = None;
                     continue;
                 }
-                charge.reserve(whole, input.len());
                 admitted = true;
             }
             let read = tokio::select! {

@@ -29,6 +29,23 @@ impl Limits {
     }
 }
 
+/// Admits the request whose header starts `input` if all it declares fits in `max_buffered`
+/// beside what the other connections hold: its bytes are then reserved in `charge`. Refused:
+/// how many bytes it declared, header included.
+pub(super) fn admit(
+    charge: &mut Charge<'_>,
+    input: &[u8],
+    limits: &Limits,
+) -> std::result::Result<(), u64> {
+    let declared = codec::declared_request_len(input).unwrap_or_default();
+    let whole = codec::HEADER_LEN as u64 + u64::from(declared);
+    if charge.others() + whole > limits.max_buffered as u64 {
+        return Err(whole);
+    }
+    charge.reserve(whole, input.len());
+    Ok(())
+}
+
 /// Default of `max_buffered`: 256 MiB, which a small machine can spare.
 pub const DEFAULT_MAX_BUFFERED: usize = 256 * 1024 * 1024;
 
