@@ -529,3 +529,19 @@ def test_clients_that_close_normally_leave_no_error_and_no_log(tls_server, ca, p
     assert stats["requests"] == 6
     assert not any(stats["errors"].values()), stats["errors"]
     assert [r.getMessage() for r in caplog.records if r.name == "framesock"] == []
+
+
+@pytest.mark.parametrize("protocol", ["classic", "framed"])
+def test_tcp_checks_on_a_tls_port_are_empty_connections_not_tls_errors(tls_server, protocol, caplog):
+    # A balancer's TCP check connects and closes (HAProxy ends it with a reset) without a
+    # ClientHello: counted in connections_empty, never as a failed handshake, and not logged.
+    server = tls_server(protocol=protocol)
+    with caplog.at_level(logging.DEBUG, logger="framesock"):
+        for index in range(20):
+            probe = socket.create_connection(server.address[:2], timeout=5)
+            if index % 2:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            probe.close()
+        wait_until(lambda: server.stats()["connections_empty"] == 20)
+    assert not any(server.stats()["errors"].values()), server.stats()["errors"]
+    assert [r.getMessage() for r in caplog.records if r.name == "framesock"] == []

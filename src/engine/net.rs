@@ -429,6 +429,24 @@ fn peer_closed(socket: socket2::SockRef<'_>) -> bool {
 }
 
 impl Stream {
+    /// Whether the peer leaves (closes or resets) before sending its first byte: waits for that
+    /// byte or the end, and reads nothing. Only a TCP stream is looked at (false otherwise).
+    pub async fn ends_before_first_byte(&self) -> bool {
+        match self {
+            Stream::Tcp(stream) => match stream.peek(&mut [0u8; 1]).await {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(err) => matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::UnexpectedEof
+                ),
+            },
+            _ => false,
+        }
+    }
+
     /// Whether the peer closed this idle connection, seen on the socket itself: tokio's
     /// readiness can lag the socket (the reactor may not have seen the peer's FIN yet), so a
     /// poll could say "quiet" for a connection the peer already closed. For TLS, the socket

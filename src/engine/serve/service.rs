@@ -89,9 +89,13 @@ impl Service {
         let idle = registration.enter();
         let limit = self.limits.timeout.or(self.limits.idle_timeout);
         let handshake = within(limit, || format!("TLS handshake with {peer}"), async {
+            if stream.ends_before_first_byte().await {
+                return Ok(None); // a balancer's TCP check: not a failed handshake
+            }
             acceptor
                 .accept(stream)
                 .await
+                .map(Some)
                 .map_err(|err| Error::Tls(crate::engine::tls::describe_failure(&err, "client")))
         });
         let outcome = tokio::select! {
@@ -102,7 +106,11 @@ impl Service {
             outcome = handshake => outcome,
         };
         match outcome {
-            Ok(secured) => Some(Stream::TlsServer(Box::new(secured))),
+            Ok(Some(secured)) => Some(Stream::TlsServer(Box::new(secured))),
+            Ok(None) => {
+                bump(&self.stats.empty, 1);
+                None
+            }
             Err(err) => {
                 bump(&self.stats.errors.tls, 1);
                 self.peer_problem(format!("TLS handshake with {peer} failed: {err}"));
