@@ -410,7 +410,7 @@ def test_a_flood_of_silent_connections_queues_and_logs_nothing(server_factory, c
             flood = 2000
             for index in range(flood):
                 probe = socket.create_connection(server.address[:2], timeout=10)
-                if index % 2:  # half end with a reset, as HAProxy's checks do
+                if index % 2:  # half end with a reset, as load balancers' checks do
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 probe.close()
             wait_until(lambda: server.stats()["connections_accepted"] >= flood + 2)

@@ -533,7 +533,7 @@ def test_clients_that_close_normally_leave_no_error_and_no_log(tls_server, ca, p
 
 @pytest.mark.parametrize("protocol", ["classic", "framed"])
 def test_tcp_checks_on_a_tls_port_are_empty_connections_not_tls_errors(tls_server, protocol, caplog):
-    # A balancer's TCP check connects and closes (HAProxy ends it with a reset) without a
+    # A balancer's TCP check connects and closes (some end it with a reset) without a
     # ClientHello: counted in connections_empty, never as a failed handshake, and not logged.
     server = tls_server(protocol=protocol)
     with caplog.at_level(logging.DEBUG, logger="framesock"):
