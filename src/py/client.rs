@@ -1,14 +1,10 @@
 //! `Client` (kept connections, pipelining) and `start_client` (the seed's one exchange).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-// parking_lot's guard may cross `py.detach` (its `send_guard` feature); std's may not.
-use std::sync::{Mutex, MutexGuard, TryLockError};
-
-use crate::engine::lock::locked;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyString};
@@ -17,6 +13,7 @@ use tokio_util::codec::Encoder;
 use crate::engine::client::{classic_exchange, framed_exchange, Connection};
 use crate::engine::codec::{self, Frame, FrameCodec};
 use crate::engine::error::Error;
+use crate::engine::lock::locked;
 use crate::engine::net::Endpoint;
 use crate::engine::runtime;
 use crate::engine::serve::Protocol;

@@ -348,12 +348,12 @@ class Supervisor:
             logger.info("%s stopped (%s)", worker, how)
             return
         now = time.monotonic()
-        logger.warning("%s died (%s); starting another", worker, how)
         for other in self.workers:
             if other.replacing is worker:
-                # Its replacement is already on the way.
+                logger.warning("%s died (%s); its replacement is already starting", worker, how)
                 other.replacing = None
                 return
+        logger.warning("%s died (%s); starting another", worker, how)
         if now - worker.started < EARLY_DEATH:
             self.early_deaths = [t for t in self.early_deaths if now - t < EARLY_DEATH] + [now]
             if len(self.early_deaths) >= CRASH_LOOP:

@@ -194,7 +194,7 @@ impl Service {
         // The largest reply of this connection so far, for how many to answer at once.
         let mut largest_reply = 0;
         // Whether any byte came: a connection that ends before its first is counted apart.
-        let mut received = !input.is_empty();
+        let mut received = false;
         loop {
             // Every request already buffered (up to a bound), answered in order.
             let mut refused = None;
