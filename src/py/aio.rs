@@ -23,6 +23,7 @@ use crate::engine::runtime;
 use crate::engine::serve::Protocol;
 use crate::py::args::Int;
 use crate::py::bridge::{resolve, LoopBridge};
+use crate::py::cached::interned;
 use crate::py::client::{message_payload, put_request, reply_value, ClientConfig};
 use crate::py::gil::GilDrop;
 use crate::py::json;
@@ -102,7 +103,7 @@ impl AsyncClient {
         let bridge = self.bridge(py)?;
         let future = bridge
             .event_loop(py)
-            .call_method0(pyo3::intern!(py, "create_future"))?;
+            .call_method0(interned!(py, "create_future"))?;
         let target = GilDrop::new(future.clone().unbind());
         let loop_side = bridge.clone();
         self.pipeline.send(

@@ -24,6 +24,7 @@ use pyo3::types::PyDict;
 
 use crate::engine::lock::{locked, ForkSafe};
 use crate::engine::{self, runtime};
+use crate::py::cached::interned;
 use crate::py::gil::{drop_safely, GilDrop};
 
 /// Work for the event loop's thread.
@@ -238,7 +239,7 @@ impl LoopBridge {
     {
         let future = self
             .event_loop(py)
-            .call_method0(pyo3::intern!(py, "create_future"))?;
+            .call_method0(interned!(py, "create_future"))?;
         // Dropped with the task if it is aborted, on an engine thread: see `gil`.
         let target = GilDrop::new(future.clone().unbind());
         let finish = GilDrop::new(finish);
@@ -256,7 +257,7 @@ impl LoopBridge {
         let abort = AbortIfCancelled {
             task: task.abort_handle(),
         };
-        future.call_method1(pyo3::intern!(py, "add_done_callback"), (abort,))?;
+        future.call_method1(interned!(py, "add_done_callback"), (abort,))?;
         Ok(future)
     }
 }
@@ -264,15 +265,15 @@ impl LoopBridge {
 /// Completes an asyncio future, unless it was cancelled meanwhile (its awaiter knows already).
 pub fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: PyResult<Py<PyAny>>) {
     if future
-        .call_method0(pyo3::intern!(py, "done"))
+        .call_method0(interned!(py, "done"))
         .and_then(|done| done.is_truthy())
         .unwrap_or(true)
     {
         return;
     }
     let _ = match outcome {
-        Ok(value) => future.call_method1(pyo3::intern!(py, "set_result"), (value,)),
-        Err(err) => future.call_method1(pyo3::intern!(py, "set_exception"), (err.into_value(py),)),
+        Ok(value) => future.call_method1(interned!(py, "set_result"), (value,)),
+        Err(err) => future.call_method1(interned!(py, "set_exception"), (err.into_value(py),)),
     };
 }
 
@@ -309,7 +310,7 @@ pub fn run_as_task<'py>(
             .import(py, "asyncio", "ensure_future")?
             .call((awaitable,), Some(&kwargs))?
     };
-    task.call_method1(pyo3::intern!(py, "add_done_callback"), (when_done,))?;
+    task.call_method1(interned!(py, "add_done_callback"), (when_done,))?;
     Ok(task)
 }
 
@@ -371,4 +372,11 @@ pub fn close_all(py: Python<'_>) {
     for bridge in bridges {
         bridge.close(py);
     }
+}
+
+/// Makes this module's private classes' type objects now, at import (see `py::warm_up`).
+pub(super) fn make_types(py: Python<'_>) {
+    let _ = <Drain as pyo3::PyTypeInfo>::type_object(py);
+    let _ = <LoopEnded as pyo3::PyTypeInfo>::type_object(py);
+    let _ = <AbortIfCancelled as pyo3::PyTypeInfo>::type_object(py);
 }

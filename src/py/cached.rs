@@ -7,6 +7,12 @@
 //! by a thread it does not have, and its first use waits forever (seen: 3 runs in 600 of
 //! `tests/programs/fork_under_load.py`). Here nobody waits: a thread that finds the cell empty
 //! makes the value itself, and the first one stored is kept (both are the same object).
+//!
+//! pyo3's `intern!` keeps its string in a `PyOnceLock` too, and every `PyOnceLock` lets go of
+//! the GIL before it starts its initializer and takes it back inside: whatever the initializer
+//! does, a fork by the thread holding the GIL at that moment leaves the cell "being made" in
+//! the child (seen: `intern!` in `aio.Client.request`, 2 runs in 400). Use [`interned!`]; and
+//! pyo3's own lazily made type objects are made at import, on one thread (`py::warm_up`).
 
 use std::sync::OnceLock;
 
@@ -34,6 +40,22 @@ impl<T> Cached<T> {
         Ok(self.0.get().expect("stored above"))
     }
 }
+
+/// `pyo3::intern!` without its `PyOnceLock`: the interned Python `str` for a literal.
+macro_rules! interned {
+    ($py:expr, $text:expr) => {{
+        static INTERNED: $crate::py::cached::Cached<pyo3::Py<pyo3::types::PyString>> =
+            $crate::py::cached::Cached::new();
+        let py: pyo3::Python<'_> = $py;
+        INTERNED
+            .get_or_try_init(|| {
+                Ok::<_, std::convert::Infallible>(pyo3::types::PyString::intern(py, $text).unbind())
+            })
+            .unwrap_or_else(|never| match never {})
+            .bind(py)
+    }};
+}
+pub(crate) use interned;
 
 impl<T: PyTypeCheck> Cached<Py<T>> {
     /// `module.attr`, imported on first use.

@@ -17,6 +17,7 @@ use crate::engine::error::{Failure, FailureKind};
 use crate::engine::handler::{Caller, Handler, Level, Log, PendingReply};
 use crate::engine::lock::locked;
 use crate::py::bridge::{run_as_task, LoopBridge};
+use crate::py::cached::interned;
 use crate::py::gil::GilDrop;
 use crate::py::json;
 use crate::py::threads::{Call, HandlerThreads};
@@ -96,7 +97,7 @@ pub fn python_failure(py: Python<'_>, kind: FailureKind, err: PyErr) -> Failure 
 fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
     !(value.is_instance_of::<PyDict>() || value.is_instance_of::<PyList>())
         && value
-            .hasattr(pyo3::intern!(value.py(), "__await__"))
+            .hasattr(interned!(value.py(), "__await__"))
             .unwrap_or(false)
 }
 
@@ -574,4 +575,9 @@ impl PyCaller {
             None => format!("<framesock.Caller {}>", self.caller.address),
         }
     }
+}
+
+/// Makes this module's private classes' type objects now, at import (see `py::warm_up`).
+pub(super) fn make_types(py: Python<'_>) {
+    let _ = <SendWhenDone as pyo3::PyTypeInfo>::type_object(py);
 }

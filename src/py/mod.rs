@@ -45,6 +45,22 @@ fn _after_fork_in_child() {
     bridge::forget_after_fork();
 }
 
+/// Makes, at import, what pyo3 would otherwise make on first use behind a `PyOnceLock`: the
+/// type objects of the private classes and of the abstract types a conversion may check. A
+/// `PyOnceLock` lets go of the GIL while it is being filled, so one first filled by an engine
+/// thread while another thread forks stays "being made" in the child, and its first use
+/// there waits forever (see `cached.rs`). Import runs on one thread, under the import lock.
+fn warm_up(py: Python<'_>) {
+    use pyo3::types::{PyMapping, PySequence};
+    use pyo3::PyTypeInfo;
+    let _ = PyMapping::type_object(py);
+    let _ = PySequence::type_object(py);
+    let _ = pyo3::panic::PanicException::type_object(py);
+    handlers::make_types(py);
+    bridge::make_types(py);
+    threads::make_types(py);
+}
+
 /// The native module behind the `framesock` package.
 #[pymodule]
 fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -63,5 +79,6 @@ fn _framesock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(json::_json_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
+    warm_up(m.py());
     Ok(())
 }

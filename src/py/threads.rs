@@ -466,3 +466,8 @@ pub fn close_all(py: Python<'_>, limit: Duration) {
         }
     });
 }
+
+/// Makes this module's private classes' type objects now, at import (see `py::warm_up`).
+pub(super) fn make_types(py: Python<'_>) {
+    let _ = <JobSource as pyo3::PyTypeInfo>::type_object(py);
+}
