@@ -3,7 +3,7 @@
 import json
 import ssl
 from types import TracebackType
-from typing import Any, Awaitable, Callable, Iterable, Optional, Union, final
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union, final
 
 from framesock.types import (
     Address as _Address,
@@ -77,7 +77,12 @@ class Caller:
 
     @property
     def address(self) -> _Address:
-        """The client's address: ``(host, port)`` (IPv6: 4-tuple) or a Unix socket path."""
+        """The client's address: ``(host, port)`` (IPv6: 4-tuple) or a Unix socket path.
+        Under the PROXY protocol, the client the balancer speaks for."""
+    @property
+    def proxy_address(self) -> Optional[_Address]:
+        """Under the PROXY protocol, the balancer's address (the connection's own peer);
+        None without it."""
     @property
     def tls_subject(self) -> Optional[str]:
         """The subject of the client's verified certificate (mutual TLS), RFC 4514 style."""
@@ -155,6 +160,8 @@ def start_server(
     ready: Optional[Callable[[Any], object]] = None,
     path: Optional[_Path] = None,
     tls: Optional[ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[Sequence[str]] = None,
 ) -> Exchange:
     """Serve one client and one request, like the seed's server, then close and return.
 
@@ -176,15 +183,20 @@ def start_server(
             replaced), ``"bytes"`` or ``"json"`` (the parsed value).
         ready: Called with the bound address once the server listens (useful with port 0).
         path: Listen on this Unix domain socket path instead of ``host``/``port``.
+        proxy_protocol: The connection begins with a PROXY protocol header (see ``Server``).
+        proxy_from: Where the header is taken from (see ``Server``).
 
     Returns:
         A dict with ``peer`` (the client's address), ``address`` (the bound address),
-        ``request`` (str), ``request_bytes`` (the raw payload) and ``reply`` (the value sent).
+        ``request`` (str), ``request_bytes`` (the raw payload) and ``reply`` (the value sent);
+        under the PROXY protocol also ``proxy_address`` (the balancer).
 
     Raises:
         FrameTooLargeError: The header declared more than ``max_frame`` bytes.
         ConnectionClosedError: The client left mid-frame or before sending anything.
         FramesockTimeoutError: A step outlived ``timeout``.
+        ProtocolError: ``proxy_protocol=True`` and the connection came from outside
+            ``proxy_from`` or did not begin with a valid PROXY header.
         JSONDecodeError: ``request_as="json"`` and the request is not JSON.
         OSError: The address could not be bound (e.g. address in use).
         TypeError: Bad argument types, both ``response`` and ``handler``, or a reply value of a
@@ -272,6 +284,8 @@ class Server:
         max_connections_per_address: Optional[int] = None,
         fd: Optional[int] = None,
         io_threads: Optional[int] = None,
+        proxy_protocol: bool = False,
+        proxy_from: Optional[Sequence[str]] = None,
     ) -> "Server":
         """Bind the server.
 
@@ -316,6 +330,17 @@ class Server:
             io_threads: Threads doing the network I/O of the whole process (None: one per
                 core). Takes effect when the first server or client of the process starts
                 the engine; a different number after that is a ``ValueError``.
+            proxy_protocol: Every connection begins with a PROXY protocol header (v1 or v2,
+                as HAProxy's ``send-proxy``/``send-proxy-v2`` write it), read before anything
+                else, TLS included, within 3 s (or ``timeout`` if shorter). The client it
+                names becomes ``Caller.address`` and the address in log lines; the balancer's
+                is ``Caller.proxy_address``. A v2 ``LOCAL`` or v1 ``UNKNOWN`` header (a
+                balancer's own check) keeps the connection's address. A connection without
+                a valid header is closed and counted in ``stats()["errors"]["proxy"]``.
+            proxy_from: Addresses or CIDR ranges (``"10.0.0.0/8"``, ``"::1"``) whose
+                connections may send the header; others are closed and counted as ``proxy``
+                errors. Default: ``127.0.0.0/8`` and ``::1``. Unix socket peers are always
+                taken. Only with ``proxy_protocol=True``.
 
         Raises:
             OSError: The address cannot be bound.
@@ -476,6 +501,8 @@ def start_server_async(
     ready: Optional[Callable[[Any], object]],
     path: Optional[_Path],
     tls: Optional[ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[list[str]] = None,
 ) -> Awaitable[Exchange]:
     """``start_server`` as an awaitable for the running event loop (see ``framesock.aio``)."""
 

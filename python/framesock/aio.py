@@ -25,7 +25,7 @@ request's connection is closed.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 from framesock import _framesock
 from framesock.types import (
@@ -61,6 +61,8 @@ async def start_server(
     ready: Optional[Callable[[Any], object]] = None,
     path: Optional[PathLike] = None,
     tls: Optional[_framesock.ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[Sequence[str]] = None,
 ) -> Exchange:
     """Serve one client and one request, like ``framesock.start_server``.
 
@@ -68,7 +70,8 @@ async def start_server(
     ``ready(address)`` is called on this event loop once the socket listens.
     """
     return await _framesock.start_server_async(
-        host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path, tls
+        host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path, tls,
+        proxy_protocol, None if proxy_from is None else list(proxy_from),
     )
 
 
@@ -164,6 +167,8 @@ class Server:
         max_connections_per_address: Optional[int] = None,
         fd: Optional[int] = None,
         io_threads: Optional[int] = None,
+        proxy_protocol: bool = False,
+        proxy_from: Optional[Sequence[str]] = None,
     ) -> None:
         self._server = _framesock.Server(
             handler,
@@ -185,6 +190,8 @@ class Server:
             max_connections_per_address=max_connections_per_address,
             fd=fd,
             io_threads=io_threads,
+            proxy_protocol=proxy_protocol,
+            proxy_from=None if proxy_from is None else list(proxy_from),
         )
 
     @property

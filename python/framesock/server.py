@@ -21,7 +21,7 @@ from framesock.workers import app as apps
 # `Server` settings that are options too, passed on when given.
 SERVER_SETTINGS = (
     "protocol", "request_as", "idle_timeout", "max_connections", "max_connections_per_address",
-    "max_frame", "handler_threads", "max_unsent", "max_buffered",
+    "max_frame", "handler_threads", "max_unsent", "max_buffered", "proxy_protocol", "proxy_from",
 )  # fmt: skip
 # Options that only serving an app takes (the tutorial's one-shot server has its own few).
 APP_ONLY = SERVER_SETTINGS + (
@@ -56,6 +56,8 @@ def add_app_options(cli: argparse.ArgumentParser) -> None:
     add("--handler-threads", type=int, default=None, help="handler calls at once per worker (default: min(32, cores + 4))")
     add("--max-unsent", type=int, default=None, help="reply bytes a connection may leave unread (default: 64 KiB)")
     add("--max-buffered", type=int, default=None, help="request bytes all connections of a worker may hold (default: 256 MiB)")
+    add("--proxy-protocol", action="store_const", const=True, default=None, help="every connection begins with a PROXY protocol v1/v2 header from a balancer (HAProxy send-proxy-v2)")
+    add("--proxy-from", action="append", metavar="CIDR", default=None, help="take PROXY headers only from this address or range; repeatable (default: 127.0.0.0/8 and ::1)")
     add("--backlog", type=int, default=1024, help="listen backlog (default: %(default)s)")
     add("--io-threads", type=int, default=None, help="network I/O threads per worker (default: the cores shared out)")
     add("--graceful-timeout", type=float, default=25.0, help="seconds SIGTERM gives exchanges in progress (default: %(default)s)")

@@ -60,6 +60,7 @@ class ErrorCounts(TypedDict):
     io: int
     internal: int
     tls: int
+    proxy: int
 
 
 class ServerStats(TypedDict):
@@ -80,14 +81,16 @@ class ServerStats(TypedDict):
     errors: ErrorCounts
 
 
-class _ExchangeUnderMutualTLS(TypedDict, total=False):
+class _ExchangeSometimes(TypedDict, total=False):
     tls_subject: str
     tls_alt_names: List[str]
+    proxy_address: Address
 
 
-class Exchange(_ExchangeUnderMutualTLS):
+class Exchange(_ExchangeSometimes):
     """What ``start_server()`` returns: the one exchange it served. Under mutual TLS it also
-    holds the client certificate's ``tls_subject`` and ``tls_alt_names``."""
+    holds the client certificate's ``tls_subject`` and ``tls_alt_names``; under the PROXY
+    protocol, ``peer`` is the client the balancer named and ``proxy_address`` the balancer."""
 
     peer: Address
     address: Address

@@ -17,8 +17,12 @@ use crate::engine::tls::PeerCertificate;
 /// Who sent a request: the peer's address and, under mutual TLS, its verified certificate.
 #[derive(Debug, Clone)]
 pub struct Caller {
+    /// The client's address: the connection's peer, or under the PROXY protocol the client
+    /// the balancer speaks for.
     pub address: Address,
     pub certificate: Option<PeerCertificate>,
+    /// Under the PROXY protocol, the balancer's address (the connection's own peer).
+    pub proxy_address: Option<Address>,
 }
 
 /// A reply on its way: the JSON text, or why there is none.

@@ -447,6 +447,29 @@ impl Stream {
         }
     }
 
+    /// Copies the bytes waiting on the socket into `buf` without taking them (a PROXY header is
+    /// looked at before it is read, so nothing past it is ever read). Waits for at least one
+    /// byte or the end (0). Only for a plain TCP or Unix stream.
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => stream.peek(buf).await,
+            Stream::Unix(stream) => {
+                stream
+                    .async_io(tokio::io::Interest::READABLE, || {
+                        // SAFETY: a [u8] is valid as [MaybeUninit<u8>], and peek only writes.
+                        let uninit =
+                            unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+                        socket2::SockRef::from(stream).peek(uninit)
+                    })
+                    .await
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "peek is only for a plain socket",
+            )),
+        }
+    }
+
     /// Whether the peer closed this idle connection, seen on the socket itself: tokio's
     /// readiness can lag the socket (the reactor may not have seen the peer's FIN yet), so a
     /// poll could say "quiet" for a connection the peer already closed. For TLS, the socket

@@ -211,10 +211,94 @@ fn parse_v2(input: &[u8]) -> Result<Option<(Source, usize)>, ProxyError> {
     Ok(Some((source, length)))
 }
 
+/// A range of addresses a PROXY header is taken from: `10.0.0.0/8`, `2001:db8::/32`, or one
+/// address (`192.0.2.7`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range; an IPv4 address seen as IPv6 (`::ffff:192.0.2.7`, as a
+    /// dual-stack socket reports it) counts as the IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("not an address or a CIDR range: {text:?} (e.g. '10.0.0.0/8', '::1')");
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = address.trim().parse().map_err(|_| bad())?;
+        let most = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => most,
+            Some(prefix) => match prefix.trim().parse::<u8>() {
+                Ok(prefix) if prefix <= most => prefix,
+                _ => return Err(bad()),
+            },
+        };
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cidr_ranges() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: Cidr = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("::2".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        assert!(!all.contains("2001:db8::1".parse().unwrap()));
+        assert!("::/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains("2001:db8::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/", "::1/129", ""] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!(net.to_string(), "10.1.0.0/16");
+    }
 
     fn v2(command: u8, family: u8, body: &[u8]) -> Vec<u8> {
         let mut out = V2_SIGNATURE.to_vec();

@@ -272,7 +272,10 @@ impl Drop for AsyncClient {
 /// A handler may be a coroutine function (it runs on the caller's event loop); `ready` is
 /// called on the event loop once the socket listens.
 #[pyfunction]
-#[pyo3(signature = (host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path, tls = None))]
+#[pyo3(signature = (
+    host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path,
+    tls = None, proxy_protocol = false, proxy_from = None,
+))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server_async<'py>(
     py: Python<'py>,
@@ -287,10 +290,14 @@ pub fn start_server_async<'py>(
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,
     tls: Option<PyRef<'py, crate::py::tls::ServerTls>>,
+    proxy_protocol: bool,
+    proxy_from: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let tls = tls.map(|tls| tls.settings.clone());
+    let proxy = crate::py::args::proxy_protocol(proxy_protocol, proxy_from)?;
     let server = one_shot_server(
         py, host, port, path, response, handler, timeout, max_frame, backlog, request_as, tls,
+        proxy,
     )?;
     server._use_event_loop(py)?;
     // `ready` runs here, on the event loop: this is called from a coroutine.

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 
 use crate::engine::codec::MAX_PAYLOAD;
 use crate::engine::net::{Address, Endpoint};
-use crate::engine::serve::Protocol;
+use crate::engine::serve::{Protocol, ProxyProtocol};
 
 /// Default for `max_frame` and `max_reply`: 16 MiB.
 pub const DEFAULT_MAX_LEN: usize = 16 * 1024 * 1024;
@@ -212,4 +212,37 @@ pub fn address_object<'py>(py: Python<'py>, addr: &Address) -> PyResult<Bound<'p
             .into_any(),
     };
     Ok(object)
+}
+
+/// Where PROXY protocol headers are taken from when `proxy_from` is not given: this host.
+pub const DEFAULT_PROXY_FROM: [&str; 2] = ["127.0.0.0/8", "::1"];
+
+/// `proxy_protocol=` and `proxy_from=`: off unless asked for; `proxy_from` alone is a mistake.
+pub fn proxy_protocol(enabled: bool, from: Option<Vec<String>>) -> PyResult<Option<ProxyProtocol>> {
+    if !enabled {
+        if from.is_some() {
+            return Err(PyValueError::new_err(
+                "proxy_from is only for proxy_protocol=True",
+            ));
+        }
+        return Ok(None);
+    }
+    let from = match from {
+        Some(from) => from,
+        None => DEFAULT_PROXY_FROM.iter().map(|s| s.to_string()).collect(),
+    };
+    let from = from
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|why: String| PyValueError::new_err(format!("proxy_from: {why}")))
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    if from.is_empty() {
+        return Err(PyValueError::new_err(
+            "proxy_from is empty: no balancer could connect (give its address, or \"0.0.0.0/0\" \
+             and \"::/0\" to take headers from anywhere)",
+        ));
+    }
+    Ok(Some(ProxyProtocol { from }))
 }

@@ -539,6 +539,17 @@ impl PyCaller {
         crate::py::args::address_object(py, &self.caller.address)
     }
 
+    /// Under the PROXY protocol, the balancer's address (the connection's own peer, which
+    /// `address` replaces with the client the balancer speaks for); None without it.
+    #[getter]
+    fn proxy_address<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.caller
+            .proxy_address
+            .as_ref()
+            .map(|address| crate::py::args::address_object(py, address))
+            .transpose()
+    }
+
     /// The subject of the client's verified certificate (mutual TLS), as RFC 4514 writes it;
     /// None without one.
     #[getter]
@@ -567,13 +578,15 @@ impl PyCaller {
     }
 
     fn __repr__(&self) -> String {
-        match &self.caller.certificate {
-            Some(cert) => format!(
-                "<framesock.Caller {} tls_subject='{}'>",
-                self.caller.address, cert.subject
-            ),
-            None => format!("<framesock.Caller {}>", self.caller.address),
+        let mut text = format!("<framesock.Caller {}", self.caller.address);
+        if let Some(proxy) = &self.caller.proxy_address {
+            text.push_str(&format!(" via {proxy}"));
         }
+        if let Some(cert) = &self.caller.certificate {
+            text.push_str(&format!(" tls_subject='{}'", cert.subject));
+        }
+        text.push('>');
+        text
     }
 }
 

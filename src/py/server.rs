@@ -74,6 +74,7 @@ pub struct Settings {
     pub handler_threads: usize,
     pub request_as: String,
     pub tls: Option<crate::engine::tls::ServerTls>,
+    pub proxy: Option<serve::ProxyProtocol>,
 }
 
 /// What a server is for, which decides what happens to failures and to the handler's values.
@@ -186,13 +187,14 @@ impl Server {
         handler_threads = None, max_unsent = Int::new(DEFAULT_MAX_UNSENT as i64),
         max_buffered = Int::new(DEFAULT_MAX_BUFFERED as i64), tls = None,
         max_connections_per_address = None, fd = None, io_threads = None,
+        proxy_protocol = false, proxy_from = None,
     ))]
     #[pyo3(
         text_signature = "(handler=None, host='127.0.0.1', port=8000, *, path=None, response=None, \
         protocol='classic', timeout=20.0, idle_timeout=75.0, max_frame=16777216, \
         max_connections=1024, backlog=1024, request_as='text', handler_threads=None, \
         max_unsent=65536, max_buffered=268435456, tls=None, max_connections_per_address=None, \
-        fd=None, io_threads=None)"
+        fd=None, io_threads=None, proxy_protocol=False, proxy_from=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -216,6 +218,8 @@ impl Server {
         max_connections_per_address: Option<Int>,
         fd: Option<Int>,
         io_threads: Option<Int>,
+        proxy_protocol: bool,
+        proxy_from: Option<Vec<String>>,
     ) -> PyResult<Self> {
         if let Some(count) = io_threads {
             let count = args::count("io_threads", count, args::MAX_IO_THREADS)?;
@@ -245,6 +249,7 @@ impl Server {
             },
             request_as,
             tls: tls.map(|tls| tls.settings.clone()),
+            proxy: args::proxy_protocol(proxy_protocol, proxy_from)?,
         };
         Server::bind(py, settings, response, handler, Use::Serving)
     }
@@ -402,7 +407,8 @@ impl Server {
             _ => Arc::new(NoLog),
         };
         let service = Service::new(settings.protocol, settings.limits, replies.responder, log)
-            .with_tls(settings.tls);
+            .with_tls(settings.tls)
+            .with_proxy(settings.proxy);
         let endpoint = settings.endpoint;
         let (backlog, max_connections) = (settings.backlog, settings.max_connections);
         let bound = wait::wait(py, async move {
@@ -521,6 +527,10 @@ impl OneShotResult {
         };
         let dict = PyDict::new(py);
         dict.set_item("peer", address_object(py, &exchange.peer)?)?;
+        if let Some(proxy) = &exchange.proxy_address {
+            // Under the PROXY protocol: the balancer that spoke for `peer`.
+            dict.set_item("proxy_address", address_object(py, proxy)?)?;
+        }
         dict.set_item("address", address_object(py, &exchange.local)?)?;
         dict.set_item("request", request_text(py, &exchange.request)?)?;
         dict.set_item("request_bytes", PyBytes::new(py, &exchange.request))?;
@@ -549,6 +559,7 @@ pub fn one_shot_server(
     backlog: Int,
     request_as: String,
     tls: Option<crate::engine::tls::ServerTls>,
+    proxy: Option<serve::ProxyProtocol>,
 ) -> PyResult<Server> {
     let settings = Settings {
         endpoint: args::endpoint(host, port, path)?,
@@ -567,6 +578,7 @@ pub fn one_shot_server(
         handler_threads: 1,
         request_as,
         tls,
+        proxy,
     };
     Server::bind(py, settings, response, handler, Use::OneExchange)
 }
@@ -577,11 +589,12 @@ pub fn one_shot_server(
     host = String::from("127.0.0.1"), port = Int::new(8000), response = None, *, handler = None,
     timeout = Some(20.0), max_frame = Int::new(args::DEFAULT_MAX_LEN as i64), backlog = Int::new(5),
     request_as = String::from("text"), ready = None, path = None, tls = None,
+    proxy_protocol = false, proxy_from = None,
 ))]
 #[pyo3(
     text_signature = "(host='127.0.0.1', port=8000, response=None, *, handler=None, \
     timeout=20.0, max_frame=16777216, backlog=5, request_as='text', ready=None, path=None, \
-    tls=None)"
+    tls=None, proxy_protocol=False, proxy_from=None)"
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -597,10 +610,14 @@ pub fn start_server<'py>(
     ready: Option<Bound<'py, PyAny>>,
     path: Option<PathBuf>,
     tls: Option<PyRef<'py, ServerTlsSettings>>,
+    proxy_protocol: bool,
+    proxy_from: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tls = tls.map(|tls| tls.settings.clone());
+    let proxy = args::proxy_protocol(proxy_protocol, proxy_from)?;
     let server = one_shot_server(
         py, host, port, path, response, handler, timeout, max_frame, backlog, request_as, tls,
+        proxy,
     )?;
     let (exchange, result) = server.serve_one(py, ready)?;
     wait::wait(py, exchange).and_then(|outcome| result.into_dict(py, outcome))

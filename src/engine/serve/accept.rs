@@ -56,8 +56,7 @@ pub(super) async fn accept_loop(
                 let abort = abort.clone();
                 tracker.spawn(async move {
                     let serve = AssertUnwindSafe(async {
-                        if let Some(stream) = service.secured(stream, &peer).await {
-                            let caller = Arc::new(caller_of(&stream, peer.clone()));
+                        if let Some((stream, caller)) = service.set_up(stream, peer.clone()).await {
                             service.serve_connection(stream, caller, stop, Some(slot)).await;
                         }
                     });

@@ -55,6 +55,7 @@ impl std::fmt::Display for Protocol {
 
 mod accept;
 mod classic;
+mod connection;
 mod framed;
 mod limits;
 mod output;
@@ -67,6 +68,7 @@ mod tests;
 
 use self::accept::*;
 use self::classic::*;
+pub use self::connection::*;
 use self::framed::*;
 pub use self::limits::*;
 use self::output::*;

@@ -5,6 +5,8 @@ use super::*;
 /// What one exchange of [`Server::serve_one`] was.
 pub struct Exchange {
     pub peer: Address,
+    /// Under the PROXY protocol, the balancer that spoke for `peer`.
+    pub proxy_address: Option<Address>,
     /// The client's verified certificate (mutual TLS).
     pub certificate: Option<crate::engine::tls::PeerCertificate>,
     pub local: Address,
@@ -226,7 +228,7 @@ impl Server {
         let finished = self.finished.clone();
         Ok(async move {
             let exchange = async {
-                let (mut stream, peer) =
+                let (stream, peer) =
                     tokio::select! {
                         biased;
                         _ = stop.cancelled() => return Err(OneShotError::Net(Error::Os {
@@ -241,6 +243,16 @@ impl Server {
                 drop(listener);
                 bump(&service.stats.accepted, 1);
                 let _active = ActiveConnection::count(&service.stats.active);
+                let (mut stream, peer, proxy_address) = match service.proxied(stream, peer).await {
+                    Ok(Some(proxied)) => proxied,
+                    Ok(None) => return Err(OneShotError::Net(Error::Wire(
+                        WireError::ClosedBeforeMessage,
+                    ))),
+                    Err((err, _)) => {
+                        bump(&service.stats.errors.proxy, 1);
+                        return Err(OneShotError::Net(err));
+                    }
+                };
                 if service.tls.is_some() {
                     stream = match service.secured(stream, &peer).await {
                         Some(secured) => secured,
@@ -251,13 +263,14 @@ impl Server {
                         }
                     };
                 }
-                let caller = Arc::new(caller_of(&stream, peer.clone()));
+                let caller = Arc::new(caller_of(&stream, peer.clone(), proxy_address));
                 match service.answer_classic(&mut stream, &caller, &stop).await? {
                     Classic::Stopped => Err(OneShotError::Net(Error::Wire(
                         WireError::ClosedBeforeMessage,
                     ))),
                     Classic::Answered { request, reply } => Ok(Exchange {
                         peer,
+                        proxy_address: caller.proxy_address.clone(),
                         certificate: caller.certificate.clone(),
                         local,
                         request,

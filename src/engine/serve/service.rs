@@ -18,6 +18,8 @@ pub struct Service {
     pub(super) peer_log: LogBudget,
     /// TLS for every connection, if set.
     pub(super) tls: Option<crate::engine::tls::ServerTls>,
+    /// The PROXY protocol, if every connection must begin with its header.
+    pub(super) proxy: Option<ProxyProtocol>,
     /// What requests being answered may take in memory once the handler has them (in KiB),
     /// when that is more than their size (see `Handler::expansion`).
     pub(super) answering: Semaphore,
@@ -26,19 +28,6 @@ pub struct Service {
 /// At most this many records of one budget per window.
 pub(super) const PEER_LOG_BURST: u32 = 10;
 pub(super) const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
-
-/// Who is at the other end of `stream`: its address, and its verified certificate if it
-/// presented one (mutual TLS).
-pub(super) fn caller_of(stream: &Stream, address: Address) -> Caller {
-    let certificate = stream
-        .peer_certificates()
-        .and_then(|chain| chain.into_iter().next())
-        .map(crate::engine::tls::describe_certificate);
-    Caller {
-        address,
-        certificate,
-    }
-}
 
 /// The text of a caught panic.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -68,55 +57,20 @@ impl Service {
             answering: Semaphore::new(answering_units(max_buffered)),
             peer_log: LogBudget::new(PEER_LOG_BURST, PEER_LOG_WINDOW),
             tls: None,
+            proxy: None,
         }
+    }
+
+    /// The same service with every connection beginning with a PROXY protocol header.
+    pub fn with_proxy(mut self, proxy: Option<ProxyProtocol>) -> Self {
+        self.proxy = proxy;
+        self
     }
 
     /// The same service with every connection under TLS.
     pub fn with_tls(mut self, tls: Option<crate::engine::tls::ServerTls>) -> Self {
         self.tls = tls;
         self
-    }
-
-    /// The connection as the protocol will see it: under TLS once the handshake is done (at
-    /// most `timeout`, and a peer silent in it counts as idle), or as it came. None if the
-    /// handshake failed (counted and logged here).
-    pub(super) async fn secured(&self, stream: Stream, peer: &Address) -> Option<Stream> {
-        let Some(tls) = &self.tls else {
-            return Some(stream);
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-        let registration = self.idle.register();
-        let idle = registration.enter();
-        let limit = self.limits.timeout.or(self.limits.idle_timeout);
-        let handshake = within(limit, || format!("TLS handshake with {peer}"), async {
-            if stream.ends_before_first_byte().await {
-                return Ok(None); // a balancer's TCP check: not a failed handshake
-            }
-            acceptor
-                .accept(stream)
-                .await
-                .map(Some)
-                .map_err(|err| Error::Tls(crate::engine::tls::describe_failure(&err, "client")))
-        });
-        let outcome = tokio::select! {
-            _ = idle.evicted() => {
-                bump(&self.stats.idle_evicted, 1);
-                return None;
-            }
-            outcome = handshake => outcome,
-        };
-        match outcome {
-            Ok(Some(secured)) => Some(Stream::TlsServer(Box::new(secured))),
-            Ok(None) => {
-                bump(&self.stats.empty, 1);
-                None
-            }
-            Err(err) => {
-                bump(&self.stats.errors.tls, 1);
-                self.peer_problem(format!("TLS handshake with {peer} failed: {err}"));
-                None
-            }
-        }
     }
 
     /// The reply to one request. A request that grows in memory once the handler has it

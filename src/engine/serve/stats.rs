@@ -57,6 +57,9 @@ pub(super) struct ErrorCounts {
     pub(super) internal: AtomicU64,
     /// TLS handshakes that failed.
     pub(super) tls: AtomicU64,
+    /// Connections refused for their PROXY protocol header: missing, malformed, cut short or
+    /// too slow, or from an address not in `proxy_from`.
+    pub(super) proxy: AtomicU64,
 }
 
 pub(super) fn bump(counter: &AtomicU64, by: u64) {

@@ -71,6 +71,7 @@ fn connect(
         let caller = Arc::new(Caller {
             address: peer(),
             certificate: None,
+            proxy_address: None,
         });
         service.serve_connection(server, caller, stop, None).await
     });
