@@ -13,7 +13,7 @@ export PYO3_PYTHON := $(PY)
 all: build
 
 # What the test suite needs beside framesock itself (also installed by `make test-pythons`).
-TEST_DEPS := "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" "hypothesis>=6.100" trustme uvloop
+TEST_DEPS := "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" "hypothesis>=6.100" trustme uvloop prometheus_client
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 $(VENV)/.deps: pyproject.toml Makefile

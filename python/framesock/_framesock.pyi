@@ -382,7 +382,10 @@ class Server:
     def shutdown(self, timeout: Optional[float] = 5.0) -> None:
         """Stop accepting at once, let in-flight exchanges finish, close every connection.
 
-        Connections waiting between requests are closed at once; exchanges in progress get up
+        Connections waiting between requests are closed at once, and a framed connection
+        with more requests coming is closed as soon as the ones it has are answered (with the
+        closing handshake: what it sent after is not handled, and framesock's clients send it
+        again); exchanges in progress get up
         to ``timeout`` seconds, then are dropped (None: wait for them). Returns within about
         ``timeout`` whatever the handlers do: a handler still running is abandoned (its
         connection closed) and its thread left to finish on its own. Safe from any thread; from
@@ -403,8 +406,20 @@ class Server:
     def stats(self) -> ServerStats:
         """Counters: ``connections_accepted``, ``connections_active``, ``connections_empty``, ``requests``,
         ``bytes_in``, ``bytes_out``, ``idle_closed`` and ``errors`` by kind (``handler``,
-        ``encode``, ``bad_request``, ``frame_too_large``, ``timeout``, ``disconnected``, ``io``).
+        ``encode``, ``bad_request``, ``frame_too_large``, ``timeout``, ``disconnected``, ``io``,
+        ``internal``, ``tls``, ``proxy``); gauges (``requests_in_progress``,
+        ``handler_calls_waiting``); and ``request_duration_seconds``, a histogram of the time
+        from a request's last byte to its reply's first byte written (cumulative ``buckets``
+        by upper bound, ``count``, ``sum``). ``framesock.metrics.text(server)`` gives them in
+        the Prometheus text format.
         """
+    def drain(self) -> None:
+        """Mark the server as draining: it serves on as before, but a health endpoint on it
+        (``framesock.health``) answers 503, so that balancers stop sending it connections
+        before ``shutdown()``."""
+    @property
+    def draining(self) -> bool:
+        """Whether ``drain()`` or ``shutdown()`` has begun."""
 
     def __enter__(self) -> "Server":
         """Start serving; the block's end shuts down (5 s grace; 0.1 s after Ctrl-C)."""

@@ -246,6 +246,15 @@ class Server:
         """The same counters as ``framesock.Server.stats()``."""
         return self._server.stats()
 
+    def drain(self) -> None:
+        """Mark the server as draining: it serves on, its health endpoint answers 503."""
+        self._server.drain()
+
+    @property
+    def draining(self) -> bool:
+        """Whether ``drain()`` or ``shutdown()`` has begun."""
+        return self._server.draining
+
     def __repr__(self) -> str:
         return repr(self._server).replace("<framesock.Server ", "<framesock.aio.Server ", 1)
 

@@ -26,7 +26,13 @@ SERVER_SETTINGS = (
 # Options that only serving an app takes (the tutorial's one-shot server has its own few).
 APP_ONLY = SERVER_SETTINGS + (
     "workers", "path", "backlog", "graceful_timeout", "max_requests", "loop", "app_dir", "log_level", "io_threads",
+    "health", "drain_delay",
 )  # fmt: skip
+
+
+# --drain-delay with --health: what a balancer needs to see a failed check (HAProxy: inter 1 s,
+# fall 2) before the server stops accepting.
+DRAIN_DELAY = 5.0
 
 
 def worker_count(text: str) -> int:
@@ -61,6 +67,8 @@ def add_app_options(cli: argparse.ArgumentParser) -> None:
     add("--backlog", type=int, default=1024, help="listen backlog (default: %(default)s)")
     add("--io-threads", type=int, default=None, help="network I/O threads per worker (default: the cores shared out)")
     add("--graceful-timeout", type=float, default=25.0, help="seconds SIGTERM gives exchanges in progress (default: %(default)s)")
+    add("--health", metavar="HOST:PORT", help="serve GET /healthz and GET /metrics (Prometheus) over HTTP here")
+    add("--drain-delay", type=float, default=None, help="on SIGTERM, seconds /healthz answers 503 before the stop begins (default: %g with --health, else 0)" % DRAIN_DELAY)
     add("--max-requests", type=int, default=None, help="replace a worker after this many requests (plus up to 10 %% jitter)")
     add("--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="event loop for coroutine handlers (default: uvloop if installed)")
     add("--app-dir", help="import the app from this directory (default: the current one)")
@@ -140,6 +148,8 @@ def serve_app(options: argparse.Namespace) -> None:
             app_dir=options.app_dir,
             io_threads=options.io_threads,
             log_level=options.log_level or "info",
+            health=options.health,
+            drain_delay=options.drain_delay if options.drain_delay is not None else (DRAIN_DELAY if options.health else 0.0),
             ready=announce if options.port == 0 and options.path is None else None,
             timeout=options.timeout,
             **settings,

@@ -63,6 +63,16 @@ class ErrorCounts(TypedDict):
     proxy: int
 
 
+class DurationHistogram(TypedDict):
+    """``ServerStats["request_duration_seconds"]``: seconds from a request's last byte to its
+    reply's first byte written. ``buckets`` maps each upper bound (``"0.0001"`` to ``"10.0"``, then
+    ``"+Inf"``) to the requests at or below it, as Prometheus counts them."""
+
+    buckets: Dict[str, int]
+    count: int
+    sum: float
+
+
 class ServerStats(TypedDict):
     """What ``Server.stats()`` returns: counters since the server was made."""
 
@@ -78,6 +88,9 @@ class ServerStats(TypedDict):
     stalled_evicted: int
     address_refused: int
     busy: int
+    requests_in_progress: int
+    handler_calls_waiting: int
+    request_duration_seconds: DurationHistogram
     errors: ErrorCounts
 
 

@@ -354,9 +354,28 @@ impl Server {
         Ok(())
     }
 
-    /// Counters: connections accepted/active, requests, bytes in/out, errors by kind.
+    /// Counters: connections accepted/active, requests, bytes in/out, errors by kind, the
+    /// request-duration histogram, and the handler calls waiting for a thread.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        Ok(pythonize::pythonize(py, &self.core.service().stats)?)
+        let stats = pythonize::pythonize(py, &self.core.service().stats)?;
+        let waiting = self
+            .threads
+            .as_ref()
+            .map_or(0, |threads| threads.debug_state().0);
+        stats.set_item("handler_calls_waiting", waiting)?;
+        Ok(stats)
+    }
+
+    /// Marks the server as draining: it serves on as before, but its health endpoint answers
+    /// 503, so that balancers stop sending it connections before `shutdown()`.
+    fn drain(&self) {
+        self.core.drain();
+    }
+
+    /// Whether `drain()` or `shutdown()` has begun.
+    #[getter]
+    fn draining(&self) -> bool {
+        self.core.is_draining()
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {

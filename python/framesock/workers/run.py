@@ -31,6 +31,8 @@ def run(
     io_threads: Optional[int] = None,
     log_level: Optional[str] = None,
     ready: Optional[Callable[[Any], None]] = None,
+    health: Optional[str] = None,
+    drain_delay: float = 0.0,
     **settings: Any,
 ) -> int:
     """Serves ``app`` until SIGTERM (graceful stop: exchanges in progress get up to
@@ -43,6 +45,11 @@ def run(
     keyword arguments (``protocol``, ``request_as``, ``timeout``...); ``ready(address)`` is called
     once the socket is bound (before any worker serves). Logging goes to stderr at
     ``log_level`` (default INFO) unless the program has set logging up already.
+
+    ``health="HOST:PORT"`` serves ``/healthz`` and ``/metrics`` there (see framesock.health;
+    under workers, the supervisor serves them for all of them). ``drain_delay``: on SIGTERM,
+    ``/healthz`` first answers 503 for this many seconds while serving goes on, so that
+    balancers stop sending connections before the server stops accepting.
 
     Returns the exit status ``framesock-server`` gives: 0 after a requested stop, 3 when the
     app cannot be loaded or served, 4 when workers keep dying soon after starting.
@@ -69,6 +76,8 @@ def run(
             app_dir=app_dir,
             io_threads=io_threads,
             log_level=level,
+            health=health,
+            drain_delay=drain_delay,
         )
         return supervisor.run(ready)
     if not callable(app):
@@ -81,7 +90,11 @@ def run(
         "tls": tls,
         "listen": {"host": host, "port": port, "path": path, "backlog": backlog},
         "io_threads": io_threads,
+        "health": health,
+        "drain_delay": drain_delay,
     }
+    if drain_delay < 0:
+        raise ValueError(f"drain_delay must be 0 or more, got {drain_delay}")
     worker = working.Worker(config, on_ready=ready)
     previous = working.handle_stop_signals(worker, graceful_timeout)
     try:

@@ -5,6 +5,11 @@ SIGTERM stops gracefully (workers finish the exchanges in progress, up to the gr
 SIGINT quickly (0.1 s), a second one of either at once (SIGKILL). SIGHUP replaces the workers one
 at a time, each new one serving before the old one stops accepting; ``max_requests`` does the
 same for one worker. Works as PID 1: it reaps every child, its own or adopted.
+
+With a health address it serves ``/healthz`` and ``/metrics`` (framesock.health) for all its
+workers: the sum of their counters, exited workers' included, and per worker slot. With a
+drain delay, SIGTERM first turns ``/healthz`` to 503 for that long while every worker serves on,
+so that balancers stop sending connections before any worker stops accepting.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, cast
 
+from framesock import health
+from framesock.metrics import render as render_metrics
 from framesock.workers import listen as listening
 from framesock.workers import messages
 
@@ -39,7 +47,7 @@ KILL_AFTER = 5.0
 # The quick stop's grace (SIGINT), as Ctrl-C gives the blocking server.
 QUICK_GRACE = 0.1
 # Counters that are a worker's state now, not a running total.
-GAUGES = ("connections_active", "bytes_buffered")
+GAUGES = ("connections_active", "bytes_buffered", "requests_in_progress", "handler_calls_waiting")
 
 
 def describe_exit(status: int) -> str:
@@ -119,14 +127,22 @@ class Supervisor:
         app_dir: Optional[str] = None,
         io_threads: Optional[int] = None,
         log_level: str = "INFO",
+        health: Optional[str] = None,
+        drain_delay: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be 1 or more, got {workers}")
         if max_requests is not None and max_requests < 1:
             raise ValueError(f"max_requests must be 1 or more, got {max_requests}")
         self.app = app
+        if drain_delay < 0:
+            raise ValueError(f"drain_delay must be 0 or more, got {drain_delay}")
         self.count = workers
         self.graceful_timeout = graceful_timeout
+        self.health_address = health
+        self.drain_delay = drain_delay
+        # Set when SIGTERM begins a drain: /healthz answers 503, and at this time the stop begins.
+        self.drain_ends: Optional[float] = None
         self.max_requests = max_requests
         self.config: dict[str, Any] = {
             "app": app,
@@ -143,6 +159,10 @@ class Supervisor:
         self.workers: list[Worker] = []
         self.numbers = 0
         self.retired: dict[str, Any] = {}
+        # Per worker slot, the counters of its workers that have exited (for per-worker series).
+        self.retired_slots: dict[int, dict[str, Any]] = {}
+        # The health endpoint's thread reads what the main thread changes.
+        self.lock = threading.Lock()
         self.selector = selectors.DefaultSelector()
         self.signals: list[int] = []
         self.to_replace: list[Worker] = []
@@ -161,11 +181,37 @@ class Supervisor:
         """Every worker's counters summed (as last reported, once a second), those of workers
         that have exited included; ``workers`` is how many run now."""
         total: dict[str, Any] = {}
-        add_counters(total, self.retired)
-        for worker in self.workers:
-            add_counters(total, worker.stats)
-        total["workers"] = len(self.workers)
+        with self.lock:
+            add_counters(total, self.retired)
+            for worker in self.workers:
+                add_counters(total, worker.stats)
+            total["workers"] = len(self.workers)
         return total
+
+    def slot_stats(self) -> dict[str, dict[str, Any]]:
+        """Per worker slot (``"0"``, ``"1"``...): its workers' counters, exited ones included."""
+        slots: dict[str, dict[str, Any]] = {}
+        with self.lock:
+            for slot in range(self.count):
+                total: dict[str, Any] = {}
+                add_counters(total, self.retired_slots.get(slot, {}))
+                for worker in self.workers:
+                    if worker.slot == slot:
+                        add_counters(total, worker.stats)
+                slots[str(slot)] = total
+        return slots
+
+    # The health endpoint's source (see framesock.health).
+    def health(self) -> tuple[bool, str]:
+        if self.drain_ends is not None or self.stopping is not None:
+            return False, "draining"
+        if not any(worker.ready and not worker.stopping for worker in list(self.workers)):
+            return False, "starting"
+        return True, "ok"
+
+    def metrics(self) -> str:
+        serving = sum(1 for worker in list(self.workers) if worker.ready and not worker.stopping)
+        return render_metrics(self.stats(), self.slot_stats(), workers=serving)
 
     def run(self, ready: Optional[Callable[[Any], None]] = None) -> int:
         """Starts the workers and supervises them until stopped; returns the exit status."""
@@ -176,7 +222,9 @@ class Supervisor:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         previous = {signum: signal.signal(signum, self.on_signal) for signum in handled}
         self.selector.register(wake_read, selectors.EVENT_READ)
+        endpoint = None
         try:
+            endpoint = health.serve_for(self, self.health_address)
             if ready is not None:
                 ready(self.address)
             for slot in range(self.count):
@@ -191,6 +239,8 @@ class Supervisor:
                 self.reap()
                 self.step()
         finally:
+            if endpoint is not None:
+                endpoint.close()
             for worker in self.workers:
                 worker.signal(signal.SIGKILL)
             self.reap(wait=True)
@@ -232,11 +282,19 @@ class Supervisor:
                 for worker in self.workers:
                     worker.signal(signal.SIGKILL)
                 continue
+            name = signal.Signals(signum).name
+            if signum == signal.SIGTERM and self.drain_delay > 0 and self.drain_ends is None:
+                # First the balancers see /healthz fail, while every worker still serves.
+                logger.info("%s: draining: /healthz answers 503 for %g s, then the stop", name, self.drain_delay)
+                self.drain_ends = time.monotonic() + self.drain_delay
+                continue
+            self.drain_ends = None
             grace = self.graceful_timeout if signum == signal.SIGTERM else QUICK_GRACE
-            logger.info("%s: stopping, up to %g s for the exchanges in progress", signal.Signals(signum).name, grace)
+            logger.info("%s: stopping, up to %g s for the exchanges in progress", name, grace)
             self.stop(signum, grace)
 
     def stop(self, signum: int, grace: float, failed: bool = False) -> None:
+        self.drain_ends = None
         self.stopping = signum
         self.to_replace = []
         self.kill_at = time.monotonic() + grace + KILL_AFTER
@@ -334,8 +392,10 @@ class Supervisor:
             if worker.report in self.selector.get_map():
                 self.selector.unregister(worker.report)
         os.close(worker.report)
-        self.workers.remove(worker)
-        add_counters(self.retired, worker.stats, gauges=False)
+        with self.lock:
+            self.workers.remove(worker)
+            add_counters(self.retired, worker.stats, gauges=False)
+            add_counters(self.retired_slots.setdefault(worker.slot, {}), worker.stats, gauges=False)
         how = describe_exit(status)
         if worker.failed is not None or (worker.process.returncode == EXIT_APP and not worker.ready):
             if self.stopping is None:
@@ -366,7 +426,11 @@ class Supervisor:
         self.spawn(worker.slot, replacing=worker.replacing)
 
     def step(self) -> None:
-        """Moves a rolling replacement on, and ends a stop that takes too long."""
+        """Ends a drain's delay, moves a rolling replacement on, and ends a stop that takes
+        too long."""
+        if self.drain_ends is not None and time.monotonic() >= self.drain_ends:
+            logger.info("drained: stopping, up to %g s for the exchanges in progress", self.graceful_timeout)
+            self.stop(signal.SIGTERM, self.graceful_timeout)
         if self.kill_at is not None and time.monotonic() > self.kill_at:
             for worker in self.workers:
                 logger.warning("%s did not stop in time: SIGKILL", worker)

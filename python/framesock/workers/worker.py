@@ -15,10 +15,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import framesock
-from framesock import aio
+from framesock import aio, health
 from framesock.workers import app as apps
 from framesock.workers import messages
 
@@ -51,6 +52,13 @@ class Worker:
         if self.stop_grace is None or grace < self.stop_grace:
             self.stop_grace = grace
         self.wake()
+
+    @property
+    def drain_delay(self) -> float:
+        """How long a graceful stop first only drains (health 503, serving on); a quick one
+        (SIGINT, the supervisor gone) does not wait."""
+        delay = float(self.config.get("drain_delay") or 0.0)
+        return delay if self.stop_grace is not None and self.stop_grace > QUICK_GRACE else 0.0
 
     def announce_ready(self, address: Any) -> None:
         self.ready = True
@@ -89,12 +97,28 @@ class Worker:
         self.wake = event.set
         server = framesock.Server(**self.server_arguments(app))
         server.start()
-        self.announce_ready(server.address)
-        while self.stop_grace is None:
-            event.wait(STATS_EVERY)
-            self.report(server.stats())
-        server.shutdown(timeout=self.stop_grace)
+        endpoint = health.serve_for(server, self.config.get("health"))
+        try:
+            self.announce_ready(server.address)
+            while self.stop_grace is None:
+                event.wait(STATS_EVERY)
+                self.report(server.stats())
+            if self.drain_delay:
+                self.drain(server)
+                grace = self.stop_grace
+                event.clear()
+                deadline = time.monotonic() + self.drain_delay
+                while self.stop_grace == grace and time.monotonic() < deadline:
+                    event.wait(min(STATS_EVERY, max(0.0, deadline - time.monotonic())))
+            server.shutdown(timeout=self.stop_grace)
+        finally:
+            if endpoint is not None:
+                endpoint.close()
         self.finished(server.stats())
+
+    def drain(self, server: Any) -> None:
+        server.drain()
+        logger.info("draining: /healthz answers 503 for %g s, then the stop", self.drain_delay)
 
     async def serve_async(self, app: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -105,14 +129,29 @@ class Worker:
         self.wake = wake
         server = aio.Server(**self.server_arguments(app))
         await server.start()
-        self.announce_ready(server.address)
-        while self.stop_grace is None:
-            try:
-                await asyncio.wait_for(event.wait(), STATS_EVERY)
-            except asyncio.TimeoutError:
-                pass
-            self.report(server.stats())
-        await server.shutdown(timeout=self.stop_grace)
+        endpoint = health.serve_for(server, self.config.get("health"))
+        try:
+            self.announce_ready(server.address)
+            while self.stop_grace is None:
+                try:
+                    await asyncio.wait_for(event.wait(), STATS_EVERY)
+                except asyncio.TimeoutError:
+                    pass
+                self.report(server.stats())
+            if self.drain_delay:
+                self.drain(server)
+                grace = self.stop_grace
+                event.clear()
+                deadline = loop.time() + self.drain_delay
+                while self.stop_grace == grace and loop.time() < deadline:
+                    try:
+                        await asyncio.wait_for(event.wait(), max(0.0, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        pass
+            await server.shutdown(timeout=self.stop_grace)
+        finally:
+            if endpoint is not None:
+                endpoint.close()
         self.finished(server.stats())
 
 

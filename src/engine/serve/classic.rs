@@ -104,6 +104,7 @@ impl Service {
             &self.stats.bytes_in,
             (codec::HEADER_LEN + request.len()) as u64,
         );
+        let received = Instant::now();
         let reply = self.answer(&request, caller).await;
         if let Ok(json) = &reply {
             within(timeout, || format!("sending the reply to {peer}"), async {
@@ -114,6 +115,7 @@ impl Service {
             .await?;
             bump(&self.stats.bytes_out, json.len() as u64);
         }
+        self.stats.duration.observe(received.elapsed(), 1);
         Ok(Classic::Answered { request, reply })
     }
 }

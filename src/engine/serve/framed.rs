@@ -208,6 +208,10 @@ impl Service {
                     }
                 }
             }
+            // When this batch's requests were all here: their durations end when their
+            // replies are written, together.
+            let batch_received = (!batch.is_empty()).then(Instant::now);
+            let answered = batch.len() as u64;
             if !batch.is_empty() {
                 request_deadline = None;
                 admitted = false;
@@ -240,7 +244,18 @@ impl Service {
                 return Err(err.into());
             }
             self.send(stream, &mut output, peer).await?;
+            if let Some(batch_received) = batch_received {
+                self.stats
+                    .duration
+                    .observe(batch_received.elapsed(), answered);
+            }
             charge.set(input.len());
+            // Draining: the requests answered, the rest (unread, or arrived meanwhile) were
+            // not handled; the goodbye says so and the client sends them again elsewhere. A
+            // client that pipelines without a pause is told as soon as its batch is answered.
+            if stop.is_cancelled() {
+                return Ok(Ending::Goodbye("the server is shutting down"));
+            }
             if full {
                 continue; // more requests may be buffered already
             }

@@ -65,6 +65,8 @@ pub struct Server {
     pub(super) connections: TaskTracker,
     /// Why the server stopped on its own, if it did (a caught panic in its accept loop).
     pub(super) failure: Arc<Mutex<Option<String>>>,
+    /// Set by `drain`: the server still serves, but says (health checks) it is going.
+    pub(super) draining: std::sync::atomic::AtomicBool,
 }
 
 impl Server {
@@ -88,6 +90,7 @@ impl Server {
             finished: CancellationToken::new(),
             connections: TaskTracker::new(),
             failure: Arc::default(),
+            draining: Default::default(),
         })
     }
 
@@ -198,6 +201,17 @@ impl Server {
     /// Waits until shutdown has finished.
     pub fn finished(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.finished.clone().cancelled_owned()
+    }
+
+    /// Marks the server as draining: it serves on as before, and health checks are told it
+    /// is going, so that balancers send it no new connections before it stops accepting.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a drain or a shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst) || self.stop.is_cancelled()
     }
 
     /// Whether shutdown has finished (an inherited server counts as finished).

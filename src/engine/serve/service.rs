@@ -84,6 +84,7 @@ impl Service {
         request: &Bytes,
         caller: &Arc<Caller>,
     ) -> std::result::Result<Bytes, Failure> {
+        let _counted = InProgress::count(&self.stats.requests_in_progress);
         let expansion = self.responder.expansion();
         if expansion <= 1 {
             return self.responder.reply(request, caller).await;

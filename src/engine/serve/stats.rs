@@ -30,7 +30,94 @@ pub struct Stats {
     /// Requests answered `busy` (framed) or connections closed (classic) because
     /// `max_buffered` was reached.
     pub(super) busy: AtomicU64,
+    /// Requests being answered now: their handler runs, or waits for a thread or the loop.
+    pub(super) requests_in_progress: AtomicU64,
+    /// From a request's last byte to its reply's first byte written.
+    #[serde(rename = "request_duration_seconds")]
+    pub(super) duration: Histogram,
     pub(super) errors: ErrorCounts,
+}
+
+/// The upper bounds of the request-duration buckets, in seconds: 100 µs to 10 s.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A histogram of durations, updated without locks. Shown as Prometheus keeps one: counts
+/// per upper bound, each counting every observation at or below it (`+Inf`: all of them),
+/// then the count and the sum in seconds.
+#[derive(Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is above every bound.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts `times` observations of `duration`.
+    pub fn observe(&self, duration: Duration, times: u64) {
+        let seconds = duration.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        bump(&self.buckets[bucket], times);
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        bump(&self.sum_nanos, nanos.saturating_mul(times));
+    }
+}
+
+impl Serialize for Histogram {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        let mut below = 0;
+        for (index, count) in self.buckets.iter().enumerate() {
+            below += count.load(Ordering::Relaxed);
+            let bound = DURATION_BUCKETS
+                .get(index)
+                .map_or_else(|| "+Inf".to_owned(), |bound| format!("{bound:?}"));
+            buckets.push((bound, below));
+        }
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("buckets", &BucketMap(&buckets))?;
+        map.serialize_entry("count", &below)?;
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        map.serialize_entry("sum", &sum)?;
+        map.end()
+    }
+}
+
+/// Buckets as a map from bound (`"0.0001"`, ..., `"+Inf"`) to count, in order.
+struct BucketMap<'a>(&'a [(String, u64)]);
+
+impl Serialize for BucketMap<'_> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(bound, count)| (bound, count)))
+    }
+}
+
+/// Counts a request as in progress while it lives.
+pub(super) struct InProgress<'a>(&'a AtomicU64);
+
+impl<'a> InProgress<'a> {
+    pub(super) fn count(gauge: &'a AtomicU64) -> Self {
+        bump(gauge, 1);
+        InProgress(gauge)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Whether a read error only says the peer left: closed (TLS without `close_notify`), reset
