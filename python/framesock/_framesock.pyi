@@ -449,6 +449,9 @@ class Client:
         timeout: Optional[float] = 20.0,
         max_reply: int = 16777216,
         tls: Optional[ClientTLS] = None,
+        addresses: Optional[Sequence[tuple[str, int]]] = None,
+        retries: int = 0,
+        idempotent: bool = False,
     ) -> "Client":
         """Describe the server; nothing connects until the first request.
 
@@ -459,19 +462,39 @@ class Client:
             protocol: ``"classic"`` (a connection per request) or ``"framed"`` (one kept
                 connection).
             timeout: Seconds for connecting and for each reply to arrive. None: no limit.
+                Also bounds the retries of one request: none starts later than this after
+                the first try.
             max_reply: Largest reply accepted, in bytes.
+            addresses: Several servers, ``[(host, port), ...]`` (``host``/``port`` are then
+                ignored), tried in turn from a random one: when a connection cannot be made
+                the request goes to the next at once (it was never sent), and a broken
+                connection moves the client on to the next.
+            retries: Rounds tried again, after an exponential backoff with jitter (50 ms
+                doubling, at most 2 s), when every address refused, or when a request marked
+                idempotent lost its connection.
+            idempotent: Whether every request is safe to send again after its connection
+                broke (the server may have acted on it); ``request(..., idempotent=)`` decides
+                per request.
         """
 
-    def request(self, message: _Message) -> _JSONValue:
+    @property
+    def addresses(self) -> list[Any]:
+        """The servers it connects to, in the order given."""
+    def stats(self) -> dict[str, int]:
+        """``retries`` (rounds tried again after a backoff) and ``failovers`` (moves to the
+        next address) so far."""
+
+    def request(self, message: _Message, *, idempotent: Optional[bool] = None) -> _JSONValue:
         """Send one message and return the decoded reply.
 
         Raises:
             RemoteError: The server answered with an error reply.
             ValueError: The client is closed.
-            (and everything ``start_client`` raises)
+            (and everything ``start_client`` raises; an exception raised because no
+            connection could be made has ``request_sent`` set to False)
         """
 
-    def request_many(self, messages: Iterable[_Message]) -> list[_JSONValue]:
+    def request_many(self, messages: Iterable[_Message], *, idempotent: Optional[bool] = None) -> list[_JSONValue]:
         """Send every message and return the replies in order.
 
         In ``"framed"`` all frames are written while the replies are read (no deadlock however

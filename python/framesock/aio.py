@@ -25,7 +25,9 @@ request's connection is closed.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Iterable, List, Optional, Sequence
+import logging
+import random
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from framesock import _framesock
 from framesock.types import (
@@ -90,6 +92,76 @@ async def start_client(
         return await client.request(message)
 
 
+_MAX_RETRIES = 100
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MOST = 2.0
+_log = logging.getLogger("framesock.client")
+
+
+def _retries(given: object) -> int:
+    """``retries``, checked as the blocking ``Client`` checks it."""
+    if isinstance(given, bool) or not isinstance(given, int):
+        raise TypeError(f"retries must be an int, got {type(given).__name__}")
+    if not 0 <= given <= _MAX_RETRIES:
+        raise ValueError(f"retries must be in 0..{_MAX_RETRIES}, got {given}")
+    return given
+
+
+class _Failover:
+    """A client's addresses tried in turn, as ``framesock.Client`` does (``engine/failover.rs``):
+    from a random one; a request no server saw (``request_sent`` is False on the exception) goes
+    to the next address at once; one whose connection broke goes again only if idempotent;
+    between rounds, up to ``retries``, an exponential backoff with full jitter, within
+    ``timeout`` from the first try."""
+
+    def __init__(self, count: int, retries: int, timeout: Optional[float], idempotent: bool) -> None:
+        self.count = count
+        self.current = random.randrange(count)
+        self.retries = retries
+        self.timeout = timeout
+        self.idempotent = idempotent
+        self.closed = False
+        self.stats = {"retries": 0, "failovers": 0}
+
+    def advance(self, index: int) -> None:
+        if self.count > 1 and self.current == index:
+            self.current = (index + 1) % self.count
+            self.stats["failovers"] += 1
+
+    async def tried(self, call: Callable[[int], Awaitable[Any]], idempotent: Optional[bool]) -> Any:
+        if idempotent is None:
+            idempotent = self.idempotent
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        refused = rounds = 0
+        while True:
+            index = self.current
+            try:
+                return await call(index)
+            except _framesock.RemoteError:
+                raise  # the server answered
+            except (OSError, _framesock.FramesockError) as err:
+                never_sent = getattr(err, "request_sent", True) is False
+                self.advance(index)
+                if self.closed or not (never_sent or idempotent):
+                    raise
+                if never_sent:
+                    refused += 1
+                    if refused < self.count:
+                        _log.debug("%s; trying the next address", err)
+                        continue
+                if rounds >= self.retries:
+                    raise
+                rounds += 1
+                pause = random.uniform(0, min(_BACKOFF_MOST, _BACKOFF_FIRST * 2**rounds))
+                if deadline is not None and loop.time() + pause > deadline:
+                    raise
+                _log.debug("%s; try %d of %d in %.3f s", err, rounds + 1, self.retries + 1, pause)
+                self.stats["retries"] += 1
+                refused = 0
+                await asyncio.sleep(pause)
+
+
 class Client:
     """``framesock.Client`` for asyncio.
 
@@ -110,20 +182,49 @@ class Client:
         timeout: Optional[float] = 20.0,
         max_reply: int = _MAX_LEN,
         tls: Optional[_framesock.ClientTLS] = None,
+        addresses: Optional[Sequence[Tuple[str, int]]] = None,
+        retries: int = 0,
+        idempotent: bool = False,
     ) -> None:
-        self._engine = _framesock.AsyncClient(host, port, path, protocol, timeout, max_reply, tls)
+        if addresses is None:
+            targets: List[Tuple[Optional[str], Optional[int], Optional[PathLike]]] = [(host, port, path)]
+        else:
+            targets = [(address_host, address_port, None) for address_host, address_port in addresses]
+            if not targets:
+                raise ValueError("addresses is empty: give at least one (host, port)")
+        self._engines = [
+            _framesock.AsyncClient(target_host, target_port, target_path, protocol, timeout, max_reply, tls)
+            for target_host, target_port, target_path in targets
+        ]
+        self._failover = _Failover(len(self._engines), _retries(retries), timeout, idempotent)
 
-    async def request(self, message: Message) -> JSONValue:
-        """Send one message and return the decoded reply (``RemoteError`` for an error reply)."""
-        return await self._engine.request(message)
+    @property
+    def _engine(self) -> _framesock.AsyncClient:
+        return self._engines[self._failover.current]
 
-    async def request_many(self, messages: Iterable[Message]) -> List[JSONValue]:
+    async def request(self, message: Message, *, idempotent: Optional[bool] = None) -> JSONValue:
+        """Send one message and return the decoded reply (``RemoteError`` for an error reply).
+        ``idempotent`` (default: the client's): whether it may be sent again after its
+        connection broke (see ``retries``)."""
+        if len(self._engines) == 1 and not self._failover.retries:
+            return await self._engine.request(message)
+        return await self._failover.tried(lambda index: self._engines[index].request(message), idempotent)
+
+    async def request_many(self, messages: Iterable[Message], *, idempotent: Optional[bool] = None) -> List[JSONValue]:
         """Send every message and return the replies in order (pipelined in ``"framed"``)."""
-        return await self._engine.request_many(messages)
+        batch = list(messages)
+        return await self._failover.tried(lambda index: self._engines[index].request_many(batch), idempotent)  # type: ignore[no-any-return]
+
+    def stats(self) -> Dict[str, int]:
+        """``retries`` (rounds tried again after a backoff) and ``failovers`` (moves to the
+        next address), as ``framesock.Client.stats()``."""
+        return dict(self._failover.stats)
 
     async def close(self) -> None:
         """Close the connection; later requests raise ValueError."""
-        self._engine.close()
+        self._failover.closed = True
+        for engine in self._engines:
+            engine.close()
 
     def __repr__(self) -> str:
         return repr(self._engine).replace("<framesock.AsyncClient ", "<framesock.aio.Client ", 1)

@@ -27,12 +27,7 @@ pub async fn classic_exchange(
     timeout: Option<Duration>,
     max_reply: usize,
 ) -> Result<Vec<u8>> {
-    let mut stream = within(
-        timeout,
-        || format!("connecting to {endpoint}"),
-        open(endpoint, tls),
-    )
-    .await?;
+    let mut stream = open(endpoint, tls, timeout).await?;
     within(
         timeout,
         || format!("sending the request to {endpoint}"),
@@ -118,12 +113,21 @@ fn classic_reply_error() -> Error {
 /// one (too large) says so at once, and the client stops sending.
 const WATCHED_WRITE: usize = 256 * 1024;
 
-/// A connection to `endpoint`, under TLS when `tls` is given.
-async fn open(endpoint: &Endpoint, tls: Option<&ClientTls>) -> Result<Stream> {
-    match tls {
-        Some(tls) => net::connect_tls(endpoint, tls).await,
-        None => net::connect(endpoint).await,
-    }
+/// A connection to `endpoint`, under TLS when `tls` is given, within `timeout`; failing, an
+/// [`Error::Connect`] (the request was never sent).
+async fn open(
+    endpoint: &Endpoint,
+    tls: Option<&ClientTls>,
+    timeout: Option<Duration>,
+) -> Result<Stream> {
+    within(timeout, || format!("connecting to {endpoint}"), async {
+        match tls {
+            Some(tls) => net::connect_tls(endpoint, tls).await,
+            None => net::connect(endpoint).await,
+        }
+    })
+    .await
+    .map_err(|err| Error::Connect(Box::new(err)))
 }
 
 /// A kept connection of the framed protocol, with the bytes read past the last reply.
@@ -170,7 +174,14 @@ pub async fn framed_exchange(
     let mut rest = frames;
     for _ in 0..=MAX_RESENDS {
         let wanted = count - replies.len();
-        let mut got = framed_attempt(slot, endpoint, tls, rest, wanted, timeout, max_reply).await?;
+        let mut got =
+            match framed_attempt(slot, endpoint, tls, rest, wanted, timeout, max_reply).await {
+                Ok(got) => got,
+                // Some of the batch was answered: the batch as a whole was sent, whatever the
+                // rest met (a failover must not send the answered requests again as unsent).
+                Err(Error::Connect(err)) if !replies.is_empty() => return Err(*err),
+                Err(err) => return Err(err),
+            };
         if !got.last().is_some_and(Frame::is_closing) {
             replies.extend(got);
             return Ok(replies);
@@ -209,12 +220,7 @@ async fn framed_attempt(
 ) -> Result<Vec<Frame>> {
     check_kept(slot)?;
     if slot.is_none() {
-        let stream = within(
-            timeout,
-            || format!("connecting to {endpoint}"),
-            open(endpoint, tls),
-        )
-        .await?;
+        let stream = open(endpoint, tls, timeout).await?;
         *slot = Some(Connection {
             stream,
             input: BytesMut::new(),
@@ -674,12 +680,7 @@ impl Pipeline {
     }
 
     async fn connect(self: Arc<Self>, runtime: Handle) {
-        let connected = within(
-            self.timeout,
-            || format!("connecting to {}", self.endpoint),
-            open(&self.endpoint, self.tls.as_ref()),
-        )
-        .await;
+        let connected = open(&self.endpoint, self.tls.as_ref(), self.timeout).await;
         // Taking the queue and installing the connection happen under one lock, so a request
         // made meanwhile is either in the queue or sent on the new connection, never lost.
         let mut slot = locked(&self.slot);

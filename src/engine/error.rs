@@ -26,6 +26,9 @@ pub enum Error {
     Closed,
     /// A TLS handshake failed; the text says why in words.
     Tls(String),
+    /// No connection could be made (refused, unreachable, no such socket file, timed out,
+    /// a failed TLS handshake): the request was never sent, so no server acted on it.
+    Connect(Box<Error>),
 }
 
 impl fmt::Display for Error {
@@ -38,6 +41,7 @@ impl fmt::Display for Error {
             Error::Protocol(text) => f.write_str(text),
             Error::Closed => f.write_str("the client was closed while this request was in flight"),
             Error::Tls(text) => f.write_str(text),
+            Error::Connect(err) => err.fmt(f),
         }
     }
 }
@@ -53,6 +57,11 @@ fn copy_io(err: &io::Error) -> io::Error {
 }
 
 impl Error {
+    /// Whether the request was never sent: no connection could be made for it.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, Error::Connect(_))
+    }
+
     /// An equal error, for telling one failure to several waiters.
     pub fn duplicate(&self) -> Error {
         match self {
@@ -86,6 +95,7 @@ impl Error {
             Error::Protocol(text) => Error::Protocol(text.clone()),
             Error::Closed => Error::Closed,
             Error::Tls(text) => Error::Tls(text.clone()),
+            Error::Connect(err) => Error::Connect(Box::new(err.duplicate())),
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod failover;
 pub mod handler;
 pub mod json_text;
 pub mod lock;

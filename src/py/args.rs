@@ -168,6 +168,49 @@ pub fn client_endpoint(
     }
 }
 
+/// The most `retries` a client takes.
+pub const MAX_RETRIES: usize = 100;
+
+/// `retries`: 0..=`MAX_RETRIES`.
+pub fn retries(number: Int) -> PyResult<usize> {
+    usize::try_from(number.value)
+        .ok()
+        .filter(|&n| n <= MAX_RETRIES)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("retries must be in 0..{MAX_RETRIES}, got {number}"))
+        })
+}
+
+/// A client's addresses: `addresses` (`[(host, port), ...]`) when given, else its one
+/// `endpoint` (from host/port or path).
+pub fn client_addresses(
+    single: Endpoint,
+    addresses: Option<Vec<(String, Int)>>,
+) -> PyResult<Vec<Endpoint>> {
+    let Some(addresses) = addresses else {
+        return Ok(vec![single]);
+    };
+    if addresses.is_empty() {
+        return Err(PyValueError::new_err(
+            "addresses is empty: give at least one (host, port)",
+        ));
+    }
+    addresses
+        .into_iter()
+        .map(|(host, port)| endpoint(host, port, None))
+        .collect()
+}
+
+/// An endpoint as Python shows an address: `(host, port)` or the socket path.
+pub fn endpoint_object<'py>(py: Python<'py>, endpoint: &Endpoint) -> PyResult<Bound<'py, PyAny>> {
+    use pyo3::IntoPyObjectExt;
+    match endpoint {
+        Endpoint::Tcp { host, port } => (host.as_str(), *port).into_bound_py_any(py),
+        Endpoint::Unix(path) => path.to_string_lossy().into_bound_py_any(py),
+        Endpoint::Socket(fd) => format!("fd {fd}").into_bound_py_any(py),
+    }
+}
+
 /// The host of a TCP address as text (`"127.0.0.1"`, `"::1"`); None for a Unix socket.
 pub fn host_of(addr: &Address) -> Option<String> {
     match addr {

@@ -13,6 +13,7 @@ use tokio_util::codec::Encoder;
 use crate::engine::client::{classic_exchange, framed_exchange, Connection};
 use crate::engine::codec::{self, Frame, FrameCodec};
 use crate::engine::error::Error;
+use crate::engine::failover::Failover;
 use crate::engine::lock::locked;
 use crate::engine::net::Endpoint;
 use crate::engine::runtime;
@@ -100,7 +101,10 @@ struct CallerRuntime {
 #[pyclass(frozen, module = "framesock")]
 pub struct Client {
     runtime: Mutex<CallerRuntime>,
-    endpoint: Endpoint,
+    /// Its addresses, and when a request is tried again.
+    failover: Failover,
+    /// Whether every request may be repeated after its connection broke (else per request).
+    idempotent: bool,
     tls: Option<ClientTls>,
     protocol: Protocol,
     timeout: Option<Duration>,
@@ -157,8 +161,14 @@ impl Client {
     }
 
     /// Sends encoded frames and returns the replies' frames; a failed exchange drops the
-    /// connection, so the next request reconnects.
-    fn exchange(&self, py: Python<'_>, frames: &[u8], count: usize) -> PyResult<Vec<Frame>> {
+    /// connection, so the next request reconnects (to the next address, see `Failover`).
+    fn exchange(
+        &self,
+        py: Python<'_>,
+        frames: &[u8],
+        count: usize,
+        idempotent: bool,
+    ) -> PyResult<Vec<Frame>> {
         let mut state = self.lock(py)?;
         if state.generation != runtime::generation() {
             // Opened before a fork: its socket is the parent's too; see `caller_runtime`.
@@ -167,27 +177,38 @@ impl Client {
         }
         let closing = self.closing.clone();
         let slot = &mut state.connection;
+        let mut attempts = self.failover.attempts(self.timeout, idempotent);
         let outcome = self.wait(py, async {
-            tokio::select! {
-                biased;
-                _ = closing.cancelled() => Err(Error::Closed),
-                replies = framed_exchange(
-                    slot,
-                    &self.endpoint,
-                    self.tls.as_ref(),
-                    frames,
-                    count,
-                    self.timeout,
-                    self.max_reply,
-                ) => replies,
+            loop {
+                let (index, endpoint) = self.failover.current();
+                let tried = tokio::select! {
+                    biased;
+                    _ = closing.cancelled() => Err(Error::Closed),
+                    replies = framed_exchange(
+                        slot,
+                        endpoint,
+                        self.tls.as_ref(),
+                        frames,
+                        count,
+                        self.timeout,
+                        self.max_reply,
+                    ) => replies,
+                };
+                match tried {
+                    Ok(replies) => break Ok(replies),
+                    Err(err) => {
+                        *slot = None;
+                        if let Err(err) = attempts.after(index, err).await {
+                            break Err(err);
+                        }
+                    }
+                }
             }
         });
+        log_tries(py, &attempts.notes);
         let outcome = match outcome {
             Ok(Ok(replies)) => Ok(replies),
-            Ok(Err(err)) => {
-                *slot = None;
-                Err(err.into())
-            }
+            Ok(Err(err)) => Err(err.into()),
             Err(interrupted) => {
                 *slot = None;
                 Err(interrupted)
@@ -204,24 +225,38 @@ impl Client {
         &self,
         py: Python<'py>,
         message: &Bound<'py, PyAny>,
+        idempotent: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         drop(self.lock(py)?); // only to refuse a closed client
         let frame: Bytes = codec::encode_frame(&message_payload(message)?).map_err(Error::from)?;
         let closing = self.closing.clone();
+        let mut attempts = self.failover.attempts(self.timeout, idempotent);
         let reply = self.wait(py, async {
-            tokio::select! {
-                biased;
-                _ = closing.cancelled() => Err(Error::Closed),
-                reply = classic_exchange(
-                    &self.endpoint,
-                    self.tls.as_ref(),
-                    &frame,
-                    self.timeout,
-                    self.max_reply,
-                ) => reply,
+            loop {
+                let (index, endpoint) = self.failover.current();
+                let tried = tokio::select! {
+                    biased;
+                    _ = closing.cancelled() => Err(Error::Closed),
+                    reply = classic_exchange(
+                        endpoint,
+                        self.tls.as_ref(),
+                        &frame,
+                        self.timeout,
+                        self.max_reply,
+                    ) => reply,
+                };
+                match tried {
+                    Ok(reply) => break Ok(reply),
+                    Err(err) => {
+                        if let Err(err) = attempts.after(index, err).await {
+                            break Err(err);
+                        }
+                    }
+                }
             }
-        })??;
-        json::loads(py, &reply)
+        });
+        log_tries(py, &attempts.notes);
+        json::loads(py, &reply??)
     }
 }
 
@@ -231,12 +266,14 @@ impl Client {
     #[pyo3(signature = (
         host = Some(String::from("127.0.0.1")), port = Some(Int::new(8000)), *, path = None,
         protocol = String::from("classic"), timeout = Some(20.0),
-        max_reply = Int::new(args::DEFAULT_MAX_LEN as i64), tls = None,
+        max_reply = Int::new(args::DEFAULT_MAX_LEN as i64), tls = None, addresses = None,
+        retries = Int::new(0), idempotent = false,
     ))]
     #[pyo3(
         text_signature = "(host='127.0.0.1', port=8000, *, path=None, protocol='classic', \
-        timeout=20.0, max_reply=16777216, tls=None)"
+        timeout=20.0, max_reply=16777216, tls=None, addresses=None, retries=0, idempotent=False)"
     )]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         host: Option<String>,
         port: Option<Int>,
@@ -245,6 +282,9 @@ impl Client {
         timeout: Option<f64>,
         max_reply: Int,
         tls: Option<PyRef<'_, ClientTlsSettings>>,
+        addresses: Option<Vec<(String, Int)>>,
+        retries: Int,
+        idempotent: bool,
     ) -> PyResult<Self> {
         let ClientConfig {
             endpoint,
@@ -257,7 +297,11 @@ impl Client {
                 runtime: None,
                 generation: runtime::generation(),
             }),
-            endpoint,
+            failover: Failover::new(
+                args::client_addresses(endpoint, addresses)?,
+                args::retries(retries)?,
+            ),
+            idempotent,
             tls: tls.map(|tls| tls.settings.clone()),
             protocol,
             timeout,
@@ -272,33 +316,39 @@ impl Client {
     }
 
     /// Sends one message and returns the decoded reply.
+    #[pyo3(signature = (message, *, idempotent = None))]
     fn request<'py>(
         &self,
         py: Python<'py>,
         message: &Bound<'py, PyAny>,
+        idempotent: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let idempotent = idempotent.unwrap_or(self.idempotent);
         match self.protocol {
-            Protocol::Classic => self.classic_request(py, message),
+            Protocol::Classic => self.classic_request(py, message, idempotent),
             Protocol::Framed => {
                 let mut frames = BytesMut::new();
                 put_request(message, &mut frames)?;
-                let replies = self.exchange(py, &frames, 1)?;
+                let replies = self.exchange(py, &frames, 1, idempotent)?;
                 reply_value(py, &replies[0])
             }
         }
     }
 
     /// Sends every message and returns their replies in order; pipelined in "framed".
+    #[pyo3(signature = (messages, *, idempotent = None))]
     fn request_many<'py>(
         &self,
         py: Python<'py>,
         messages: &Bound<'py, PyAny>,
+        idempotent: Option<bool>,
     ) -> PyResult<Bound<'py, PyList>> {
+        let idempotent = idempotent.unwrap_or(self.idempotent);
         let messages: Vec<Bound<'py, PyAny>> = messages.try_iter()?.collect::<PyResult<_>>()?;
         if self.protocol == Protocol::Classic {
             let replies = messages
                 .iter()
-                .map(|message| self.classic_request(py, message))
+                .map(|message| self.classic_request(py, message, idempotent))
                 .collect::<PyResult<Vec<_>>>()?;
             return PyList::new(py, replies);
         }
@@ -306,7 +356,7 @@ impl Client {
         for message in &messages {
             put_request(message, &mut frames)?;
         }
-        let replies = self.exchange(py, &frames, messages.len())?;
+        let replies = self.exchange(py, &frames, messages.len(), idempotent)?;
         // All replies were read, so the connection stays in step even if one is an error.
         let values = replies
             .iter()
@@ -332,6 +382,22 @@ impl Client {
         } // else the request in flight sees `closing`, drops the connection and marks it closed
     }
 
+    /// What the client counted of its tries: `retries` (rounds tried again after a
+    /// backoff) and `failovers` (moves to its next address).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(pythonize::pythonize(py, &self.failover.stats)?)
+    }
+
+    /// The addresses it connects to, in the order given: `(host, port)` or a socket path.
+    #[getter]
+    fn addresses<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        self.failover
+            .endpoints()
+            .iter()
+            .map(|endpoint| args::endpoint_object(py, endpoint))
+            .collect()
+    }
+
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
     }
@@ -349,7 +415,8 @@ impl Client {
         };
         format!(
             "<framesock.Client {} protocol='{}'{closed}>",
-            self.endpoint, self.protocol
+            self.failover.current().1,
+            self.protocol
         )
     }
 }
@@ -412,10 +479,32 @@ pub fn start_client<'py>(
         timeout,
         max_reply,
         tls,
+        None,
+        Int::new(0),
+        false,
     )?;
     match message {
-        Some(message) => client.classic_request(py, &message),
+        Some(message) => client.classic_request(py, &message, false),
         // None is the default (a pyo3 default cannot be a Python str): the seed's message.
-        None => client.classic_request(py, PyString::new(py, "msg from client").as_any()),
+        None => client.classic_request(py, PyString::new(py, "msg from client").as_any(), false),
+    }
+}
+
+/// Logs at DEBUG (logger `framesock.client`) what was tried again and why.
+fn log_tries(py: Python<'_>, notes: &[String]) {
+    if notes.is_empty() {
+        return;
+    }
+    let logged = (|| -> PyResult<()> {
+        let logger = py
+            .import("logging")?
+            .call_method1("getLogger", ("framesock.client",))?;
+        for note in notes {
+            logger.call_method1("debug", ("%s", note))?;
+        }
+        Ok(())
+    })();
+    if let Err(err) = logged {
+        err.write_unraisable(py, None);
     }
 }

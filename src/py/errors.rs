@@ -16,7 +16,7 @@
 
 use std::io;
 
-use crate::py::cached::Cached;
+use crate::py::cached::{interned, Cached};
 use pyo3::exceptions::{
     PyConnectionError, PyException, PyOSError, PyRecursionError, PyTimeoutError,
     PyUnicodeDecodeError, PyValueError,
@@ -250,6 +250,12 @@ fn os_error(err: io::Error, doing: &str) -> PyErr {
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         Python::attach(|py| match err {
+            // As the failure itself, marked: `request_sent` is False, no server acted on it.
+            Error::Connect(inner) => {
+                let err = PyErr::from(*inner);
+                let _ = err.value(py).setattr(interned!(py, "request_sent"), false);
+                err
+            }
             Error::Wire(WireError::Io(io)) => os_error(io, "while exchanging data"),
             Error::Wire(
                 wire @ (WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. }),
