@@ -8,7 +8,7 @@ PY := $(abspath $(VENV))/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PYO3_PYTHON := $(PY)
 
-.PHONY: all venv build demo test cargo-test pytest lint bench soak wheel sdist test-pythons clean
+.PHONY: all venv build demo test cargo-test pytest lint bench soak wheel sdist test-pythons clean haproxy
 
 all: build
 
@@ -39,8 +39,16 @@ demo: build
 cargo-test:
 	cargo test --quiet
 
-pytest: build
+pytest: build haproxy
 	$(PY) -m pytest -q
+
+# HAProxy, for tests/test_balancer.py: installed with apt-get where it is missing and this is
+# root on Debian or Ubuntu; elsewhere the test is skipped and says why.
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
+		else echo "haproxy: not installed and cannot install it here (tests/test_balancer.py will be skipped)"; fi; }
 
 test: cargo-test pytest
 

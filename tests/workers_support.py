@@ -53,11 +53,16 @@ def handled(directory: Path) -> list[str]:
 
 
 class Program:
-    """``framesock-server ARGS`` (or ``python ARGS`` with ``python=True``) in ``cwd``; its
-    stderr is kept line by line. ``close()`` kills it and every worker it announced."""
+    """``framesock-server ARGS`` (or ``python ARGS`` with ``python=True``, or ``EXE ARGS``) in
+    ``cwd``, under ``wrap`` (``ip netns exec NS``) if given; its stderr is kept line by line. ``close()`` kills it and every worker it announced."""
 
-    def __init__(self, args: list[str], cwd: Path, python: bool = False, wrap: Optional[list[str]] = None) -> None:
-        command = [sys.executable, *args] if python else [sys.executable, "-m", "framesock.server", *args]
+    def __init__(
+        self, args: list[str], cwd: Path, python: bool = False, wrap: Optional[list[str]] = None, exe: Optional[str] = None
+    ) -> None:
+        if exe is not None:  # another program altogether (haproxy)
+            command = [exe, *args]
+        else:
+            command = [sys.executable, *args] if python else [sys.executable, "-m", "framesock.server", *args]
         self.process = subprocess.Popen(
             [*(wrap or []), *command], cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )

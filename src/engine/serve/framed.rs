@@ -9,6 +9,10 @@ pub(super) const MAX_BATCH: usize = 256;
 /// at once (fewer when replies are large: see `answer_concurrently`).
 pub(super) const CONCURRENT_CHUNK: usize = 16;
 
+/// How long a connection that has sent nothing yet when the shutdown begins gets for its first
+/// request (see `await_request`).
+pub(super) const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(250);
+
 /// How a framed connection's serving ended.
 pub(super) enum Ending {
     /// The peer closed, or the server closed after telling why.
@@ -129,7 +133,8 @@ impl Service {
     }
 
     /// Waits for the first bytes of a request: how many came, or that the peer closed, or that
-    /// the server closes the connection (shutdown, the idle limit, or room wanted).
+    /// the server closes the connection (shutdown, the idle limit, or room wanted). `first`:
+    /// nothing came on this connection yet.
     pub(super) async fn await_request<S>(
         &self,
         stream: &mut S,
@@ -137,6 +142,7 @@ impl Service {
         stop: Pin<&mut WaitForCancellationFuture<'_>>,
         registration: &IdleRegistration<'_>,
         idle_timer: &mut IdleTimer,
+        first: bool,
     ) -> Result<Waited>
     where
         S: AsyncRead + Unpin,
@@ -146,7 +152,21 @@ impl Service {
         idle_timer.start();
         tokio::select! {
             biased;
-            _ = stop => Ok(Waited::Closing("the server is shutting down")),
+            _ = stop => {
+                if !first {
+                    return Ok(Waited::Closing("the server is shutting down"));
+                }
+                // A connection accepted as the shutdown began has its first request on the way
+                // (a balancer writes it with the connection): it is answered, then told, so
+                // that a client knowing nothing of the closing handshake loses nothing.
+                match tokio::time::timeout(FIRST_REQUEST_GRACE, stream.read_buf(input)).await {
+                    Ok(Ok(0)) => Ok(Waited::PeerClosed),
+                    Ok(Ok(n)) => Ok(Waited::Read(n)),
+                    Ok(Err(err)) if peer_left(&err) => Ok(Waited::PeerClosed),
+                    Ok(Err(err)) => Err(WireError::Io(err).into()),
+                    Err(_) => Ok(Waited::Closing("the server is shutting down")),
+                }
+            }
             _ = idle.evicted() => {
                 bump(&self.stats.idle_evicted, 1);
                 Ok(Waited::Closing("the server is full: the connection idle longest makes room"))
@@ -253,7 +273,7 @@ impl Service {
             // Draining: the requests answered, the rest (unread, or arrived meanwhile) were
             // not handled; the goodbye says so and the client sends them again elsewhere. A
             // client that pipelines without a pause is told as soon as its batch is answered.
-            if stop.is_cancelled() {
+            if answered > 0 && stop.is_cancelled() {
                 return Ok(Ending::Goodbye("the server is shutting down"));
             }
             if full {
@@ -267,6 +287,7 @@ impl Service {
                         stop_wait.as_mut(),
                         &registration,
                         &mut idle_timer,
+                        !received,
                     )
                     .await?
                 {
