@@ -77,10 +77,12 @@ def run_framesock(options) -> None:
     if options.reply == "static":
         server = framesock.Server(
             None, port=0, response=json.loads(static_reply(options.reply_size)), protocol=options.protocol,
-            max_frame=2**31 - 1, max_connections=4096, tls=tls,
+            max_frame=2**31 - 1, max_connections=4096, tls=tls, proxy_protocol=options.proxy_protocol,
         )
     else:
-        server = framesock.Server(handler, port=0, protocol=options.protocol, max_connections=4096, tls=tls)
+        server = framesock.Server(
+            handler, port=0, protocol=options.protocol, max_connections=4096, tls=tls, proxy_protocol=options.proxy_protocol
+        )
     announce(server.address[1])
     server.serve_forever()
 
@@ -304,6 +306,7 @@ def main() -> None:
     cli.add_argument("--reply-size", type=int, default=0)
     cli.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
     cli.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    cli.add_argument("--proxy-protocol", action="store_true", help="framesock: every connection starts with a PROXY header")
     cli.add_argument("--processes", type=int, default=1, help="asyncio/uvloop: this many processes, SO_REUSEPORT")
     cli.add_argument("--port", type=int, default=0, help="(used by --processes) serve this port with SO_REUSEPORT")
     options = cli.parse_args()

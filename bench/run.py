@@ -62,6 +62,7 @@ def server(
     loop: str = "asyncio",
     tls: tuple[str, str] | None = None,
     processes: int = 1,
+    proxy_protocol: bool = False,
 ):
     """Starts a peer server process and yields its port; stops it afterwards. ``tls`` is a
     (certificate, key) pair of PEM files to serve TLS with."""
@@ -79,6 +80,8 @@ def server(
             command += ["--tls-cert", tls[0], "--tls-key", tls[1]]
         if processes > 1:
             command += ["--processes", str(processes)]
+        if proxy_protocol:
+            command += ["--proxy-protocol"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         line = proc.stdout.readline().decode()
@@ -293,6 +296,22 @@ def workers() -> None:
             load_row(workload, "--workers 1", port, "framed")
 
     in_rounds(both)
+
+
+def proxy_protocol() -> None:
+    """The PROXY protocol's cost on kept connections: the same server with and without it, the
+    load generator writing a v2 header first on each connection."""
+    for reply in ("static", "handler"):
+        workload = f"framed, {CONNECTIONS} connections, {'static reply' if reply == 'static' else 'Python handler'}, PROXY v2"
+        say(workload)
+
+        def both(reply: str = reply, workload: str = workload) -> None:
+            with server("framesock", "framed", reply=reply, proxy_protocol=True) as port:
+                load_row(workload, "framesock --proxy-protocol", port, "framed", extra=("--proxy-header", "1"))
+            with server("framesock", "framed", reply=reply) as port:
+                load_row(workload, "without it", port, "framed")
+
+        in_rounds(both)
 
 
 # Connections each worker accepted, per round of the workers row (for the fairness target).
@@ -565,6 +584,8 @@ TARGETS = [
     ("reply decoding, 10 MiB reply", "socket + orjson.loads", 1.0),
     (f"TLS, {CONNECTIONS} connections, static reply", "uvloop", 2.0),
     (f"TLS, {CONNECTIONS} connections, Python handler", "uvloop", 2.0),
+    (f"framed, {CONNECTIONS} connections, static reply, PROXY v2", "without it", 0.95),
+    (f"framed, {CONNECTIONS} connections, Python handler, PROXY v2", "without it", 0.95),
     (f"framed, {CONNECTIONS} connections, Python handler, 2 processes", "uvloop, 2 processes (SO_REUSEPORT)", 1.5),
     (f"framed, {CONNECTIONS} connections, 50 µs Python handler", "--workers 1", 1.6),
 ]
@@ -665,6 +686,7 @@ def main() -> None:
         "tls": tls_workloads,
         "json-bomb": beside_json_documents,
         "workers": workers,
+        "proxy": proxy_protocol,
     }
     for name, step in steps.items():
         if not only or name in only:

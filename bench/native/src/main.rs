@@ -37,9 +37,24 @@ fn tls_connector(opts: &HashMap<String, String>) -> Option<tokio_rustls::TlsConn
 }
 
 /// A connection to the server, under TLS with a connector.
+/// Whether each connection starts with a PROXY protocol v2 header (`--proxy-header 1`), as a
+/// balancer's `send-proxy-v2` writes it: client 192.0.2.1:40000, server 127.0.0.1.
+static PROXY_HEADER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn proxy_v2_header(port: u16) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend_from_slice(&[192, 0, 2, 1, 127, 0, 0, 1]);
+    header.extend_from_slice(&40000u16.to_be_bytes());
+    header.extend_from_slice(&port.to_be_bytes());
+    header
+}
+
 async fn open(port: u16, tls: &Option<tokio_rustls::TlsConnector>) -> std::io::Result<Box<dyn Io>> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
     stream.set_nodelay(true)?;
+    if PROXY_HEADER.load(std::sync::atomic::Ordering::Relaxed) {
+        stream.write_all(&proxy_v2_header(port)).await?;
+    }
     match tls {
         Some(tls) => {
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
@@ -55,7 +70,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: fsbench server --protocol classic|framed [--reply-size N | --reply-file PATH]\n       \
          fsbench load --port P --protocol classic|framed [--connections C] [--seconds S] [--payload N]\n       \
-                      [--tls-ca PEM] [--reconnect 1]  (TLS to 'localhost'; a new connection per exchange)\n       \
+                      [--tls-ca PEM] [--reconnect 1] [--proxy-header 1]\n       \
+                      (TLS to 'localhost'; a new connection per exchange; a PROXY v2 header first)\n       \
          fsbench bigframes --port P [--size BYTES] [--count K]\n       \
          (every command takes --threads 1 for a single-threaded runtime)"
     );
@@ -175,6 +191,7 @@ async fn load(opts: &HashMap<String, String>) {
 
     let tls = tls_connector(opts);
     let reconnect = number(opts, "reconnect", 0) == 1;
+    PROXY_HEADER.store(number(opts, "proxy-header", 0) == 1, std::sync::atomic::Ordering::Relaxed);
     let begin = Instant::now() + warmup;
     let end = begin + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
