@@ -106,6 +106,8 @@ impl Service {
         );
         let received = Instant::now();
         let reply = self.answer(&request, caller).await;
+        // Observed as the reply's first byte is written (see the framed loop).
+        self.stats.duration.observe(received.elapsed(), 1);
         if let Ok(json) = &reply {
             within(timeout, || format!("sending the reply to {peer}"), async {
                 stream.write_all(json).await.map_err(WireError::Io)?;
@@ -115,7 +117,6 @@ impl Service {
             .await?;
             bump(&self.stats.bytes_out, json.len() as u64);
         }
-        self.stats.duration.observe(received.elapsed(), 1);
         Ok(Classic::Answered { request, reply })
     }
 }

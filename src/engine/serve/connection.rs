@@ -23,6 +23,14 @@ impl ProxyProtocol {
     }
 }
 
+/// A connection refused for its PROXY header (or its address): why, from where, and the
+/// connection itself, still open.
+pub(super) struct ProxyRefused {
+    pub(super) error: Error,
+    pub(super) peer: Address,
+    pub(super) stream: Stream,
+}
+
 /// The most a PROXY header may take to arrive (less when `timeout` is shorter): a balancer
 /// writes it with the connection's first packet.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -121,9 +129,15 @@ impl Service {
         let (mut stream, address, proxy_address) = match self.proxied(stream, peer).await {
             Ok(Some(set_up)) => set_up,
             Ok(None) => return None,
-            Err((err, peer)) => {
+            Err(refused) => {
+                // Counted first, closed next: by the time the peer sees the close, the
+                // counters say why.
                 bump(&self.stats.errors.proxy, 1);
-                self.peer_problem(format!("connection from {peer} refused: {err}"));
+                self.peer_problem(format!(
+                    "connection from {} refused: {}",
+                    refused.peer, refused.error
+                ));
+                drop(refused.stream);
                 return None;
             }
         };
@@ -134,19 +148,23 @@ impl Service {
 
     /// The connection with its PROXY header read: the stream, the client's address, and the
     /// balancer's (None without the PROXY protocol). `Ok(None)`: it ended before its first
-    /// byte (counted as empty). An error comes with the address it is about.
+    /// byte (counted as empty). A refusal comes with the connection, to be closed once counted.
     pub(super) async fn proxied(
         &self,
         mut stream: Stream,
         peer: Address,
-    ) -> std::result::Result<Option<(Stream, Address, Option<Address>)>, (Error, Address)> {
+    ) -> std::result::Result<Option<(Stream, Address, Option<Address>)>, ProxyRefused> {
         let Some(proxy) = &self.proxy else {
             return Ok(Some((stream, peer, None)));
         };
         if !proxy.trusts(&peer) {
             let why = "its address is not in proxy_from (PROXY protocol headers are taken only \
                        from the balancers listed there)";
-            return Err((Error::Protocol(why.to_owned()), peer));
+            return Err(ProxyRefused {
+                error: Error::Protocol(why.to_owned()),
+                peer,
+                stream,
+            });
         }
         let limit = self.limits.timeout.or(self.limits.idle_timeout);
         match read_proxy_header(&mut stream, limit).await {
@@ -162,7 +180,11 @@ impl Service {
             }
             // The balancer speaking for itself (its own health check): its address stands.
             Ok(Some(Source::Local)) => Ok(Some((stream, peer.clone(), Some(peer)))),
-            Err(err) => Err((err, peer)),
+            Err(error) => Err(ProxyRefused {
+                error,
+                peer,
+                stream,
+            }),
         }
     }
 

@@ -262,9 +262,9 @@ impl Server {
                     Ok(None) => return Err(OneShotError::Net(Error::Wire(
                         WireError::ClosedBeforeMessage,
                     ))),
-                    Err((err, _)) => {
+                    Err(refused) => {
                         bump(&service.stats.errors.proxy, 1);
-                        return Err(OneShotError::Net(err));
+                        return Err(OneShotError::Net(refused.error));
                     }
                 };
                 if service.tls.is_some() {
