@@ -15,6 +15,14 @@ from framesock import aio
 from conftest import frame, goodbye_then_close, raw_exchange
 
 
+async def until(condition, limit: float = 10.0) -> None:
+    """Waits, on the loop, until ``condition()`` holds; fails the test after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def send_and_leave(port: int, data: bytes) -> None:
     """A hostile peer: sends `data` and closes at once."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -168,16 +176,18 @@ async def test_loop_is_not_blocked_while_waiting(serve):
 
 async def test_cancelling_a_request_leaves_the_client_usable(serve):
     release = asyncio.Event()
+    started = asyncio.Event()
 
     async def handler(request):
         if request == "stuck":
+            started.set()
             await release.wait()
         return request
 
     server = await serve(handler, protocol="framed")
     async with aio.Client(*server.address, protocol="framed") as client:
         task = asyncio.create_task(client.request("stuck"))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(started.wait(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -239,17 +249,18 @@ async def test_shutdown_under_load(serve):
     server = await serve(handler, protocol="framed")
     clients = [aio.Client(*server.address, protocol="framed") for _ in range(20)]
 
-    async def hammer(client):
-        done = 0
+    done = [0] * len(clients)
+
+    async def hammer(index, client):
         try:
             while True:
                 await client.request("x")
-                done += 1
+                done[index] += 1
         except (ConnectionError, framesock.FramesockError, OSError):
-            return done
+            return done[index]
 
-    tasks = [asyncio.create_task(hammer(client)) for client in clients]
-    await asyncio.sleep(0.3)
+    tasks = [asyncio.create_task(hammer(index, client)) for index, client in enumerate(clients)]
+    await until(lambda: all(count > 0 for count in done))
     await asyncio.wait_for(server.shutdown(timeout=2.0), 5)
     results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert all(done > 0 for done in results)
@@ -259,7 +270,7 @@ async def test_hostile_peer_costs_only_its_connection(serve, caplog):
     server = await serve(protocol="framed")
     with caplog.at_level(logging.CRITICAL, logger="framesock"):
         await asyncio.to_thread(send_and_leave, server.address[1], b"\x00\x00\x00\x10half")
-        await asyncio.sleep(0.2)  # let the server notice
+        await until(lambda: server.stats()["errors"]["disconnected"] == 1)
     async with aio.Client(*server.address, protocol="framed") as client:
         assert await client.request("ok") == {"echo": "ok"}
     assert server.stats()["errors"]["disconnected"] == 1
@@ -354,7 +365,7 @@ async def test_requests_in_flight_fail_when_the_connection_breaks(serve, caplog)
     server = await serve(handler, protocol="framed", idle_timeout=5)
     async with aio.Client(*server.address, protocol="framed") as client:
         waiting = asyncio.create_task(client.request("x"))
-        await asyncio.sleep(0.1)
+        await until(lambda: server.stats()["requests_in_progress"] == 1)
         with caplog.at_level(logging.CRITICAL, logger="framesock"):
             await server.shutdown(timeout=0.05)  # drops the exchange in progress
         with pytest.raises((ConnectionError, framesock.FramesockError)):
@@ -371,7 +382,7 @@ async def test_close_fails_waiting_requests(serve):
     server = await serve(handler, protocol="framed")
     client = aio.Client(*server.address, protocol="framed")
     waiting = asyncio.create_task(client.request("x"))
-    await asyncio.sleep(0.1)
+    await until(lambda: server.stats()["requests_in_progress"] == 1)
     await client.close()
     with pytest.raises(ConnectionAbortedError):
         await asyncio.wait_for(waiting, 5)
@@ -452,7 +463,7 @@ async def test_shutdown_cancels_coroutine_handlers_it_drops(serve, caplog):
     server = await serve(handler, protocol="framed")
     client = aio.Client(*server.address, protocol="framed")
     waiting = asyncio.create_task(client.request("x"))
-    await asyncio.sleep(0.2)
+    await until(lambda: server.stats()["requests_in_progress"] == 1)
     with caplog.at_level(logging.CRITICAL, logger="framesock"):
         await server.shutdown(timeout=0.1)
     await asyncio.wait_for(cancelled.wait(), 5)

@@ -52,6 +52,19 @@ except KeyboardInterrupt:
 """
 
 
+def blocked(pid: int, limit: float = 10.0) -> None:
+    """Waits until the process's main thread sleeps in the kernel (state S in /proc): the wait
+    it announced has begun."""
+    deadline = time.monotonic() + limit
+    while True:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+        if state == "S":
+            return
+        assert time.monotonic() < deadline, f"process {pid} never blocked (state {state})"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("where", sorted(SCRIPTS))
 def test_sigint_ends_a_waiting_call(where):
     body = textwrap.indent(textwrap.dedent(SCRIPTS[where]), "    ")
@@ -60,7 +73,7 @@ def test_sigint_ends_a_waiting_call(where):
     )
     try:
         assert proc.stdout.readline().startswith(b"waiting")
-        time.sleep(0.3)  # let it settle into the blocking wait
+        blocked(proc.pid)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=5)
     finally:
@@ -75,7 +88,7 @@ def test_sigint_to_the_server_program_exits_quietly():
     )
     try:
         assert b"listening" in proc.stderr.readline()
-        time.sleep(0.3)
+        blocked(proc.pid)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=5)
     finally:
@@ -127,7 +140,7 @@ def test_sigint_ends_serve_forever_and_shuts_down():
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         port = int(proc.stdout.readline().split()[1])
-        time.sleep(0.3)
+        blocked(proc.pid)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)
     finally:
