@@ -19,6 +19,24 @@ from typing import Any, AsyncGenerator, Callable
 logger = logging.getLogger("framesock")
 
 
+async def answer(handler: Callable[..., Any], arguments: tuple[Any, ...], send: Callable[[Any, Any], None]) -> None:
+    """A coroutine handler's exchange, as the body of its Task: calls the handler, awaits it,
+    and hands the outcome to framesock from inside the Task (``send(value, None)`` or
+    ``send(None, error)``), with no done-callback and no extra turn of the loop. The Task is
+    real: ``current_task()``, ``asyncio.timeout()``, contextvars and cancellation work as in
+    any Task. A cancellation is told, then goes on (the Task ends cancelled); an exception is
+    told and goes no further (nobody retrieves a handler Task's exception)."""
+    try:
+        value = await handler(*arguments)
+    except Exception as err:  # noqa: BLE001 - it becomes the error reply (and the log's record)
+        send(None, err)
+        return
+    except BaseException as err:  # CancelledError, and KeyboardInterrupt/SystemExit: told, then on
+        send(None, err)
+        raise
+    send(value, None)
+
+
 def start_handler_thread(source: Any) -> None:
     """Starts a handler thread that runs the jobs of ``source``."""
     thread = threading.Thread(target=run_handler_jobs, args=(source,), name=source.thread_name, daemon=True)

@@ -30,6 +30,9 @@ use crate::py::gil::{drop_safely, GilDrop};
 /// Work for the event loop's thread.
 pub type LoopJob = Box<dyn FnOnce(Python<'_>) + Send>;
 
+/// The most jobs one reader callback runs.
+const MAX_JOBS_PER_DRAIN: usize = 1024;
+
 /// What a bridge's owner wants done when the loop ends.
 pub type OnLoopEnd = Box<dyn FnOnce() + Send>;
 
@@ -164,12 +167,25 @@ impl LoopBridge {
         }
     }
 
-    /// Runs every queued job (on the loop's thread, from its reader callback).
+    /// Runs the queued jobs (on the loop's thread, from its reader callback): at most
+    /// `MAX_JOBS_PER_DRAIN`, so that a busy server leaves the loop's other callbacks their
+    /// turn; what is left wakes the loop again.
     fn drain(&self, py: Python<'_>) {
         crate::py::gil::bury_the_dead(py);
         let mut sink = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
-        let jobs = std::mem::take(&mut *locked(&self.jobs));
+        let jobs = {
+            let mut queued = locked(&self.jobs);
+            if queued.len() > MAX_JOBS_PER_DRAIN {
+                let rest = queued.split_off(MAX_JOBS_PER_DRAIN);
+                let now = std::mem::replace(&mut *queued, rest);
+                // The rest is still queued, so `push` writes no byte for it: this one does.
+                let _ = (&self.wake_tx).write(&[1]);
+                now
+            } else {
+                std::mem::take(&mut *queued)
+            }
+        };
         for job in jobs {
             job(py);
         }
@@ -288,12 +304,13 @@ fn coroutine_type(py: Python<'_>) -> &Bound<'_, pyo3::types::PyType> {
 /// Runs `awaitable` as a Task on `event_loop`, the way `await`ing it in a task of its own
 /// would: its own copy of the context and a current task (`asyncio.timeout()` needs one). On
 /// Python 3.12+ a coroutine's Task starts eagerly, so a handler that finishes without waiting
-/// costs no extra loop iteration. `when_done(task)` is called once the Task is done.
+/// costs no extra loop iteration. `when_done(task)`, if given, is called once the Task is done:
+/// at once if it finished in its eager first step.
 pub fn run_as_task<'py>(
     py: Python<'py>,
     event_loop: &Bound<'py, PyAny>,
     awaitable: &Bound<'py, PyAny>,
-    when_done: Bound<'py, PyAny>,
+    when_done: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     static TASK: Cached<Py<PyAny>> = Cached::new();
     static ENSURE_FUTURE: Cached<Py<PyAny>> = Cached::new();
@@ -310,7 +327,16 @@ pub fn run_as_task<'py>(
             .import(py, "asyncio", "ensure_future")?
             .call((awaitable,), Some(&kwargs))?
     };
-    task.call_method1(interned!(py, "add_done_callback"), (when_done,))?;
+    let Some(when_done) = when_done else {
+        return Ok(task);
+    };
+    if task.call_method0(interned!(py, "done"))?.is_truthy()? {
+        // Finished in its eager first step: its outcome is taken now, not a loop iteration
+        // later from a done-callback.
+        when_done.call1((&task,))?;
+    } else {
+        task.call_method1(interned!(py, "add_done_callback"), (when_done,))?;
+    }
     Ok(task)
 }
 

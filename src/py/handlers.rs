@@ -231,18 +231,41 @@ impl PyHandler {
         reply: ReplySender,
         task: &Arc<TaskSlot>,
     ) {
-        let called = request_object(py, self.request_as, payload).and_then(|request| {
-            let arguments = self
-                .arguments(py, request, caller)
-                .map_err(|err| python_failure(py, FailureKind::Handler, err))?;
-            self.callable
-                .bind(py)
-                .call1(arguments)
+        let arguments = request_object(py, self.request_as, payload).and_then(|request| {
+            self.arguments(py, request, caller)
                 .map_err(|err| python_failure(py, FailureKind::Handler, err))
         });
-        match called {
-            Ok(value) => self.reply_with(py, value, reply, Some(task)),
-            Err(failure) => drop(reply.send(Err(failure))),
+        let arguments = match arguments {
+            Ok(arguments) => arguments,
+            Err(failure) => return drop(reply.send(Err(failure))),
+        };
+        // The Task runs `_support.answer`, which calls the handler, awaits it and sends the
+        // outcome from inside the Task: made now (already on the loop), and on 3.12+ run
+        // eagerly, so a handler that never waits is answered before this returns.
+        static ANSWER: Cached<Py<PyAny>> = Cached::new();
+        let send = SendOutcome {
+            handler: self.clone(),
+            reply: Mutex::new(Some(reply)),
+        };
+        let Some((bridge, _)) = self.event_loop.get() else {
+            return;
+        };
+        let scheduled = Bound::new(py, send)
+            .and_then(|send| {
+                ANSWER.import(py, "framesock._support", "answer")?.call1((
+                    self.callable.bind(py),
+                    arguments,
+                    send,
+                ))
+            })
+            .and_then(|body| run_as_task(py, bridge.event_loop(py), &body, None));
+        match scheduled {
+            Ok(running) if task.abandoned.load(Ordering::Acquire) => {
+                let _ = running.call_method0("cancel");
+            }
+            Ok(running) => *locked(&task.task) = Some(running.unbind()),
+            // The reply sender went with `send`, so the waiting exchange fails as it drops.
+            Err(err) => err.print(py),
         }
     }
 
@@ -262,7 +285,12 @@ impl PyHandler {
             reply: Mutex::new(Some(reply)),
         };
         let scheduled = Bound::new(py, when_done).and_then(|when_done| {
-            run_as_task(py, bridge.event_loop(py), &awaitable, when_done.into_any())
+            run_as_task(
+                py,
+                bridge.event_loop(py),
+                &awaitable,
+                Some(when_done.into_any()),
+            )
         });
         match scheduled {
             // Its connection may have been dropped already; else keep it for a later cancel.
@@ -434,6 +462,32 @@ impl SendWhenDone {
     }
 }
 
+/// What `_support.answer` calls, inside the handler's Task, with its outcome: the reply.
+#[pyclass(frozen)]
+struct SendOutcome {
+    handler: Arc<PyHandler>,
+    reply: Mutex<Option<ReplySender>>,
+}
+
+#[pymethods]
+impl SendOutcome {
+    fn __call__(&self, py: Python<'_>, value: Bound<'_, PyAny>, error: Bound<'_, PyAny>) {
+        let Some(reply) = locked(&self.reply).take() else {
+            return;
+        };
+        if error.is_none() {
+            self.handler.reply_with(py, value, reply, None);
+            return;
+        }
+        let err = if error.is_instance_of::<pyo3::exceptions::asyncio::CancelledError>() {
+            pyo3::exceptions::asyncio::CancelledError::new_err("the handler's task was cancelled")
+        } else {
+            PyErr::from_value(error)
+        };
+        let _ = reply.send(Err(python_failure(py, FailureKind::Handler, err)));
+    }
+}
+
 /// Log records to the `framesock` logger, written by a handler thread (never an I/O thread:
 /// a thread that first touches `logging` may be taken for the main thread).
 ///
@@ -593,4 +647,5 @@ impl PyCaller {
 /// Makes this module's private classes' type objects now, at import (see `py::warm_up`).
 pub(super) fn make_types(py: Python<'_>) {
     let _ = <SendWhenDone as pyo3::PyTypeInfo>::type_object(py);
+    let _ = <SendOutcome as pyo3::PyTypeInfo>::type_object(py);
 }

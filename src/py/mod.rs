@@ -56,6 +56,7 @@ fn warm_up(py: Python<'_>) {
     let _ = PyMapping::type_object(py);
     let _ = PySequence::type_object(py);
     let _ = pyo3::panic::PanicException::type_object(py);
+    let _ = pyo3::exceptions::asyncio::CancelledError::type_object(py);
     handlers::make_types(py);
     bridge::make_types(py);
     threads::make_types(py);
