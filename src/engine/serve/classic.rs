@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// How long a classic connection chosen to make room, silent so far, is given for its request
+/// to show before it is closed (see `answer_classic`).
+pub(super) const CLASSIC_EVICTION_GRACE: Duration = Duration::from_millis(50);
+
 /// What one classic exchange came to.
 pub(super) enum Classic {
     /// Shutdown came before the request.
@@ -58,9 +62,17 @@ impl Service {
                             Some(read) => read,
                             // Chosen to make room: only if its request has not begun to
                             // arrive meanwhile (the classic wire cannot say "not handled").
-                            None => match stream.read_buf(&mut input).now_or_never() {
-                                Some(read) => read,
-                                None => {
+                            // A request already in the socket may not be seen at once (the
+                            // reactor's readiness lags the socket), so it gets a moment: a
+                            // client just accepted has its request on the way.
+                            None => match tokio::time::timeout(
+                                CLASSIC_EVICTION_GRACE,
+                                stream.read_buf(&mut input),
+                            )
+                            .await
+                            {
+                                Ok(read) => read,
+                                Err(_) => {
                                     bump(&self.stats.idle_evicted, 1);
                                     return Ok(None);
                                 }
