@@ -168,6 +168,19 @@ impl Service {
                 }
             }
             _ = idle.evicted() => {
+                // A connection with nothing received yet has its first request on the way (a
+                // client resending what another connection did not handle): it is answered
+                // first, so that a full server cannot turn a request away again and again.
+                if first {
+                    if let Ok(read) = tokio::time::timeout(FIRST_REQUEST_GRACE, stream.read_buf(input)).await {
+                        return match read {
+                            Ok(0) => Ok(Waited::PeerClosed),
+                            Ok(n) => Ok(Waited::Read(n)),
+                            Err(err) if peer_left(&err) => Ok(Waited::PeerClosed),
+                            Err(err) => Err(WireError::Io(err).into()),
+                        };
+                    }
+                }
                 bump(&self.stats.idle_evicted, 1);
                 Ok(Waited::Closing("the server is full: the connection idle longest makes room"))
             }
@@ -263,12 +276,14 @@ impl Service {
                 self.linger(stream, LINGER_TIME).await;
                 return Err(err.into());
             }
-            self.send(stream, &mut output, peer).await?;
+            // Observed as the replies' first byte is written (the write follows at once): so
+            // by the time the client has its reply, the counters show it.
             if let Some(batch_received) = batch_received {
                 self.stats
                     .duration
                     .observe(batch_received.elapsed(), answered);
             }
+            self.send(stream, &mut output, peer).await?;
             charge.set(input.len());
             // Draining: the requests answered, the rest (unread, or arrived meanwhile) were
             // not handled; the goodbye says so and the client sends them again elsewhere. A
