@@ -6,7 +6,8 @@ processes; the concurrent workloads are driven by the Rust load generator (bench
 client is never the bottleneck. This machine is shared and noisy: read the ratios, not the
 absolute numbers. BENCH_SECONDS sets the length of each measurement (default 2); the concurrent
 workloads measure every peer BENCH_ROUNDS times (default 5), in turns, and report the median
-round, so a dip that hits one peer's only sample cannot decide a ratio.
+round, so a dip that hits one peer's only sample cannot decide a ratio; their ratios are the
+median of each round's ratio (peers measured back to back), not the ratio of two medians.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class Row:
 
 
 ROWS: list[Row] = []
+# Every round's rate of each peer measured in rounds, in order, by (workload, peer): a target
+# compares two such peers round by round (see `achieved`).
+ROUND_RATES: dict[tuple[str, str], list[float]] = {}
 
 
 def say(text: str) -> None:
@@ -192,7 +196,8 @@ def in_rounds(measure_every_peer) -> None:
     for row in ROWS[first:]:
         runs.setdefault((row.workload, row.peer), []).append(row)
     del ROWS[first:]
-    for rows in runs.values():
+    for key, rows in runs.items():
+        ROUND_RATES[key] = [row.rate for row in rows]
         rows.sort(key=lambda row: row.rate)
         median = rows[len(rows) // 2]
         if len(rows) > 1:
@@ -649,24 +654,44 @@ TARGETS = [
 ]
 
 
-def framesock_rate(workload: str, label: str | None = None) -> float | None:
-    """The rate of the workload's first framesock row (the one the peers are compared with), or
-    of the row `label` (a median row's peer reads "label (median of ...)")."""
+def framesock_row(workload: str, label: str | None = None) -> Row | None:
+    """The workload's first framesock row (the one the peers are compared with), or the row
+    `label` (a median row's peer reads "label (median of ...)")."""
     for row in ROWS:
         if row.workload != workload:
             continue
         if label is None and row.peer.startswith("framesock"):
-            return row.rate
+            return row
         if label is not None and (row.peer == label or row.peer.startswith(label + " (")):
-            return row.rate
+            return row
     return None
 
 
+def framesock_rate(workload: str, label: str | None = None) -> float | None:
+    row = framesock_row(workload, label)
+    return row.rate if row else None
+
+
+def achieved(workload: str, peer: str, label: str | None = None) -> float | None:
+    """framesock's rate ÷ the peer's. For peers measured in rounds, the median of the rounds'
+    ratios: the two were measured back to back, on the same machine's mood, while their median
+    rows may come from different minutes (this machine's speed swings by 2x)."""
+    mine = framesock_row(workload, label)
+    theirs = next((row for row in ROWS if row.workload == workload and row.peer == peer), None)
+    if mine is None or theirs is None or not theirs.rate:
+        return None
+    rounds = ROUND_RATES.get((workload, mine.peer)), ROUND_RATES.get((workload, peer))
+    if rounds[0] and rounds[1] and len(rounds[0]) == len(rounds[1]):
+        ratios = sorted(a / b for a, b in zip(*rounds) if b)
+        return ratios[len(ratios) // 2]
+    return mine.rate / theirs.rate
+
+
 def ratio(row: Row) -> str:
-    mine = framesock_rate(row.workload)
-    if mine is None or row.peer.startswith("framesock") or not row.rate:
+    if row.peer.startswith("framesock"):
         return ""
-    return f"{mine / row.rate:.2f}x"
+    value = achieved(row.workload, row.peer)
+    return "" if value is None else f"{value:.2f}x"
 
 
 def fmt_latency(value: float | None) -> str:
@@ -691,14 +716,12 @@ def table() -> str:
 def target_lines() -> list[str]:
     lines = []
     for workload, peer, minimum, *which in TARGETS:
-        mine = framesock_rate(workload, *which)
-        theirs = next((r.rate for r in ROWS if r.workload == workload and r.peer == peer), None)
-        if mine is None or not theirs:
+        ratio_now = achieved(workload, peer, *which)
+        if ratio_now is None:
             lines.append(f"- {workload}: {which[0] if which else 'framesock'} ÷ {peer}: not measured")
             continue
-        achieved = mine / theirs
-        verdict = "met" if achieved >= minimum else "**missed**"
-        lines.append(f"- {workload}: {which[0] if which else 'framesock'} ÷ {peer} = {achieved:.2f} (target ≥ {minimum:.2f}): {verdict}")
+        verdict = "met" if ratio_now >= minimum else "**missed**"
+        lines.append(f"- {workload}: {which[0] if which else 'framesock'} ÷ {peer} = {ratio_now:.2f} (target ≥ {minimum:.2f}): {verdict}")
     return lines + tls_over_plain_lines() + fairness_lines()
 
 
@@ -732,6 +755,12 @@ def chart(path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cpu_times() -> tuple[int, int]:
+    """(all, stolen) CPU ticks of the machine so far, from /proc/stat."""
+    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[7]
+
+
 def main() -> None:
     if not FSBENCH.exists():
         sys.exit(f"build the load generator first: cargo build --release --manifest-path {HERE / 'native' / 'Cargo.toml'}")
@@ -752,11 +781,16 @@ def main() -> None:
         "workers": workers,
         "proxy": proxy_protocol,
     }
+    before = cpu_times()
     for name, step in steps.items():
         if not only or name in only:
             step()
+    after = cpu_times()
+    # A virtual machine's CPUs are taken by its host at times ("steal"); a server that hands work
+    # between threads suffers from it more than a single-threaded one, so the ratios with it.
+    stolen = (after[1] - before[1]) / max(1, after[0] - before[0])
     report = table()
-    targets = target_lines()
+    targets = target_lines() + [f"- CPU time taken by the host during the run (steal): {stolen:.0%}"]
     print(report)
     print()
     print("\n".join(targets))
