@@ -32,6 +32,17 @@ def test_typed_example_program_runs(tmp_path):
     assert done.stdout == "typed example: ok\n"
 
 
+def test_submodules_are_attributes_of_the_package_and_importing_starts_nothing():
+    program = (
+        "import os, threading, framesock\n"
+        "assert framesock.aio.Server and framesock.types.Reply\n"
+        "assert threading.active_count() == 1, threading.enumerate()\n"
+        "assert len(os.listdir('/proc/self/task')) == 1, 'an engine thread was started'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("module", ["framesock.server", "framesock.client"])
 def test_commands_say_their_version(module):
     done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=20)

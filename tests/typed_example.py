@@ -15,7 +15,7 @@ import asyncio
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import framesock
 from framesock import (
@@ -126,6 +126,10 @@ async def asyncio_api() -> None:
         stats: ServerStats = server.stats()
         assert stats["requests"] == 3
 
+    async with aio.Server(later, port=0, protocol="framed", request_as="json") as typed:
+        async with aio.Client(typed.host, typed.port, path=typed.path, protocol="framed") as client:
+            assert await client.request({"a": 1, "b": 2}) == [{"n": 2}]
+
     ports: list[int] = []
     one_shot = asyncio.ensure_future(aio.start_server(port=0, ready=lambda address: ports.append(address[1])))
     while not ports:
@@ -135,19 +139,85 @@ async def asyncio_api() -> None:
     assert exchange["request_bytes"] == b"msg from client"
 
 
+# The README's annotated handler, as it is there (tests/test_readme.py checks that it is).
+def inventory(request: Dict[str, Any]) -> Dict[str, List[str]]:  # for request_as="json"
+    names = request.get("names", [])
+    return {"found": [name for name in names if isinstance(name, str)]}
+
+
+def inventory_as_a_set(request: Dict[str, Any]) -> Set[str]:
+    names = request.get("names", [])
+    return {name for name in names if isinstance(name, str)}
+
+
+def shout(request: str, caller: Caller) -> Tuple[str, Optional[str]]:
+    return request.upper(), caller.tls_subject
+
+
+def raw(request: bytes) -> int:
+    return len(request)
+
+
+async def later(request: Dict[str, Any]) -> Sequence[Mapping[str, int]]:
+    await asyncio.sleep(0)
+    return [{"n": len(request)}]
+
+
+def returns_a_set(request: str) -> Set[str]:
+    return {request}
+
+
+class Thing:
+    pass
+
+
+def returns_an_object(request: str) -> Thing:
+    return Thing()
+
+
+def typed_handlers() -> None:
+    """Handlers typed by ``request_as``: each one fits the server it is given to."""
+    with Server(inventory, port=0, request_as="json", protocol="framed") as server:
+        with Client(server.host, server.port, protocol="framed") as client:
+            reply: Dict[str, List[str]] = client.request({"names": ["a", 1, "b"]})
+            assert reply == {"found": ["a", "b"]}
+    with Server(shout, port=0) as server:
+        assert start_client(server.host, server.port, "hi") == ["HI", None]
+    with Server(raw, port=0, request_as="bytes") as server:
+        assert start_client(server.host, server.port, b"\xff\x00") == 2
+    with Server(lambda request: {"length": len(request)}, port=0) as server:
+        assert start_client(server.host, server.port, "abc") == {"length": 3}
+
+
 def mistakes() -> None:
     """Never run; each line is an error to both checkers (see the module docstring)."""
-    Server(protocol="framde")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    Server(protocol="framde")  # type: ignore[call-overload]  # pyright: ignore[reportArgumentType]
     aio.Client(protocol="framde")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
-    aio.Server(request_as="dict")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    aio.Server(request_as="dict")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
     Server(port=0).stats()["request"]  # type: ignore[typeddict-item]  # pyright: ignore[reportGeneralTypeIssues]
-    start_server(port="8000")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
-    framesock.run(42)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    start_server(port="8000")  # type: ignore[call-overload]  # pyright: ignore[reportArgumentType]
+    framesock.run(42)  # type: ignore[call-overload]  # pyright: ignore[reportArgumentType]
+    # A reply json.dumps cannot encode: a set, an object; a coroutine from a plain handler.
+    Server(returns_a_set)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    Server(returns_an_object)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    Server(later, request_as="json")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
+    Server(inventory_as_a_set, request_as="json")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
+    Server(response={1, 2})  # type: ignore[call-overload]  # pyright: ignore[reportArgumentType]
+    # A handler for another request_as than the server's.
+    Server(raw)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    Server(shout, request_as="bytes")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
+    aio.Server(raw, request_as="text")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
+    start_server(handler=raw)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    framesock.run(raw, request_as="text")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
+    aio.Server(returns_a_set)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    # A message that is not JSON.
+    start_client(message={1, 2})  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 
 
 def main() -> None:
     ca, cert, key = sys.argv[1:4]
     blocking_api((ca, cert, key))
+    typed_handlers()
     asyncio.run(asyncio_api())
     print("typed example: ok")
 

@@ -31,6 +31,10 @@ from framesock._framesock import (
 )
 from framesock.workers.run import run
 
+# Submodules that are attributes of the package once it is imported, as their names promise
+# (`framesock.aio.Server`, `framesock.types.Reply`); importing them starts nothing.
+from framesock import aio, types  # noqa: E402  (after the engine's names, which they use)
+
 __all__ = [
     "Caller",
     "Client",
@@ -46,9 +50,11 @@ __all__ = [
     "RemoteError",
     "Server",
     "__version__",
+    "aio",
     "start_client",
     "run",
     "start_server",
+    "types",
 ]
 
 # The library convention: records go nowhere until the application configures logging. Importing

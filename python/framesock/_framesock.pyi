@@ -3,16 +3,18 @@
 import json
 import ssl
 from types import TracebackType
-from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union, final
+from typing import Any, Awaitable, Callable, Iterable, Literal, Optional, Sequence, Union, final, overload
 
 from framesock.types import (
     Address as _Address,
+    AsyncHandler,
     Exchange,
     Handler,
     JSONValue as _JSONValue,
     Message as _Message,
     PathLike as _Path,
     Protocol as _Protocol,
+    Reply as _Reply,
     RequestAs as _RequestAs,
     ServerStats,
 )
@@ -147,16 +149,51 @@ class RemoteError(FramesockError):
     kind: str
     remote_message: str
 
+@overload
 def start_server(
     host: str = "127.0.0.1",
     port: int = 8000,
-    response: Optional[_JSONValue] = None,
+    response: _Reply = None,
     *,
-    handler: Optional[Handler] = None,
+    handler: Optional[Handler[bytes]] = None,
     timeout: Optional[float] = 20.0,
     max_frame: int = 16777216,
     backlog: int = 5,
-    request_as: _RequestAs = "text",
+    request_as: Literal["bytes"],
+    ready: Optional[Callable[[Any], object]] = None,
+    path: Optional[_Path] = None,
+    tls: Optional[ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[Sequence[str]] = None,
+) -> Exchange: ...
+@overload
+def start_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    response: _Reply = None,
+    *,
+    handler: Optional[Handler[Any]] = None,
+    timeout: Optional[float] = 20.0,
+    max_frame: int = 16777216,
+    backlog: int = 5,
+    request_as: Literal["json"],
+    ready: Optional[Callable[[Any], object]] = None,
+    path: Optional[_Path] = None,
+    tls: Optional[ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[Sequence[str]] = None,
+) -> Exchange: ...
+@overload
+def start_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    response: _Reply = None,
+    *,
+    handler: Optional[Handler[str]] = None,
+    timeout: Optional[float] = 20.0,
+    max_frame: int = 16777216,
+    backlog: int = 5,
+    request_as: Literal["text"] = "text",
     ready: Optional[Callable[[Any], object]] = None,
     path: Optional[_Path] = None,
     tls: Optional[ServerTLS] = None,
@@ -262,21 +299,74 @@ class Server:
     error reply (``RemoteError`` on the client) while the connection is still in step.
     """
 
+    @overload
     def __new__(
         cls,
-        handler: Optional[Handler] = None,
+        handler: Optional[Handler[bytes]] = None,
         host: str = "127.0.0.1",
         port: int = 8000,
         *,
         path: Optional[_Path] = None,
-        response: Optional[_JSONValue] = None,
+        response: _Reply = None,
         protocol: _Protocol = "classic",
         timeout: Optional[float] = 20.0,
         idle_timeout: Optional[float] = 75.0,
         max_frame: int = 16777216,
         max_connections: int = 1024,
         backlog: int = 1024,
-        request_as: _RequestAs = "text",
+        request_as: Literal["bytes"],
+        handler_threads: Optional[int] = None,
+        max_unsent: int = 65536,
+        max_buffered: int = 268435456,
+        tls: Optional[ServerTLS] = None,
+        max_connections_per_address: Optional[int] = None,
+        fd: Optional[int] = None,
+        io_threads: Optional[int] = None,
+        proxy_protocol: bool = False,
+        proxy_from: Optional[Sequence[str]] = None,
+    ) -> "Server": ...
+    @overload
+    def __new__(
+        cls,
+        handler: Optional[Handler[Any]] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[_Path] = None,
+        response: _Reply = None,
+        protocol: _Protocol = "classic",
+        timeout: Optional[float] = 20.0,
+        idle_timeout: Optional[float] = 75.0,
+        max_frame: int = 16777216,
+        max_connections: int = 1024,
+        backlog: int = 1024,
+        request_as: Literal["json"],
+        handler_threads: Optional[int] = None,
+        max_unsent: int = 65536,
+        max_buffered: int = 268435456,
+        tls: Optional[ServerTLS] = None,
+        max_connections_per_address: Optional[int] = None,
+        fd: Optional[int] = None,
+        io_threads: Optional[int] = None,
+        proxy_protocol: bool = False,
+        proxy_from: Optional[Sequence[str]] = None,
+    ) -> "Server": ...
+    @overload
+    def __new__(
+        cls,
+        handler: Optional[Handler[str]] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[_Path] = None,
+        response: _Reply = None,
+        protocol: _Protocol = "classic",
+        timeout: Optional[float] = 20.0,
+        idle_timeout: Optional[float] = 75.0,
+        max_frame: int = 16777216,
+        max_connections: int = 1024,
+        backlog: int = 1024,
+        request_as: Literal["text"] = "text",
         handler_threads: Optional[int] = None,
         max_unsent: int = 65536,
         max_buffered: int = 268435456,
@@ -530,8 +620,8 @@ def _after_fork_in_child() -> None:
 def start_server_async(
     host: str,
     port: int,
-    response: Optional[_JSONValue],
-    handler: Optional[Handler],
+    response: _Reply,
+    handler: Optional[AsyncHandler[Any]],
     timeout: Optional[float],
     max_frame: int,
     backlog: int,

@@ -27,17 +27,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, cast, overload
 
 from framesock import _framesock
 from framesock.types import (
     Address,
+    AsyncHandler,
     Exchange,
-    Handler,
     JSONValue,
     Message,
     PathLike,
     Protocol,
+    Reply,
     RequestAs,
     ServerStats,
 )
@@ -50,12 +51,69 @@ _MAX_LEN = 16 * 1024 * 1024
 _CANCEL_GRACE = 0.1
 
 
+@overload
 async def start_server(
     host: str = "127.0.0.1",
     port: int = 8000,
-    response: JSONValue = None,
+    response: Reply = None,
     *,
-    handler: Optional[Handler] = None,
+    handler: Optional[AsyncHandler[str]] = None,
+    timeout: Optional[float] = 20.0,
+    max_frame: int = _MAX_LEN,
+    backlog: int = 5,
+    request_as: Literal["text"] = "text",
+    ready: Optional[Callable[[Any], object]] = None,
+    path: Optional[PathLike] = None,
+    tls: Optional[_framesock.ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[Sequence[str]] = None,
+) -> Exchange: ...
+
+
+@overload
+async def start_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    response: Reply = None,
+    *,
+    handler: Optional[AsyncHandler[bytes]] = None,
+    timeout: Optional[float] = 20.0,
+    max_frame: int = _MAX_LEN,
+    backlog: int = 5,
+    request_as: Literal["bytes"],
+    ready: Optional[Callable[[Any], object]] = None,
+    path: Optional[PathLike] = None,
+    tls: Optional[_framesock.ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[Sequence[str]] = None,
+) -> Exchange: ...
+
+
+@overload
+async def start_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    response: Reply = None,
+    *,
+    handler: Optional[AsyncHandler[Any]] = None,
+    timeout: Optional[float] = 20.0,
+    max_frame: int = _MAX_LEN,
+    backlog: int = 5,
+    request_as: Literal["json"],
+    ready: Optional[Callable[[Any], object]] = None,
+    path: Optional[PathLike] = None,
+    tls: Optional[_framesock.ServerTLS] = None,
+    proxy_protocol: bool = False,
+    proxy_from: Optional[Sequence[str]] = None,
+) -> Exchange: ...
+
+
+async def start_server(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    response: Reply = None,
+    *,
+    handler: Optional[AsyncHandler[Any]] = None,
     timeout: Optional[float] = 20.0,
     max_frame: int = _MAX_LEN,
     backlog: int = 5,
@@ -246,14 +304,95 @@ class Server:
     server shuts down: it stops accepting and drops its connections.
     """
 
+    @overload
     def __init__(
         self,
-        handler: Optional[Handler] = None,
+        handler: Optional[AsyncHandler[str]] = None,
         host: str = "127.0.0.1",
         port: int = 8000,
         *,
         path: Optional[PathLike] = None,
-        response: JSONValue = None,
+        response: Reply = None,
+        protocol: Protocol = "classic",
+        timeout: Optional[float] = 20.0,
+        idle_timeout: Optional[float] = 75.0,
+        max_frame: int = _MAX_LEN,
+        max_connections: int = 1024,
+        backlog: int = 1024,
+        request_as: Literal["text"] = "text",
+        handler_threads: Optional[int] = None,
+        max_unsent: int = 64 * 1024,
+        max_buffered: int = 256 * 1024 * 1024,
+        tls: Optional[_framesock.ServerTLS] = None,
+        max_connections_per_address: Optional[int] = None,
+        fd: Optional[int] = None,
+        io_threads: Optional[int] = None,
+        proxy_protocol: bool = False,
+        proxy_from: Optional[Sequence[str]] = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        handler: Optional[AsyncHandler[bytes]] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[PathLike] = None,
+        response: Reply = None,
+        protocol: Protocol = "classic",
+        timeout: Optional[float] = 20.0,
+        idle_timeout: Optional[float] = 75.0,
+        max_frame: int = _MAX_LEN,
+        max_connections: int = 1024,
+        backlog: int = 1024,
+        request_as: Literal["bytes"],
+        handler_threads: Optional[int] = None,
+        max_unsent: int = 64 * 1024,
+        max_buffered: int = 256 * 1024 * 1024,
+        tls: Optional[_framesock.ServerTLS] = None,
+        max_connections_per_address: Optional[int] = None,
+        fd: Optional[int] = None,
+        io_threads: Optional[int] = None,
+        proxy_protocol: bool = False,
+        proxy_from: Optional[Sequence[str]] = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        handler: Optional[AsyncHandler[Any]] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[PathLike] = None,
+        response: Reply = None,
+        protocol: Protocol = "classic",
+        timeout: Optional[float] = 20.0,
+        idle_timeout: Optional[float] = 75.0,
+        max_frame: int = _MAX_LEN,
+        max_connections: int = 1024,
+        backlog: int = 1024,
+        request_as: Literal["json"],
+        handler_threads: Optional[int] = None,
+        max_unsent: int = 64 * 1024,
+        max_buffered: int = 256 * 1024 * 1024,
+        tls: Optional[_framesock.ServerTLS] = None,
+        max_connections_per_address: Optional[int] = None,
+        fd: Optional[int] = None,
+        io_threads: Optional[int] = None,
+        proxy_protocol: bool = False,
+        proxy_from: Optional[Sequence[str]] = None,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        handler: Optional[AsyncHandler[Any]] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        path: Optional[PathLike] = None,
+        response: Reply = None,
         protocol: Protocol = "classic",
         timeout: Optional[float] = 20.0,
         idle_timeout: Optional[float] = 75.0,
@@ -271,8 +410,9 @@ class Server:
         proxy_protocol: bool = False,
         proxy_from: Optional[Sequence[str]] = None,
     ) -> None:
+        # The engine's own typing knows plain handlers only; `_use_event_loop` runs the others.
         self._server = _framesock.Server(
-            handler,
+            cast(Any, handler),
             host,
             port,
             path=path,
@@ -283,7 +423,7 @@ class Server:
             max_frame=max_frame,
             max_connections=max_connections,
             backlog=backlog,
-            request_as=request_as,
+            request_as=cast(Any, request_as),
             handler_threads=handler_threads,
             max_unsent=max_unsent,
             max_buffered=max_buffered,

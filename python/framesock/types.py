@@ -6,15 +6,17 @@ are written in them. Everything here exists at run time too.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Literal, Tuple, TypedDict, Union
+from typing import Any, Awaitable, Callable, Dict, List, Literal, Mapping, Sequence, Tuple, TypedDict, TypeVar, Union
 
 __all__ = [
     "Address",
+    "AsyncHandler",
     "ErrorCounts",
     "Exchange",
     "Handler",
     "JSONValue",
     "Message",
+    "Reply",
     "PathLike",
     "Protocol",
     "RequestAs",
@@ -22,15 +24,38 @@ __all__ = [
 ]
 
 #: A decoded JSON value (what ``json.loads`` returns): dict, list, str, int, float, bool or
-#: None. ``Any``, because a recursive alias would make every use of a reply need a cast.
+#: None. ``Any``, as ``json.loads`` gives it: the caller knows the shape it expects and says it
+#: in its own annotation (``reply: dict[str, int] = client.request(...)``); a union would make
+#: every use of a reply need a cast or an ``isinstance`` first.
 JSONValue = Any
 
-#: A handler: ``handler(request)`` or ``handler(request, caller)`` (a ``framesock.Caller``)
-#: returning the reply value; in ``framesock.aio`` it may also be a coroutine function.
-Handler = Callable[..., Any]
+#: What a handler may return (and ``response=`` serve): what ``json.dumps`` encodes, as
+#: read-only shapes, so ``dict[str, int]``, ``list[str]``, tuples and nested literals all fit
+#: while a ``set``, an arbitrary object or a coroutine (from a plain handler) is an error in the
+#: editor. Keys are ``str`` (``json.dumps`` also takes int, float, bool and None keys, written
+#: as text; annotate such a dict ``dict[str, ...]`` or ``Any``). One hole: ``bytes`` is a
+#: ``Sequence[int]`` to a type checker, though ``json.dumps`` refuses it (so does framesock).
+Reply = Union[Mapping[str, "Reply"], Sequence["Reply"], str, int, float, bool, None]
+
+#: The request a handler is given: ``str`` for ``request_as="text"``, ``bytes`` for ``"bytes"``
+#: and, for ``"json"``, what ``json.loads`` gives (``Any``: annotate the shape expected).
+RequestT = TypeVar("RequestT")
+
+#: A handler: ``handler(request)`` or ``handler(request, caller)`` (a ``framesock.Caller``,
+#: typed ``Any`` here to keep this module free of the engine) returning the reply.
+#: ``Handler[str]`` is one for ``request_as="text"``, ``Handler[bytes]`` for ``"bytes"``,
+#: ``Handler[Any]`` for ``"json"``.
+Handler = Union[Callable[[RequestT], Reply], Callable[[RequestT, Any], Reply]]
+
+#: A ``framesock.aio`` handler: a plain function as above, or a coroutine function whose
+#: result is the reply.
+AsyncHandler = Union[
+    Callable[[RequestT], Union[Reply, Awaitable[Reply]]],
+    Callable[[RequestT, Any], Union[Reply, Awaitable[Reply]]],
+]
 
 #: What a request may be: str and bytes go as they are; any other value as its JSON text.
-Message = Union[str, bytes, bytearray, Dict[Any, Any], List[Any], Tuple[Any, ...], int, float, bool, None]
+Message = Union[str, bytes, bytearray, Reply]
 
 #: ``"classic"``: one request per connection, the reply is raw JSON ended by the close (the
 #: seed's). ``"framed"``: replies framed like requests, kept connections, pipelining.

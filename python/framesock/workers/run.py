@@ -5,17 +5,97 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, overload
 
+from framesock.types import AsyncHandler, RequestAs
 from framesock.workers import supervisor as supervising
 from framesock.workers import worker as working
 
 logger = logging.getLogger("framesock.supervisor")
 
 
+@overload
 def run(
-    app: Union[str, Callable[..., Any]],
+    app: Union[str, AsyncHandler[str]],
     *,
+    request_as: Literal["text"] = "text",
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    path: Optional[str] = None,
+    backlog: int = 1024,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    tls_client_ca: Optional[str] = None,
+    graceful_timeout: float = 25.0,
+    max_requests: Optional[int] = None,
+    loop: str = "auto",
+    app_dir: Optional[str] = None,
+    io_threads: Optional[int] = None,
+    log_level: Optional[str] = None,
+    ready: Optional[Callable[[Any], None]] = None,
+    health: Optional[str] = None,
+    drain_delay: float = 0.0,
+    **settings: Any,
+) -> int: ...
+
+
+@overload
+def run(
+    app: Union[str, AsyncHandler[bytes]],
+    *,
+    request_as: Literal["bytes"],
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    path: Optional[str] = None,
+    backlog: int = 1024,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    tls_client_ca: Optional[str] = None,
+    graceful_timeout: float = 25.0,
+    max_requests: Optional[int] = None,
+    loop: str = "auto",
+    app_dir: Optional[str] = None,
+    io_threads: Optional[int] = None,
+    log_level: Optional[str] = None,
+    ready: Optional[Callable[[Any], None]] = None,
+    health: Optional[str] = None,
+    drain_delay: float = 0.0,
+    **settings: Any,
+) -> int: ...
+
+
+@overload
+def run(
+    app: Union[str, AsyncHandler[Any]],
+    *,
+    request_as: Literal["json"],
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    path: Optional[str] = None,
+    backlog: int = 1024,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    tls_client_ca: Optional[str] = None,
+    graceful_timeout: float = 25.0,
+    max_requests: Optional[int] = None,
+    loop: str = "auto",
+    app_dir: Optional[str] = None,
+    io_threads: Optional[int] = None,
+    log_level: Optional[str] = None,
+    ready: Optional[Callable[[Any], None]] = None,
+    health: Optional[str] = None,
+    drain_delay: float = 0.0,
+    **settings: Any,
+) -> int: ...
+
+
+def run(
+    app: Union[str, AsyncHandler[Any]],
+    *,
+    request_as: RequestAs = "text",
     workers: int = 1,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -54,6 +134,7 @@ def run(
     Returns the exit status ``framesock-server`` gives: 0 after a requested stop, 3 when the
     app cannot be loaded or served, 4 when workers keep dying soon after starting.
     """
+    settings["request_as"] = request_as
     level = (log_level or "INFO").upper()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
