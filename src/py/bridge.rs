@@ -171,9 +171,12 @@ impl LoopBridge {
     /// `MAX_JOBS_PER_DRAIN`, so that a busy server leaves the loop's other callbacks their
     /// turn; what is left wakes the loop again.
     fn drain(&self, py: Python<'_>) {
-        crate::py::gil::bury_the_dead(py);
         let mut sink = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        let Some(_calling) = crate::py::gil::calling_python() else {
+            return; // the exit has begun: see `calling_python`
+        };
+        crate::py::gil::bury_the_dead(py);
         let jobs = {
             let mut queued = locked(&self.jobs);
             if queued.len() > MAX_JOBS_PER_DRAIN {
@@ -186,9 +189,15 @@ impl LoopBridge {
                 std::mem::take(&mut *queued)
             }
         };
-        for job in jobs {
+        let mut jobs = jobs.into_iter();
+        for job in jobs.by_ref() {
+            if crate::py::gil::exiting_elsewhere() {
+                break;
+            }
             job(py);
         }
+        // Left when the exit began: dropping them could run Python code (see `close`).
+        jobs.for_each(std::mem::forget);
     }
 
     /// The loop is being torn down: stop watching it, drop what is queued, tell the owners.
@@ -253,6 +262,11 @@ impl LoopBridge {
         W: std::future::Future<Output = engine::error::Result<T>> + Send + 'static,
         T: Send + 'static,
     {
+        let Some(_calling) = crate::py::gil::calling_python() else {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "the interpreter is exiting",
+            ));
+        };
         let future = self
             .event_loop(py)
             .call_method0(interned!(py, "create_future"))?;

@@ -64,14 +64,47 @@ pub fn detach_for_python<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) 
     output
 }
 
+/// Threads inside a Rust frame that runs Python code (see [`calling_python`]).
+static CALLING: AtomicUsize = AtomicUsize::new(0);
+
+/// Held while a Rust frame runs Python code; see [`calling_python`].
+pub struct CallingPython(());
+
+impl Drop for CallingPython {
+    fn drop(&mut self) {
+        CALLING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// For a Rust frame, called from Python on any thread, that runs Python code (an event loop's
+/// callbacks: a handler's first step, `create_future`, a reply's `items()`): that code may let
+/// the GIL go at any bytecode, and a thread that asks for it back once finalization has begun
+/// is ended by `pthread_exit`, whose forced unwind through pyo3's frames aborts the process
+/// ("FATAL: exception not rethrown": a loop in a daemon thread, 1 exit in ~40 under load, 3.10).
+/// The exit hook waits for such frames to return ([`begin_exit`]); after it, on a thread other
+/// than the exiting one, this is None and the frame must not run Python code (what it was to do
+/// goes with the process). SeqCst on both sides: either this sees the exit, or the exit hook
+/// sees this frame.
+pub fn calling_python() -> Option<CallingPython> {
+    CALLING.fetch_add(1, Ordering::SeqCst);
+    if exiting_elsewhere() {
+        CALLING.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    Some(CallingPython(()))
+}
+
 /// Marks the start of the interpreter's exit (from the atexit hook, before finalization) and
-/// lets threads already on their way back to the GIL (see [`detach_for_python`]) get there.
+/// lets threads already on their way back to the GIL (see [`detach_for_python`]) get there, and
+/// Rust frames running Python code on other threads (see [`calling_python`]) return.
 pub fn begin_exit(py: Python<'_>, limit: Duration) {
     let _ = EXIT_THREAD.set(std::thread::current().id());
     EXITING.store(true, Ordering::SeqCst);
     py.detach(|| {
         let deadline = Instant::now() + limit;
-        while RETURNING.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while (RETURNING.load(Ordering::SeqCst) > 0 || CALLING.load(Ordering::SeqCst) > 0)
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
     });

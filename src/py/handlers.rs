@@ -439,6 +439,9 @@ struct SendWhenDone {
 #[pymethods]
 impl SendWhenDone {
     fn __call__(&self, py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Some(_calling) = crate::py::gil::calling_python() else {
+            return Ok(()); // the exit has begun: see `calling_python`
+        };
         let Some(reply) = locked(&self.reply).take() else {
             return Ok(());
         };
@@ -472,6 +475,9 @@ struct SendOutcome {
 #[pymethods]
 impl SendOutcome {
     fn __call__(&self, py: Python<'_>, value: Bound<'_, PyAny>, error: Bound<'_, PyAny>) {
+        let Some(_calling) = crate::py::gil::calling_python() else {
+            return; // the exit has begun: see `calling_python`
+        };
         let Some(reply) = locked(&self.reply).take() else {
             return;
         };
