@@ -29,7 +29,7 @@ import logging
 import random
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, cast, overload
 
-from framesock import _framesock
+from framesock import _arguments, _framesock
 from framesock.types import (
     Address,
     AsyncHandler,
@@ -131,7 +131,7 @@ async def start_server(
     """
     return await _framesock.start_server_async(
         host, port, response, handler, timeout, max_frame, backlog, request_as, ready, path, tls,
-        proxy_protocol, None if proxy_from is None else list(proxy_from),
+        proxy_protocol, _listed_proxy_from(proxy_from),
     )
 
 
@@ -150,6 +150,11 @@ async def start_client(
         return await client.request(message)
 
 
+def _listed_proxy_from(given: Optional[Sequence[str]]) -> Optional[List[str]]:
+    _arguments.check("proxy_from", given, _arguments.STRINGS_OR_NONE)
+    return None if given is None else list(given)
+
+
 _MAX_RETRIES = 100
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MOST = 2.0
@@ -158,8 +163,8 @@ _log = logging.getLogger("framesock.client")
 
 def _retries(given: object) -> int:
     """``retries``, checked as the blocking ``Client`` checks it."""
-    if isinstance(given, bool) or not isinstance(given, int):
-        raise TypeError(f"retries must be an int, got {type(given).__name__}")
+    _arguments.check("retries", given, _arguments.INT)
+    assert isinstance(given, int)
     if not 0 <= given <= _MAX_RETRIES:
         raise ValueError(f"retries must be in 0..{_MAX_RETRIES}, got {given}")
     return given
@@ -244,6 +249,8 @@ class Client:
         retries: int = 0,
         idempotent: bool = False,
     ) -> None:
+        _arguments.check("addresses", addresses, _arguments.ADDRESSES_OR_NONE)
+        _arguments.check("idempotent", idempotent, _arguments.BOOL)
         if addresses is None:
             targets: List[Tuple[Optional[str], Optional[int], Optional[PathLike]]] = [(host, port, path)]
         else:
@@ -264,12 +271,16 @@ class Client:
         """Send one message and return the decoded reply (``RemoteError`` for an error reply).
         ``idempotent`` (default: the client's): whether it may be sent again after its
         connection broke (see ``retries``)."""
+        if idempotent is not None:
+            _arguments.check("idempotent", idempotent, _arguments.BOOL)
         if len(self._engines) == 1 and not self._failover.retries:
             return await self._engine.request(message)
         return await self._failover.tried(lambda index: self._engines[index].request(message), idempotent)
 
     async def request_many(self, messages: Iterable[Message], *, idempotent: Optional[bool] = None) -> List[JSONValue]:
         """Send every message and return the replies in order (pipelined in ``"framed"``)."""
+        if idempotent is not None:
+            _arguments.check("idempotent", idempotent, _arguments.BOOL)
         batch = list(messages)
         return await self._failover.tried(lambda index: self._engines[index].request_many(batch), idempotent)  # type: ignore[no-any-return]
 
@@ -432,7 +443,7 @@ class Server:
             fd=fd,
             io_threads=io_threads,
             proxy_protocol=proxy_protocol,
-            proxy_from=None if proxy_from is None else list(proxy_from),
+            proxy_from=_listed_proxy_from(proxy_from),
         )
 
     @property

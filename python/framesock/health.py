@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Optional, Protocol, Union
 
-from framesock import metrics
+from framesock import _arguments, metrics
 
 __all__ = ["HealthEndpoint", "parse_address"]
 
@@ -55,11 +55,20 @@ class ServerSource:
         return metrics.text(self.server)
 
 
+# "HOST:PORT" or (host, port).
+_ADDRESS: _arguments.Kind = (
+    lambda value: isinstance(value, str) or _arguments.is_address(value),
+    "'HOST:PORT' or a (host, port) tuple",
+)
+
+
 def parse_address(text: Union[str, tuple[str, int]]) -> tuple[str, int]:
     """``"HOST:PORT"`` (``"[::1]:9100"`` for IPv6, ``":9100"`` for all IPv4 addresses) or a
     ``(host, port)`` tuple."""
     if isinstance(text, tuple):
+        _arguments.check("address", text, _ADDRESS)
         return text
+    _arguments.check("address", text, _ADDRESS)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"health address must be HOST:PORT, got {text!r}")
@@ -80,6 +89,8 @@ class HealthEndpoint:
     any object with ``health()`` and ``metrics()``) on ``address`` until ``close()``."""
 
     def __init__(self, source: Any, address: Union[str, tuple[str, int]] = ("127.0.0.1", 0)) -> None:
+        if not (hasattr(source, "health") and hasattr(source, "metrics")) and not hasattr(source, "stats"):
+            raise TypeError(f"source must be a Server, an aio.Server or have health() and metrics(), got {_arguments.shown(source)}")
         self.source: Source = source if hasattr(source, "health") else ServerSource(source)
         host, port = parse_address(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -13,6 +13,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::py::named;
 use pyo3::types::PyList;
 
 use crate::engine::client::{classic_exchange, Pipeline};
@@ -160,13 +162,13 @@ impl AsyncClient {
     #[new]
     #[pyo3(signature = (host, port, path, protocol, timeout, max_reply, tls = None))]
     fn new(
-        host: Option<String>,
-        port: Option<Int>,
-        path: Option<PathBuf>,
-        protocol: String,
-        timeout: Option<f64>,
-        max_reply: Int,
-        tls: Option<PyRef<'_, crate::py::tls::ClientTls>>,
+        #[pyo3(from_py_with = named::host_or_none)] host: Option<String>,
+        #[pyo3(from_py_with = named::port_or_none)] port: Option<Int>,
+        #[pyo3(from_py_with = named::path)] path: Option<PathBuf>,
+        #[pyo3(from_py_with = named::protocol)] protocol: String,
+        #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
+        #[pyo3(from_py_with = named::max_reply)] max_reply: Int,
+        #[pyo3(from_py_with = named::client_tls)] tls: Option<PyRef<'_, crate::py::tls::ClientTls>>,
     ) -> PyResult<Self> {
         let ClientConfig {
             endpoint,
@@ -279,19 +281,19 @@ impl Drop for AsyncClient {
 #[allow(clippy::too_many_arguments)]
 pub fn start_server_async<'py>(
     py: Python<'py>,
-    host: String,
-    port: Int,
+    #[pyo3(from_py_with = named::host)] host: String,
+    #[pyo3(from_py_with = named::port)] port: Int,
     response: Option<Bound<'py, PyAny>>,
     handler: Option<Bound<'py, PyAny>>,
-    timeout: Option<f64>,
-    max_frame: Int,
-    backlog: Int,
-    request_as: String,
-    ready: Option<Bound<'py, PyAny>>,
-    path: Option<PathBuf>,
-    tls: Option<PyRef<'py, crate::py::tls::ServerTls>>,
-    proxy_protocol: bool,
-    proxy_from: Option<Vec<String>>,
+    #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
+    #[pyo3(from_py_with = named::max_frame)] max_frame: Int,
+    #[pyo3(from_py_with = named::backlog)] backlog: Int,
+    #[pyo3(from_py_with = named::request_as)] request_as: String,
+    #[pyo3(from_py_with = named::ready)] ready: Option<Bound<'py, PyAny>>,
+    #[pyo3(from_py_with = named::path)] path: Option<PathBuf>,
+    #[pyo3(from_py_with = named::server_tls)] tls: Option<PyRef<'py, crate::py::tls::ServerTls>>,
+    #[pyo3(from_py_with = named::proxy_protocol)] proxy_protocol: bool,
+    #[pyo3(from_py_with = named::proxy_from)] proxy_from: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let tls = tls.map(|tls| tls.settings.clone());
     let proxy = crate::py::args::proxy_protocol(proxy_protocol, proxy_from)?;

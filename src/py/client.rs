@@ -7,6 +7,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::py::named;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyString};
 use tokio_util::codec::Encoder;
 
@@ -36,7 +38,7 @@ pub fn message_payload(message: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     } else if let Ok(raw) = message.cast::<PyByteArray>() {
         Ok(raw.to_vec())
     } else {
-        json::dumps(message)
+        json::dumps(message).map_err(|err| named::not_json(message.py(), "message", err))
     }
 }
 
@@ -275,16 +277,16 @@ impl Client {
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        host: Option<String>,
-        port: Option<Int>,
-        path: Option<PathBuf>,
-        protocol: String,
-        timeout: Option<f64>,
-        max_reply: Int,
-        tls: Option<PyRef<'_, ClientTlsSettings>>,
-        addresses: Option<Vec<(String, Int)>>,
-        retries: Int,
-        idempotent: bool,
+        #[pyo3(from_py_with = named::host_or_none)] host: Option<String>,
+        #[pyo3(from_py_with = named::port_or_none)] port: Option<Int>,
+        #[pyo3(from_py_with = named::path)] path: Option<PathBuf>,
+        #[pyo3(from_py_with = named::protocol)] protocol: String,
+        #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
+        #[pyo3(from_py_with = named::max_reply)] max_reply: Int,
+        #[pyo3(from_py_with = named::client_tls)] tls: Option<PyRef<'_, ClientTlsSettings>>,
+        #[pyo3(from_py_with = named::addresses)] addresses: Option<Vec<(String, Int)>>,
+        #[pyo3(from_py_with = named::retries)] retries: Int,
+        #[pyo3(from_py_with = named::idempotent)] idempotent: bool,
     ) -> PyResult<Self> {
         let ClientConfig {
             endpoint,
@@ -321,7 +323,7 @@ impl Client {
         &self,
         py: Python<'py>,
         message: &Bound<'py, PyAny>,
-        idempotent: Option<bool>,
+        #[pyo3(from_py_with = named::idempotent_or_none)] idempotent: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let idempotent = idempotent.unwrap_or(self.idempotent);
         match self.protocol {
@@ -341,7 +343,7 @@ impl Client {
         &self,
         py: Python<'py>,
         messages: &Bound<'py, PyAny>,
-        idempotent: Option<bool>,
+        #[pyo3(from_py_with = named::idempotent_or_none)] idempotent: Option<bool>,
     ) -> PyResult<Bound<'py, PyList>> {
         let idempotent = idempotent.unwrap_or(self.idempotent);
         let messages: Vec<Bound<'py, PyAny>> = messages.try_iter()?.collect::<PyResult<_>>()?;
@@ -463,13 +465,13 @@ impl Drop for Client {
 #[allow(clippy::too_many_arguments)]
 pub fn start_client<'py>(
     py: Python<'py>,
-    host: Option<String>,
-    port: Option<Int>,
+    #[pyo3(from_py_with = named::host_or_none)] host: Option<String>,
+    #[pyo3(from_py_with = named::port_or_none)] port: Option<Int>,
     message: Option<Bound<'py, PyAny>>,
-    timeout: Option<f64>,
-    max_reply: Int,
-    path: Option<PathBuf>,
-    tls: Option<PyRef<'py, ClientTlsSettings>>,
+    #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
+    #[pyo3(from_py_with = named::max_reply)] max_reply: Int,
+    #[pyo3(from_py_with = named::path)] path: Option<PathBuf>,
+    #[pyo3(from_py_with = named::client_tls)] tls: Option<PyRef<'py, ClientTlsSettings>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let client = Client::new(
         host,

@@ -9,6 +9,7 @@ mod errors;
 mod gil;
 mod handlers;
 mod json;
+mod named;
 mod server;
 mod threads;
 mod tls;

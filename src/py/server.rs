@@ -7,6 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+
+use crate::py::named;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::engine::handler::{Log, NoLog, Responder};
@@ -115,14 +117,13 @@ impl Replies {
                 ))
             }
             (None, Some(handler)) if !handler.is_callable() => {
-                return Err(PyTypeError::new_err(format!(
-                    "handler must be callable, not {}",
-                    handler.get_type().name()?
-                )))
+                return Err(named::wrong_type(&handler, "handler", "callable"))
             }
             (None, Some(handler)) => (None, Some(handler.unbind())),
             (Some(value), None) => {
-                let json = Bytes::from(json::dumps(&value)?);
+                let json = Bytes::from(
+                    json::dumps(&value).map_err(|err| named::not_json(py, "response", err))?,
+                );
                 (Some((value.unbind(), json)), None)
             }
             (None, None) => {
@@ -200,26 +201,27 @@ impl Server {
     fn new(
         py: Python<'_>,
         handler: Option<Bound<'_, PyAny>>,
-        host: String,
-        port: Int,
-        path: Option<PathBuf>,
+        #[pyo3(from_py_with = named::host)] host: String,
+        #[pyo3(from_py_with = named::port)] port: Int,
+        #[pyo3(from_py_with = named::path)] path: Option<PathBuf>,
         response: Option<Bound<'_, PyAny>>,
-        protocol: String,
-        timeout: Option<f64>,
-        idle_timeout: Option<f64>,
-        max_frame: Int,
-        max_connections: Int,
-        backlog: Int,
-        request_as: String,
-        handler_threads: Option<Int>,
-        max_unsent: Int,
-        max_buffered: Int,
-        tls: Option<PyRef<'_, ServerTlsSettings>>,
+        #[pyo3(from_py_with = named::protocol)] protocol: String,
+        #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
+        #[pyo3(from_py_with = named::idle_timeout)] idle_timeout: Option<f64>,
+        #[pyo3(from_py_with = named::max_frame)] max_frame: Int,
+        #[pyo3(from_py_with = named::max_connections)] max_connections: Int,
+        #[pyo3(from_py_with = named::backlog)] backlog: Int,
+        #[pyo3(from_py_with = named::request_as)] request_as: String,
+        #[pyo3(from_py_with = named::handler_threads)] handler_threads: Option<Int>,
+        #[pyo3(from_py_with = named::max_unsent)] max_unsent: Int,
+        #[pyo3(from_py_with = named::max_buffered)] max_buffered: Int,
+        #[pyo3(from_py_with = named::server_tls)] tls: Option<PyRef<'_, ServerTlsSettings>>,
+        #[pyo3(from_py_with = named::max_connections_per_address)]
         max_connections_per_address: Option<Int>,
-        fd: Option<Int>,
-        io_threads: Option<Int>,
-        proxy_protocol: bool,
-        proxy_from: Option<Vec<String>>,
+        #[pyo3(from_py_with = named::fd)] fd: Option<Int>,
+        #[pyo3(from_py_with = named::io_threads)] io_threads: Option<Int>,
+        #[pyo3(from_py_with = named::proxy_protocol)] proxy_protocol: bool,
+        #[pyo3(from_py_with = named::proxy_from)] proxy_from: Option<Vec<String>>,
     ) -> PyResult<Self> {
         if let Some(count) = io_threads {
             let count = args::count("io_threads", count, args::MAX_IO_THREADS)?;
@@ -305,7 +307,11 @@ impl Server {
     /// then drops them) and closes every connection. From inside a handler it only begins the
     /// shutdown, since it cannot wait for its own exchange.
     #[pyo3(signature = (timeout = Some(5.0)), text_signature = "(self, timeout=5.0)")]
-    fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+    fn shutdown(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
+    ) -> PyResult<()> {
         self.wind_down(py, args::timeout("timeout", timeout)?)
     }
 
@@ -313,7 +319,7 @@ impl Server {
     fn _shutdown_async<'py>(
         &self,
         py: Python<'py>,
-        timeout: Option<f64>,
+        #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let wind_down = self.begin_shutdown(args::timeout("timeout", timeout)?);
         awaitable(py, wind_down)
@@ -618,19 +624,19 @@ pub fn one_shot_server(
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
     py: Python<'py>,
-    host: String,
-    port: Int,
+    #[pyo3(from_py_with = named::host)] host: String,
+    #[pyo3(from_py_with = named::port)] port: Int,
     response: Option<Bound<'py, PyAny>>,
     handler: Option<Bound<'py, PyAny>>,
-    timeout: Option<f64>,
-    max_frame: Int,
-    backlog: Int,
-    request_as: String,
-    ready: Option<Bound<'py, PyAny>>,
-    path: Option<PathBuf>,
-    tls: Option<PyRef<'py, ServerTlsSettings>>,
-    proxy_protocol: bool,
-    proxy_from: Option<Vec<String>>,
+    #[pyo3(from_py_with = named::timeout)] timeout: Option<f64>,
+    #[pyo3(from_py_with = named::max_frame)] max_frame: Int,
+    #[pyo3(from_py_with = named::backlog)] backlog: Int,
+    #[pyo3(from_py_with = named::request_as)] request_as: String,
+    #[pyo3(from_py_with = named::ready)] ready: Option<Bound<'py, PyAny>>,
+    #[pyo3(from_py_with = named::path)] path: Option<PathBuf>,
+    #[pyo3(from_py_with = named::server_tls)] tls: Option<PyRef<'py, ServerTlsSettings>>,
+    #[pyo3(from_py_with = named::proxy_protocol)] proxy_protocol: bool,
+    #[pyo3(from_py_with = named::proxy_from)] proxy_from: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tls = tls.map(|tls| tls.settings.clone());
     let proxy = args::proxy_protocol(proxy_protocol, proxy_from)?;

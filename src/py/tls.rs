@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::py::named;
 use pyo3::types::PyBytes;
 
 use crate::engine::tls::{self, Pem};
@@ -82,7 +84,7 @@ impl ClientTls {
         ca: Option<&Bound<'_, PyAny>>,
         cert: Option<&Bound<'_, PyAny>>,
         key: Option<&Bound<'_, PyAny>>,
-        server_name: Option<String>,
+        #[pyo3(from_py_with = named::server_name)] server_name: Option<String>,
     ) -> PyResult<Self> {
         let ca = optional_pem("ca", ca)?;
         let cert = optional_pem("cert", cert)?;

@@ -7,11 +7,23 @@ import signal
 import threading
 from typing import Any, Callable, Literal, Optional, Union, overload
 
+from framesock import _arguments
 from framesock.types import AsyncHandler, RequestAs
 from framesock.workers import supervisor as supervising
 from framesock.workers import worker as working
 
 logger = logging.getLogger("framesock.supervisor")
+
+# What run()'s own arguments take (`Server`'s settings are `_arguments.SERVER_SETTINGS`).
+RUN_ARGUMENTS = {
+    "workers": _arguments.INT, "host": _arguments.STR, "port": _arguments.INT,
+    "path": _arguments.PATH_OR_NONE, "backlog": _arguments.INT, "tls_cert": _arguments.PATH_OR_NONE,
+    "tls_key": _arguments.PATH_OR_NONE, "tls_client_ca": _arguments.PATH_OR_NONE,
+    "graceful_timeout": _arguments.NUMBER, "max_requests": _arguments.INT_OR_NONE, "loop": _arguments.STR,
+    "app_dir": _arguments.PATH_OR_NONE, "io_threads": _arguments.INT_OR_NONE, "log_level": _arguments.STR_OR_NONE,
+    "ready": _arguments.CALLABLE_OR_NONE, "health": _arguments.STR_OR_NONE, "drain_delay": _arguments.NUMBER,
+    "request_as": _arguments.STR,
+}  # fmt: skip
 
 
 @overload
@@ -134,6 +146,17 @@ def run(
     Returns the exit status ``framesock-server`` gives: 0 after a requested stop, 3 when the
     app cannot be loaded or served, 4 when workers keep dying soon after starting.
     """
+    _arguments.check_all(
+        {
+            "workers": workers, "host": host, "port": port, "path": path, "backlog": backlog,
+            "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca,
+            "graceful_timeout": graceful_timeout, "max_requests": max_requests, "loop": loop,
+            "app_dir": app_dir, "io_threads": io_threads, "log_level": log_level, "ready": ready,
+            "health": health, "drain_delay": drain_delay, "request_as": request_as,
+        },
+        RUN_ARGUMENTS,
+    )  # fmt: skip
+    _arguments.check_all(settings, _arguments.SERVER_SETTINGS, unknown="run")
     settings["request_as"] = request_as
     level = (log_level or "INFO").upper()
     if not logging.getLogger().handlers:
