@@ -400,6 +400,24 @@ class StreamsClient:
         return json.loads(await self.reader.readexactly(struct.unpack(">I", header)[0] & 0x7FFFFFFF))
 
 
+async def timed_row_async(workload: str, label: str, call, warm_up: int, per_call: int = 1) -> None:
+    """Awaits `call()` `warm_up` times, then for SECONDS, recording each call's time; the rate
+    counts `per_call` requests per call."""
+    for _ in range(warm_up):
+        await call()
+    latencies = []
+    end = time.perf_counter() + SECONDS
+    while (now := time.perf_counter()) < end:
+        await call()
+        latencies.append(time.perf_counter() - now)
+    latencies.sort()
+    ROWS.append(
+        Row(workload, label, len(latencies) * per_call / sum(latencies), "req/s",
+            latencies[len(latencies) // 2] * 1e6, latencies[int((len(latencies) - 1) * 0.99)] * 1e6)
+    )  # fmt: skip
+    say(f"  {workload} / {label}: {ROWS[-1].rate:.0f} req/s")
+
+
 def aio_clients() -> None:
     import uvloop
     from framesock import aio
@@ -407,28 +425,13 @@ def aio_clients() -> None:
     workload = "aio round trips, one connection"
     say(workload)
 
-    async def measure(label: str, request) -> None:
-        for _ in range(200):
-            await request()
-        latencies = []
-        end = time.perf_counter() + SECONDS
-        while (now := time.perf_counter()) < end:
-            await request()
-            latencies.append(time.perf_counter() - now)
-        latencies.sort()
-        ROWS.append(
-            Row(workload, label, len(latencies) / sum(latencies), "req/s",
-                latencies[len(latencies) // 2] * 1e6, latencies[int((len(latencies) - 1) * 0.99)] * 1e6)
-        )
-        say(f"  {workload} / {label}: {ROWS[-1].rate:.0f} req/s")
-
     async def framesock_side(label: str, port: int) -> None:
         async with aio.Client("127.0.0.1", port, protocol="framed") as client:
-            await measure(label, lambda: client.request("msg from client"))
+            await timed_row_async(workload, label, lambda: client.request("msg from client"), warm_up=200)
 
     async def streams_side(label: str, port: int) -> None:
         client = StreamsClient(*await asyncio.open_connection("127.0.0.1", port))
-        await measure(label, lambda: client.request(b"msg from client"))
+        await timed_row_async(workload, label, lambda: client.request(b"msg from client"), warm_up=200)
         client.writer.close()
 
     with server("framesock", "framed") as port:
@@ -450,19 +453,7 @@ def aio_concurrent() -> None:
         async def batch() -> None:
             await asyncio.gather(*(request() for _ in range(100)))
 
-        for _ in range(20):
-            await batch()
-        latencies = []
-        end = time.perf_counter() + SECONDS
-        while (now := time.perf_counter()) < end:
-            await batch()
-            latencies.append(time.perf_counter() - now)
-        latencies.sort()
-        ROWS.append(
-            Row(workload, label, len(latencies) * 100 / sum(latencies), "req/s",
-                latencies[len(latencies) // 2] * 1e6, latencies[int((len(latencies) - 1) * 0.99)] * 1e6)
-        )
-        say(f"  {workload} / {label}: {ROWS[-1].rate:.0f} req/s")
+        await timed_row_async(workload, label, batch, warm_up=20, per_call=100)
 
     async def framesock_side(port: int) -> None:
         async with aio.Client("127.0.0.1", port, protocol="framed") as client:

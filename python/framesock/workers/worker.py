@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import framesock
 from framesock import aio, health
@@ -92,6 +92,22 @@ class Worker:
             settings["response"] = app
         return dict(settings, **self.config["listen"], io_threads=self.config.get("io_threads"))
 
+    def pauses(self, server: Any) -> Iterator[float]:
+        """A worker's life between start and shutdown, as the waits it makes: each value is how
+        long to wait next for a wake-up (a stop asked) or the time. Reports stats meanwhile;
+        after a graceful stop is asked, drains for ``drain_delay`` first (a stop asked again,
+        quicker, ends the drain). Shared by the blocking and the asyncio worker."""
+        while self.stop_grace is None:
+            yield STATS_EVERY
+            self.report(server.stats())
+        if self.drain_delay:
+            server.drain()
+            logger.info("draining: /healthz answers 503 for %g s, then the stop", self.drain_delay)
+            grace = self.stop_grace
+            deadline = time.monotonic() + self.drain_delay
+            while self.stop_grace == grace and time.monotonic() < deadline:
+                yield min(STATS_EVERY, max(0.0, deadline - time.monotonic()))
+
     def serve_blocking(self, app: Any) -> None:
         event = threading.Event()
         self.wake = event.set
@@ -100,29 +116,19 @@ class Worker:
         endpoint = health.serve_for(server, self.config.get("health"))
         try:
             self.announce_ready(server.address)
-            while self.stop_grace is None:
-                event.wait(STATS_EVERY)
-                self.report(server.stats())
-            if self.drain_delay:
-                self.drain(server)
-                grace = self.stop_grace
-                event.clear()
-                deadline = time.monotonic() + self.drain_delay
-                while self.stop_grace == grace and time.monotonic() < deadline:
-                    event.wait(min(STATS_EVERY, max(0.0, deadline - time.monotonic())))
+            for pause in self.pauses(server):
+                event.wait(pause)
+                event.clear()  # the next pause re-checks what a wake-up would have said
             server.shutdown(timeout=self.stop_grace)
         finally:
             if endpoint is not None:
                 endpoint.close()
         self.finished(server.stats())
 
-    def drain(self, server: Any) -> None:
-        server.drain()
-        logger.info("draining: /healthz answers 503 for %g s, then the stop", self.drain_delay)
-
     async def serve_async(self, app: Any) -> None:
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
+
         def wake() -> None:
             loop.call_soon_threadsafe(event.set)
 
@@ -132,22 +138,12 @@ class Worker:
         endpoint = health.serve_for(server, self.config.get("health"))
         try:
             self.announce_ready(server.address)
-            while self.stop_grace is None:
+            for pause in self.pauses(server):
                 try:
-                    await asyncio.wait_for(event.wait(), STATS_EVERY)
+                    await asyncio.wait_for(event.wait(), pause)
                 except asyncio.TimeoutError:
                     pass
-                self.report(server.stats())
-            if self.drain_delay:
-                self.drain(server)
-                grace = self.stop_grace
                 event.clear()
-                deadline = loop.time() + self.drain_delay
-                while self.stop_grace == grace and loop.time() < deadline:
-                    try:
-                        await asyncio.wait_for(event.wait(), max(0.0, deadline - loop.time()))
-                    except asyncio.TimeoutError:
-                        pass
             await server.shutdown(timeout=self.stop_grace)
         finally:
             if endpoint is not None:

@@ -256,7 +256,7 @@ impl Server {
                     };
                 drop(listener);
                 bump(&service.stats.accepted, 1);
-                let _active = ActiveConnection::count(&service.stats.active);
+                let _active = Gauged::count(&service.stats.active);
                 let (mut stream, peer, proxy_address) = match service.proxied(stream, peer).await {
                     Ok(Some(proxied)) => proxied,
                     Ok(None) => return Err(OneShotError::Net(Error::Wire(

@@ -84,7 +84,7 @@ impl Service {
         request: &Bytes,
         caller: &Arc<Caller>,
     ) -> std::result::Result<Bytes, Failure> {
-        let _counted = InProgress::count(&self.stats.requests_in_progress);
+        let _counted = Gauged::count(&self.stats.requests_in_progress);
         let expansion = self.responder.expansion();
         if expansion <= 1 {
             return self.responder.reply(request, caller).await;
@@ -164,7 +164,7 @@ impl Service {
         // twice per request, from every connection at once.
         let stop = stop.child_token();
         bump(&self.stats.accepted, 1);
-        let _active = ActiveConnection::count(&self.stats.active);
+        let _active = Gauged::count(&self.stats.active);
         let Some(_counted) = AddressCount::admit(self, &peer) else {
             bump(&self.stats.address_refused, 1);
             let limit = self.limits.max_connections_per_address.unwrap_or_default();

@@ -104,17 +104,18 @@ impl Serialize for BucketMap<'_> {
     }
 }
 
-/// Counts a request as in progress while it lives.
-pub(super) struct InProgress<'a>(&'a AtomicU64);
+/// Counts one more on a gauge (a request in progress, an active connection) for as long as it
+/// lives, also when shutdown drops the task that holds it.
+pub(super) struct Gauged<'a>(&'a AtomicU64);
 
-impl<'a> InProgress<'a> {
+impl<'a> Gauged<'a> {
     pub(super) fn count(gauge: &'a AtomicU64) -> Self {
         bump(gauge, 1);
-        InProgress(gauge)
+        Gauged(gauge)
     }
 }
 
-impl Drop for InProgress<'_> {
+impl Drop for Gauged<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -232,21 +233,5 @@ impl Drop for Charge<'_> {
     fn drop(&mut self) {
         self.reserved = 0;
         self.set(0);
-    }
-}
-
-/// Counts a connection as active for as long as it lives, also when shutdown drops its task.
-pub(super) struct ActiveConnection<'a>(&'a AtomicU64);
-
-impl<'a> ActiveConnection<'a> {
-    pub(super) fn count(active: &'a AtomicU64) -> Self {
-        bump(active, 1);
-        ActiveConnection(active)
-    }
-}
-
-impl Drop for ActiveConnection<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
