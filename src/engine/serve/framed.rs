@@ -254,8 +254,9 @@ impl Service {
             let in_batch: usize = batch.iter().map(Bytes::len).sum();
             charge.set(input.len() + in_batch);
             // Pipelined requests to a concurrent responder are answered a few at a time, in
-            // order; the replies go out whenever they pass max_unsent.
-            if self.responder.concurrent() {
+            // order; the replies go out whenever they pass max_unsent. One request alone (a
+            // client waiting for each reply) needs no such bookkeeping (an allocation each).
+            if self.responder.concurrent() && batch.len() > 1 {
                 self.answer_concurrently(stream, &mut output, &batch, caller, &mut largest_reply)
                     .await?;
             } else {
