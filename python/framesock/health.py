@@ -65,10 +65,9 @@ _ADDRESS: _arguments.Kind = (
 def parse_address(text: Union[str, tuple[str, int]]) -> tuple[str, int]:
     """``"HOST:PORT"`` (``"[::1]:9100"`` for IPv6, ``":9100"`` for all IPv4 addresses) or a
     ``(host, port)`` tuple."""
-    if isinstance(text, tuple):
-        _arguments.check("address", text, _ADDRESS)
-        return text
     _arguments.check("address", text, _ADDRESS)
+    if isinstance(text, tuple):
+        return text
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"health address must be HOST:PORT, got {text!r}")
