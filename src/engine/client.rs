@@ -1,21 +1,16 @@
-//! Client exchanges: the seed's one-shot exchange, a kept connection for a blocking client, and
-//! a pipelined connection shared by many concurrent requests.
+//! Client exchanges: the seed's one-shot exchange and a kept connection for a blocking client
+//! (the pipelined connection of `framesock.aio.Client` is in [`crate::engine::pipeline`]).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::runtime::Handle;
-use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use crate::engine::codec::{self, Frame, FrameCodec, WireError};
 use crate::engine::error::{Error, Result};
-use crate::engine::lock::locked;
-use crate::engine::net::{self, Endpoint, ReadPart, Stream, WritePart};
+use crate::engine::net::{self, Endpoint, Stream};
 use crate::engine::runtime::within;
 use crate::engine::tls::ClientTls;
 
@@ -75,7 +70,7 @@ fn looks_framed(bytes: &[u8]) -> bool {
 
 /// Whether the start of a framed reply's "header" is really JSON text: a classic server's
 /// reply read as a frame header (`{"ke` declares two billion bytes).
-fn looks_like_json(bytes: &[u8]) -> bool {
+pub(crate) fn looks_like_json(bytes: &[u8]) -> bool {
     bytes.len() >= codec::HEADER_LEN
         && bytes[..codec::HEADER_LEN]
             .iter()
@@ -89,11 +84,11 @@ fn looks_like_json(bytes: &[u8]) -> bool {
 
 /// Whether a "header" is really a TLS record (handshake or alert): a TLS server answering a
 /// plain client.
-fn looks_like_tls(bytes: &[u8]) -> bool {
+pub(crate) fn looks_like_tls(bytes: &[u8]) -> bool {
     bytes.len() >= 3 && matches!(bytes[0], 0x15 | 0x16) && bytes[1] == 0x03 && bytes[2] <= 0x04
 }
 
-fn tls_reply_error() -> Error {
+pub(crate) fn tls_reply_error() -> Error {
     Error::Protocol(
         "the reply looks like TLS: does the server use TLS? (pass tls=framesock.ClientTLS(...))"
             .to_owned(),
@@ -101,7 +96,7 @@ fn tls_reply_error() -> Error {
 }
 
 /// The error for a framed reply that is really a classic one.
-fn classic_reply_error() -> Error {
+pub(crate) fn classic_reply_error() -> Error {
     Error::Protocol(
         "the reply looks like classic JSON, not a frame: is the server framed? \
          (use protocol=\"classic\")"
@@ -115,7 +110,7 @@ const WATCHED_WRITE: usize = 256 * 1024;
 
 /// A connection to `endpoint`, under TLS when `tls` is given, within `timeout`; failing, an
 /// [`Error::Connect`] (the request was never sent).
-async fn open(
+pub(crate) async fn open(
     endpoint: &Endpoint,
     tls: Option<&ClientTls>,
     timeout: Option<Duration>,
@@ -152,7 +147,7 @@ impl Connection {
 pub const MAX_RESENDS: usize = 3;
 
 /// The most a client's close spends on ending a TLS session with `close_notify`.
-const CLOSE_NOTIFY_LIMIT: Duration = Duration::from_millis(100);
+pub(crate) const CLOSE_NOTIFY_LIMIT: Duration = Duration::from_millis(100);
 
 /// Sends `count` request frames (already encoded back to back in `frames`) on the kept
 /// connection, connecting first if needed, and reads `count` replies in order.
@@ -195,7 +190,7 @@ pub async fn framed_exchange(
 }
 
 /// Why a request was given up on after the server closed its connection every time.
-fn not_handled(endpoint: &Endpoint) -> Error {
+pub(crate) fn not_handled(endpoint: &Endpoint) -> Error {
     Error::Wire(WireError::Io(std::io::Error::new(
         std::io::ErrorKind::ConnectionAborted,
         format!(
@@ -318,7 +313,7 @@ async fn settle(slot: &mut Option<Connection>, replies: Vec<Frame>) -> Result<Ve
     Ok(replies)
 }
 
-fn unsolicited(bytes: usize) -> Error {
+pub(crate) fn unsolicited(bytes: usize) -> Error {
     Error::Protocol(format!(
         "the server sent {bytes} bytes more than the replies asked for; its replies are out of \
          step with the requests, so the connection is dropped"
@@ -421,437 +416,4 @@ async fn read_replies<R: AsyncRead + Unpin>(
         }
     }
     Ok(replies)
-}
-
-/// Called once with a request's replies, or with why there are none.
-pub type Completion = Box<dyn FnOnce(Result<Vec<Frame>>) + Send>;
-
-/// A request waiting for its replies.
-struct Waiter {
-    wanted: usize,
-    frames: Vec<Frame>,
-    queued_at: Instant,
-    complete: Completion,
-    /// The request frames, kept to be sent again if the server closes before handling them.
-    request: Bytes,
-    /// How many times they were sent again so far.
-    resent: usize,
-}
-
-impl Waiter {
-    fn finish(self, outcome: Result<Vec<Frame>>) {
-        (self.complete)(outcome)
-    }
-}
-
-/// What a pipelined connection holds between calls.
-#[derive(Default)]
-struct ConnState {
-    /// Requests written (or queued to be), oldest first: replies come back in this order.
-    waiters: VecDeque<Waiter>,
-    /// Bytes the socket would not take yet, written by a flush task in order.
-    backlog: VecDeque<Bytes>,
-    flushing: bool,
-    failed: Option<Arc<Error>>,
-}
-
-/// One connection shared by every request of a pipelining client.
-///
-/// Requests are written straight from the caller's thread (`try_write` never waits) unless
-/// earlier bytes are still queued, and one reader task hands the replies out in order. So a
-/// request costs no hand-off to another thread on its way out, many can be in flight, and a
-/// request whose caller gave up never leaves half a frame behind: its reply is read and dropped.
-struct Conn {
-    write: WritePart,
-    state: Mutex<ConnState>,
-    reader: Mutex<Option<tokio::task::AbortHandle>>,
-    runtime: Handle,
-}
-
-impl Conn {
-    /// Queues `waiter` for the replies and writes `frames`; hands both back, unsent, if the
-    /// connection has failed already.
-    #[must_use]
-    fn send(self: &Arc<Self>, frames: Bytes, waiter: Waiter) -> Option<(Bytes, Waiter)> {
-        let mut state = locked(&self.state);
-        if state.failed.is_some() {
-            return Some((frames, waiter));
-        }
-        state.waiters.push_back(waiter);
-        if state.flushing {
-            state.backlog.push_back(frames);
-            return None;
-        }
-        let written = match self.write.try_write(&frames) {
-            Ok(written) => written,
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
-            Err(err) => {
-                drop(state);
-                self.fail(WireError::Io(err).into());
-                return None;
-            }
-        };
-        if written < frames.len() {
-            state.backlog.push_back(frames.slice(written..));
-            state.flushing = true;
-            self.runtime.spawn(self.clone().flush());
-        }
-        None
-    }
-
-    /// Writes the backlog as the socket takes it.
-    async fn flush(self: Arc<Self>) {
-        loop {
-            let chunk = {
-                let mut state = locked(&self.state);
-                match state.backlog.front() {
-                    _ if state.failed.is_some() => return,
-                    Some(chunk) => chunk.clone(),
-                    None => {
-                        state.flushing = false;
-                        return;
-                    }
-                }
-            };
-            let written = match self.write.write_some(&chunk).await {
-                Ok(written) => written,
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(err) => return self.fail(WireError::Io(err).into()),
-            };
-            let mut state = locked(&self.state);
-            if let Some(front) = state.backlog.front_mut() {
-                if written >= front.len() {
-                    state.backlog.pop_front();
-                } else {
-                    front.advance(written);
-                }
-            }
-        }
-    }
-
-    /// Ends the connection: every waiting request fails with `failure`.
-    fn fail(&self, failure: Error) {
-        for waiter in self.retire(failure) {
-            waiter.finish(Err(self.failure()));
-        }
-        if let Some(reader) = locked(&self.reader).take() {
-            reader.abort();
-        }
-    }
-
-    /// Marks the connection failed with `failure` and hands over the requests waiting on it.
-    fn retire(&self, failure: Error) -> VecDeque<Waiter> {
-        let mut state = locked(&self.state);
-        if state.failed.is_some() {
-            return VecDeque::new();
-        }
-        state.failed = Some(Arc::new(failure));
-        state.backlog.clear();
-        std::mem::take(&mut state.waiters)
-    }
-
-    /// A copy of what the connection failed with.
-    fn failure(&self) -> Error {
-        match &locked(&self.state).failed {
-            Some(failure) => failure.duplicate(),
-            None => Error::Wire(WireError::ClosedBeforeMessage),
-        }
-    }
-
-    fn is_failed(&self) -> bool {
-        locked(&self.state).failed.is_some()
-    }
-
-    /// Whether the peer closed this connection while nothing was in flight (its idle timeout),
-    /// seen on the socket itself, before the reader task may have noticed. It is then failed,
-    /// so the next request opens a new connection instead of being written into a closed one.
-    fn closed_while_idle(&self) -> bool {
-        let idle = {
-            let state = locked(&self.state);
-            state.waiters.is_empty() && !state.flushing
-        };
-        if idle && self.write.closed_by_peer() {
-            self.fail(Error::Wire(WireError::ClosedBeforeMessage));
-            return true;
-        }
-        false
-    }
-}
-
-/// Sleeps until `due`, or forever without one.
-async fn sleep_until(due: Option<Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(due).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The pipelined connection, as far as it has got.
-#[derive(Default)]
-enum Slot {
-    #[default]
-    Empty,
-    /// Connecting; these requests go out once connected.
-    Connecting(Vec<(Bytes, Waiter)>),
-    Ready(Arc<Conn>),
-}
-
-/// A client whose concurrent requests share one framed connection, opened on first use and
-/// again after a failure. Replies are matched to requests by order.
-pub struct Pipeline {
-    endpoint: Endpoint,
-    tls: Option<ClientTls>,
-    timeout: Option<Duration>,
-    max_reply: usize,
-    slot: Mutex<Slot>,
-}
-
-impl Pipeline {
-    /// A pipeline to `endpoint`; nothing is opened yet. `timeout` bounds connecting and each
-    /// reply's wait while requests are waiting.
-    pub fn new(
-        endpoint: Endpoint,
-        tls: Option<ClientTls>,
-        timeout: Option<Duration>,
-        max_reply: usize,
-    ) -> Arc<Self> {
-        Arc::new(Pipeline {
-            endpoint,
-            tls,
-            timeout,
-            max_reply,
-            slot: Mutex::default(),
-        })
-    }
-
-    /// Its TLS settings, if it uses TLS.
-    pub fn tls(&self) -> Option<&ClientTls> {
-        self.tls.as_ref()
-    }
-
-    /// Where this pipeline connects.
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    /// Sends `count` encoded request frames; `complete` gets their replies in order. Connects
-    /// first (in the background, on `runtime`) if needed.
-    pub fn send(
-        self: &Arc<Self>,
-        runtime: &Handle,
-        frames: Bytes,
-        count: usize,
-        complete: Completion,
-    ) {
-        let waiter = Waiter {
-            wanted: count,
-            frames: Vec::with_capacity(count.min(1024)),
-            queued_at: Instant::now(),
-            complete,
-            request: frames.clone(),
-            resent: 0,
-        };
-        self.dispatch(runtime, frames, waiter);
-    }
-
-    /// Writes a request on the connection, or queues it for the one being opened (opening one
-    /// if needed). A connection that failed meanwhile hands the request back unsent, and it
-    /// goes to the next.
-    fn dispatch(self: &Arc<Self>, runtime: &Handle, mut frames: Bytes, mut waiter: Waiter) {
-        loop {
-            let mut slot = locked(&self.slot);
-            match &mut *slot {
-                Slot::Ready(conn) if !conn.is_failed() && !conn.closed_while_idle() => {
-                    let conn = conn.clone();
-                    drop(slot);
-                    match conn.send(frames, waiter) {
-                        None => return,
-                        Some(unsent) => (frames, waiter) = unsent,
-                    }
-                }
-                Slot::Connecting(queued) => return queued.push((frames, waiter)),
-                _ => {
-                    *slot = Slot::Connecting(vec![(frames, waiter)]);
-                    runtime.spawn(self.clone().connect(runtime.clone()));
-                    return;
-                }
-            }
-        }
-    }
-
-    async fn connect(self: Arc<Self>, runtime: Handle) {
-        let connected = open(&self.endpoint, self.tls.as_ref(), self.timeout).await;
-        // Taking the queue and installing the connection happen under one lock, so a request
-        // made meanwhile is either in the queue or sent on the new connection, never lost.
-        let mut slot = locked(&self.slot);
-        let queued = match std::mem::take(&mut *slot) {
-            Slot::Connecting(queued) => queued,
-            // Closed meanwhile (its requests were failed then): the new socket just closes.
-            _ => return,
-        };
-        let parts = connected.and_then(|stream| {
-            stream
-                .into_split()
-                .map_err(|err| Error::from(WireError::Io(err)))
-        });
-        let (read, write) = match parts {
-            Ok(parts) => parts,
-            Err(failure) => {
-                drop(slot);
-                for (_, waiter) in queued {
-                    waiter.finish(Err(failure.duplicate()));
-                }
-                return;
-            }
-        };
-        let conn = Arc::new(Conn {
-            write,
-            state: Mutex::default(),
-            reader: Mutex::new(None),
-            runtime: runtime.clone(),
-        });
-        let reader = runtime.spawn(read_pipelined(conn.clone(), read, self.clone()));
-        *locked(&conn.reader) = Some(reader.abort_handle());
-        *slot = Slot::Ready(conn.clone());
-        // In the order they were made, before any request that comes after.
-        for (frames, waiter) in queued {
-            if let Some((_, waiter)) = conn.send(frames, waiter) {
-                waiter.finish(Err(conn.failure()));
-            }
-        }
-    }
-
-    /// Sends again, on a new connection, the requests that `closed` (which the server closed
-    /// with its goodbye) did not get replies for: none of them was handled. Ahead of any
-    /// request queued since; a request sent again too often fails instead.
-    fn resend(self: &Arc<Self>, closed: &Arc<Conn>, waiters: VecDeque<Waiter>) {
-        let mut again = Vec::with_capacity(waiters.len());
-        for mut waiter in waiters {
-            if waiter.resent >= MAX_RESENDS {
-                waiter.finish(Err(not_handled(&self.endpoint)));
-                continue;
-            }
-            waiter.resent += 1;
-            let rest = waiter
-                .request
-                .slice(codec::frames_len(&waiter.request, waiter.frames.len())..);
-            again.push((rest, waiter));
-        }
-        if again.is_empty() {
-            return;
-        }
-        let mut slot = locked(&self.slot);
-        match &mut *slot {
-            Slot::Connecting(queued) => {
-                again.append(queued);
-                *queued = again;
-            }
-            Slot::Ready(conn) if !Arc::ptr_eq(conn, closed) && !conn.is_failed() => {
-                drop(slot);
-                for (frames, waiter) in again {
-                    self.dispatch(&closed.runtime, frames, waiter);
-                }
-            }
-            _ => {
-                *slot = Slot::Connecting(again);
-                closed
-                    .runtime
-                    .spawn(self.clone().connect(closed.runtime.clone()));
-            }
-        }
-    }
-
-    /// Drops the connection; waiting requests fail with `why`. A TLS session is ended with
-    /// `close_notify` first (in the background, at most `CLOSE_NOTIFY_LIMIT`).
-    pub fn close(&self, why: &str) {
-        if let Slot::Ready(conn) = &*locked(&self.slot) {
-            let conn = conn.clone();
-            conn.runtime.clone().spawn(async move {
-                conn.write.close_notify(CLOSE_NOTIFY_LIMIT).await;
-            });
-        }
-        let closed = || {
-            Error::Wire(WireError::Io(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                why.to_owned(),
-            )))
-        };
-        match std::mem::take(&mut *locked(&self.slot)) {
-            Slot::Ready(conn) => conn.fail(closed()),
-            Slot::Connecting(queued) => {
-                for (_, waiter) in queued {
-                    waiter.finish(Err(closed()));
-                }
-            }
-            Slot::Empty => {}
-        }
-    }
-}
-
-/// Reads replies and completes the oldest request with them; the pipeline's timeout bounds the
-/// wait for each reply while requests are waiting.
-async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipeline>) {
-    let mut input = BytesMut::new();
-    let mut codec = FrameCodec::replies(pipeline.max_reply);
-    let mut last_reply = Instant::now();
-    let limit = pipeline.timeout;
-    let failure = loop {
-        // While idle, wake every `timeout` anyway to look at requests queued since.
-        let due = limit.map(|limit| match locked(&conn.state).waiters.front() {
-            Some(front) => front.queued_at.max(last_reply) + limit,
-            None => Instant::now() + limit,
-        });
-        let frame = tokio::select! {
-            frame = codec::read_frame(&mut read, &mut input, &mut codec) => frame,
-            () = sleep_until(due) => {
-                let limit = limit.unwrap_or_default();
-                let overdue = locked(&conn.state).waiters.front().is_some_and(|front| {
-                    Instant::now() >= front.queued_at.max(last_reply) + limit
-                });
-                if overdue {
-                    break Error::Timeout(format!(
-                        "timed out after {} s waiting for a reply from {}",
-                        limit.as_secs_f64(),
-                        pipeline.endpoint
-                    ));
-                }
-                continue;
-            }
-        };
-        last_reply = Instant::now();
-        match frame {
-            Ok(Some(frame)) if frame.is_closing() => {
-                // The server's goodbye: nothing waiting was handled; all of it goes again.
-                let waiters = conn.retire(Error::Wire(WireError::ClosedBeforeMessage));
-                pipeline.resend(&conn, waiters);
-                return;
-            }
-            Ok(Some(frame)) => {
-                let mut state = locked(&conn.state);
-                let Some(front) = state.waiters.front_mut() else {
-                    break unsolicited(codec::HEADER_LEN + frame.payload.len());
-                };
-                front.frames.push(frame);
-                if front.frames.len() == front.wanted {
-                    let mut done = state.waiters.pop_front().expect("front exists");
-                    drop(state);
-                    let frames = std::mem::take(&mut done.frames);
-                    done.finish(Ok(frames));
-                }
-            }
-            Ok(None) => break Error::Wire(WireError::ClosedBeforeMessage),
-            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-                if looks_like_json(&input) =>
-            {
-                break classic_reply_error()
-            }
-            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-                if looks_like_tls(&input) =>
-            {
-                break tls_reply_error()
-            }
-            Err(err) => break err.into(),
-        }
-    };
-    conn.fail(failure);
 }

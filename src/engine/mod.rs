@@ -11,6 +11,7 @@ pub mod json_text;
 pub mod lock;
 pub mod log_budget;
 pub mod net;
+pub mod pipeline;
 pub mod proxy;
 pub mod runtime;
 pub mod serve;

@@ -17,7 +17,8 @@ use pyo3::prelude::*;
 use crate::py::named;
 use pyo3::types::PyList;
 
-use crate::engine::client::{classic_exchange, Pipeline};
+use crate::engine::client::classic_exchange;
+use crate::engine::pipeline::Pipeline;
 use crate::engine::codec::{self, Frame};
 use crate::engine::error::{Error, Result};
 use crate::engine::lock::locked;

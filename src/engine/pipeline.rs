@@ -1,0 +1,453 @@
+//! A pipelined connection: the concurrent requests of one client (`framesock.aio.Client`)
+//! share one framed connection, written from the callers' threads and answered in order.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+
+use crate::engine::client::{
+    classic_reply_error, looks_like_json, looks_like_tls, not_handled, open, tls_reply_error,
+    unsolicited, CLOSE_NOTIFY_LIMIT, MAX_RESENDS,
+};
+use crate::engine::codec::{self, Frame, FrameCodec, WireError};
+use crate::engine::error::{Error, Result};
+use crate::engine::lock::locked;
+use crate::engine::net::{Endpoint, ReadPart, WritePart};
+use crate::engine::tls::ClientTls;
+
+/// Called once with a request's replies, or with why there are none.
+pub type Completion = Box<dyn FnOnce(Result<Vec<Frame>>) + Send>;
+
+/// A request waiting for its replies.
+struct Waiter {
+    wanted: usize,
+    frames: Vec<Frame>,
+    queued_at: Instant,
+    complete: Completion,
+    /// The request frames, kept to be sent again if the server closes before handling them.
+    request: Bytes,
+    /// How many times they were sent again so far.
+    resent: usize,
+}
+
+impl Waiter {
+    fn finish(self, outcome: Result<Vec<Frame>>) {
+        (self.complete)(outcome)
+    }
+}
+
+/// What a pipelined connection holds between calls.
+#[derive(Default)]
+struct ConnState {
+    /// Requests written (or queued to be), oldest first: replies come back in this order.
+    waiters: VecDeque<Waiter>,
+    /// Bytes the socket would not take yet, written by a flush task in order.
+    backlog: VecDeque<Bytes>,
+    flushing: bool,
+    failed: Option<Arc<Error>>,
+}
+
+/// One connection shared by every request of a pipelining client.
+///
+/// Requests are written straight from the caller's thread (`try_write` never waits) unless
+/// earlier bytes are still queued, and one reader task hands the replies out in order. So a
+/// request costs no hand-off to another thread on its way out, many can be in flight, and a
+/// request whose caller gave up never leaves half a frame behind: its reply is read and dropped.
+struct Conn {
+    write: WritePart,
+    state: Mutex<ConnState>,
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
+    runtime: Handle,
+}
+
+impl Conn {
+    /// Queues `waiter` for the replies and writes `frames`; hands both back, unsent, if the
+    /// connection has failed already.
+    #[must_use]
+    fn send(self: &Arc<Self>, frames: Bytes, waiter: Waiter) -> Option<(Bytes, Waiter)> {
+        let mut state = locked(&self.state);
+        if state.failed.is_some() {
+            return Some((frames, waiter));
+        }
+        state.waiters.push_back(waiter);
+        if state.flushing {
+            state.backlog.push_back(frames);
+            return None;
+        }
+        let written = match self.write.try_write(&frames) {
+            Ok(written) => written,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(err) => {
+                drop(state);
+                self.fail(WireError::Io(err).into());
+                return None;
+            }
+        };
+        if written < frames.len() {
+            state.backlog.push_back(frames.slice(written..));
+            state.flushing = true;
+            self.runtime.spawn(self.clone().flush());
+        }
+        None
+    }
+
+    /// Writes the backlog as the socket takes it.
+    async fn flush(self: Arc<Self>) {
+        loop {
+            let chunk = {
+                let mut state = locked(&self.state);
+                match state.backlog.front() {
+                    _ if state.failed.is_some() => return,
+                    Some(chunk) => chunk.clone(),
+                    None => {
+                        state.flushing = false;
+                        return;
+                    }
+                }
+            };
+            let written = match self.write.write_some(&chunk).await {
+                Ok(written) => written,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(err) => return self.fail(WireError::Io(err).into()),
+            };
+            let mut state = locked(&self.state);
+            if let Some(front) = state.backlog.front_mut() {
+                if written >= front.len() {
+                    state.backlog.pop_front();
+                } else {
+                    front.advance(written);
+                }
+            }
+        }
+    }
+
+    /// Ends the connection: every waiting request fails with `failure`.
+    fn fail(&self, failure: Error) {
+        for waiter in self.retire(failure) {
+            waiter.finish(Err(self.failure()));
+        }
+        if let Some(reader) = locked(&self.reader).take() {
+            reader.abort();
+        }
+    }
+
+    /// Marks the connection failed with `failure` and hands over the requests waiting on it.
+    fn retire(&self, failure: Error) -> VecDeque<Waiter> {
+        let mut state = locked(&self.state);
+        if state.failed.is_some() {
+            return VecDeque::new();
+        }
+        state.failed = Some(Arc::new(failure));
+        state.backlog.clear();
+        std::mem::take(&mut state.waiters)
+    }
+
+    /// A copy of what the connection failed with.
+    fn failure(&self) -> Error {
+        match &locked(&self.state).failed {
+            Some(failure) => failure.duplicate(),
+            None => Error::Wire(WireError::ClosedBeforeMessage),
+        }
+    }
+
+    fn is_failed(&self) -> bool {
+        locked(&self.state).failed.is_some()
+    }
+
+    /// Whether the peer closed this connection while nothing was in flight (its idle timeout),
+    /// seen on the socket itself, before the reader task may have noticed. It is then failed,
+    /// so the next request opens a new connection instead of being written into a closed one.
+    fn closed_while_idle(&self) -> bool {
+        let idle = {
+            let state = locked(&self.state);
+            state.waiters.is_empty() && !state.flushing
+        };
+        if idle && self.write.closed_by_peer() {
+            self.fail(Error::Wire(WireError::ClosedBeforeMessage));
+            return true;
+        }
+        false
+    }
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The pipelined connection, as far as it has got.
+#[derive(Default)]
+enum Slot {
+    #[default]
+    Empty,
+    /// Connecting; these requests go out once connected.
+    Connecting(Vec<(Bytes, Waiter)>),
+    Ready(Arc<Conn>),
+}
+
+/// A client whose concurrent requests share one framed connection, opened on first use and
+/// again after a failure. Replies are matched to requests by order.
+pub struct Pipeline {
+    endpoint: Endpoint,
+    tls: Option<ClientTls>,
+    timeout: Option<Duration>,
+    max_reply: usize,
+    slot: Mutex<Slot>,
+}
+
+impl Pipeline {
+    /// A pipeline to `endpoint`; nothing is opened yet. `timeout` bounds connecting and each
+    /// reply's wait while requests are waiting.
+    pub fn new(
+        endpoint: Endpoint,
+        tls: Option<ClientTls>,
+        timeout: Option<Duration>,
+        max_reply: usize,
+    ) -> Arc<Self> {
+        Arc::new(Pipeline {
+            endpoint,
+            tls,
+            timeout,
+            max_reply,
+            slot: Mutex::default(),
+        })
+    }
+
+    /// Its TLS settings, if it uses TLS.
+    pub fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
+    }
+
+    /// Where this pipeline connects.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Sends `count` encoded request frames; `complete` gets their replies in order. Connects
+    /// first (in the background, on `runtime`) if needed.
+    pub fn send(
+        self: &Arc<Self>,
+        runtime: &Handle,
+        frames: Bytes,
+        count: usize,
+        complete: Completion,
+    ) {
+        let waiter = Waiter {
+            wanted: count,
+            frames: Vec::with_capacity(count.min(1024)),
+            queued_at: Instant::now(),
+            complete,
+            request: frames.clone(),
+            resent: 0,
+        };
+        self.dispatch(runtime, frames, waiter);
+    }
+
+    /// Writes a request on the connection, or queues it for the one being opened (opening one
+    /// if needed). A connection that failed meanwhile hands the request back unsent, and it
+    /// goes to the next.
+    fn dispatch(self: &Arc<Self>, runtime: &Handle, mut frames: Bytes, mut waiter: Waiter) {
+        loop {
+            let mut slot = locked(&self.slot);
+            match &mut *slot {
+                Slot::Ready(conn) if !conn.is_failed() && !conn.closed_while_idle() => {
+                    let conn = conn.clone();
+                    drop(slot);
+                    match conn.send(frames, waiter) {
+                        None => return,
+                        Some(unsent) => (frames, waiter) = unsent,
+                    }
+                }
+                Slot::Connecting(queued) => return queued.push((frames, waiter)),
+                _ => {
+                    *slot = Slot::Connecting(vec![(frames, waiter)]);
+                    runtime.spawn(self.clone().connect(runtime.clone()));
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn connect(self: Arc<Self>, runtime: Handle) {
+        let connected = open(&self.endpoint, self.tls.as_ref(), self.timeout).await;
+        // Taking the queue and installing the connection happen under one lock, so a request
+        // made meanwhile is either in the queue or sent on the new connection, never lost.
+        let mut slot = locked(&self.slot);
+        let queued = match std::mem::take(&mut *slot) {
+            Slot::Connecting(queued) => queued,
+            // Closed meanwhile (its requests were failed then): the new socket just closes.
+            _ => return,
+        };
+        let parts = connected.and_then(|stream| {
+            stream
+                .into_split()
+                .map_err(|err| Error::from(WireError::Io(err)))
+        });
+        let (read, write) = match parts {
+            Ok(parts) => parts,
+            Err(failure) => {
+                drop(slot);
+                for (_, waiter) in queued {
+                    waiter.finish(Err(failure.duplicate()));
+                }
+                return;
+            }
+        };
+        let conn = Arc::new(Conn {
+            write,
+            state: Mutex::default(),
+            reader: Mutex::new(None),
+            runtime: runtime.clone(),
+        });
+        let reader = runtime.spawn(read_pipelined(conn.clone(), read, self.clone()));
+        *locked(&conn.reader) = Some(reader.abort_handle());
+        *slot = Slot::Ready(conn.clone());
+        // In the order they were made, before any request that comes after.
+        for (frames, waiter) in queued {
+            if let Some((_, waiter)) = conn.send(frames, waiter) {
+                waiter.finish(Err(conn.failure()));
+            }
+        }
+    }
+
+    /// Sends again, on a new connection, the requests that `closed` (which the server closed
+    /// with its goodbye) did not get replies for: none of them was handled. Ahead of any
+    /// request queued since; a request sent again too often fails instead.
+    fn resend(self: &Arc<Self>, closed: &Arc<Conn>, waiters: VecDeque<Waiter>) {
+        let mut again = Vec::with_capacity(waiters.len());
+        for mut waiter in waiters {
+            if waiter.resent >= MAX_RESENDS {
+                waiter.finish(Err(not_handled(&self.endpoint)));
+                continue;
+            }
+            waiter.resent += 1;
+            let rest = waiter
+                .request
+                .slice(codec::frames_len(&waiter.request, waiter.frames.len())..);
+            again.push((rest, waiter));
+        }
+        if again.is_empty() {
+            return;
+        }
+        let mut slot = locked(&self.slot);
+        match &mut *slot {
+            Slot::Connecting(queued) => {
+                again.append(queued);
+                *queued = again;
+            }
+            Slot::Ready(conn) if !Arc::ptr_eq(conn, closed) && !conn.is_failed() => {
+                drop(slot);
+                for (frames, waiter) in again {
+                    self.dispatch(&closed.runtime, frames, waiter);
+                }
+            }
+            _ => {
+                *slot = Slot::Connecting(again);
+                closed
+                    .runtime
+                    .spawn(self.clone().connect(closed.runtime.clone()));
+            }
+        }
+    }
+
+    /// Drops the connection; waiting requests fail with `why`. A TLS session is ended with
+    /// `close_notify` first (in the background, at most `CLOSE_NOTIFY_LIMIT`).
+    pub fn close(&self, why: &str) {
+        if let Slot::Ready(conn) = &*locked(&self.slot) {
+            let conn = conn.clone();
+            conn.runtime.clone().spawn(async move {
+                conn.write.close_notify(CLOSE_NOTIFY_LIMIT).await;
+            });
+        }
+        let closed = || {
+            Error::Wire(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                why.to_owned(),
+            )))
+        };
+        match std::mem::take(&mut *locked(&self.slot)) {
+            Slot::Ready(conn) => conn.fail(closed()),
+            Slot::Connecting(queued) => {
+                for (_, waiter) in queued {
+                    waiter.finish(Err(closed()));
+                }
+            }
+            Slot::Empty => {}
+        }
+    }
+}
+
+/// Reads replies and completes the oldest request with them; the pipeline's timeout bounds the
+/// wait for each reply while requests are waiting.
+async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipeline>) {
+    let mut input = BytesMut::new();
+    let mut codec = FrameCodec::replies(pipeline.max_reply);
+    let mut last_reply = Instant::now();
+    let limit = pipeline.timeout;
+    let failure = loop {
+        // While idle, wake every `timeout` anyway to look at requests queued since.
+        let due = limit.map(|limit| match locked(&conn.state).waiters.front() {
+            Some(front) => front.queued_at.max(last_reply) + limit,
+            None => Instant::now() + limit,
+        });
+        let frame = tokio::select! {
+            frame = codec::read_frame(&mut read, &mut input, &mut codec) => frame,
+            () = sleep_until(due) => {
+                let limit = limit.unwrap_or_default();
+                let overdue = locked(&conn.state).waiters.front().is_some_and(|front| {
+                    Instant::now() >= front.queued_at.max(last_reply) + limit
+                });
+                if overdue {
+                    break Error::Timeout(format!(
+                        "timed out after {} s waiting for a reply from {}",
+                        limit.as_secs_f64(),
+                        pipeline.endpoint
+                    ));
+                }
+                continue;
+            }
+        };
+        last_reply = Instant::now();
+        match frame {
+            Ok(Some(frame)) if frame.is_closing() => {
+                // The server's goodbye: nothing waiting was handled; all of it goes again.
+                let waiters = conn.retire(Error::Wire(WireError::ClosedBeforeMessage));
+                pipeline.resend(&conn, waiters);
+                return;
+            }
+            Ok(Some(frame)) => {
+                let mut state = locked(&conn.state);
+                let Some(front) = state.waiters.front_mut() else {
+                    break unsolicited(codec::HEADER_LEN + frame.payload.len());
+                };
+                front.frames.push(frame);
+                if front.frames.len() == front.wanted {
+                    let mut done = state.waiters.pop_front().expect("front exists");
+                    drop(state);
+                    let frames = std::mem::take(&mut done.frames);
+                    done.finish(Ok(frames));
+                }
+            }
+            Ok(None) => break Error::Wire(WireError::ClosedBeforeMessage),
+            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+                if looks_like_json(&input) =>
+            {
+                break classic_reply_error()
+            }
+            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+                if looks_like_tls(&input) =>
+            {
+                break tls_reply_error()
+            }
+            Err(err) => break err.into(),
+        }
+    };
+    conn.fail(failure);
+}
