@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{tcp, unix, TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 
@@ -483,6 +484,27 @@ impl Stream {
         }
     }
 
+    /// Whether this is a plain (TCP or Unix) socket, which [`Stream::into_read_elsewhere`] takes.
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Stream::Tcp(_) | Stream::Unix(_))
+    }
+
+    /// The connection as a write half whose socket someone else reads (plain sockets only;
+    /// call on the runtime). The runtime watches it for room to write, never for input.
+    pub fn into_read_elsewhere(self) -> io::Result<WritePart> {
+        let socket = match self {
+            Stream::Tcp(s) => socket2::Socket::from(std::os::fd::OwnedFd::from(s.into_std()?)),
+            Stream::Unix(s) => socket2::Socket::from(std::os::fd::OwnedFd::from(s.into_std()?)),
+            _ => return Err(io::ErrorKind::Unsupported.into()),
+        };
+        // SAFETY: the socket owns its descriptor, which stays open and the same until the
+        // AsyncFd (which owns the socket) is dropped.
+        let socket =
+            unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::WRITABLE) }
+                .map_err(io::Error::from)?;
+        Ok(WritePart::ReadElsewhere(socket))
+    }
+
     /// Splits the connection into a read half and a write half that can be used apart.
     pub fn into_split(self) -> io::Result<(ReadPart, WritePart)> {
         match self {
@@ -544,6 +566,9 @@ pub enum WritePart {
     Unix(unix::OwnedWriteHalf),
     /// Writes go through the TLS session, so only on the runtime (`try_write` takes nothing).
     Tls(tokio::sync::Mutex<tokio::io::WriteHalf<Stream>>),
+    /// A whole plain socket whose replies are read elsewhere (an event loop watching it, see
+    /// [`WritePart::recv_into`]): the runtime only waits for it to take more bytes.
+    ReadElsewhere(AsyncFd<socket2::Socket>),
 }
 
 impl WritePart {
@@ -554,7 +579,31 @@ impl WritePart {
             WritePart::Tcp(half) => peer_closed(socket2::SockRef::from(half.as_ref())),
             WritePart::Unix(half) => peer_closed(socket2::SockRef::from(half.as_ref())),
             WritePart::Tls(_) => false,
+            WritePart::ReadElsewhere(socket) => {
+                peer_closed(socket2::SockRef::from(socket.get_ref()))
+            }
         }
+    }
+
+    /// The socket's descriptor, for whoever reads it (`ReadElsewhere` only).
+    pub fn read_elsewhere_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            WritePart::ReadElsewhere(socket) => Some(socket.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// Reads what the socket holds now into `buf`'s spare room (`ReadElsewhere` only; never
+    /// waits: `WouldBlock` when nothing is there). Ok(0) is the peer's close.
+    pub fn recv_into(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        let WritePart::ReadElsewhere(socket) = self else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
+        let read = socket.get_ref().recv(buf.spare_capacity_mut())?;
+        // SAFETY: recv initialised the first `read` bytes of the spare room.
+        unsafe { buf.set_len(buf.len() + read) };
+        Ok(read)
     }
 
     /// Ends a TLS session with `close_notify`, so the server sees a clean end (at most `limit`
@@ -576,6 +625,7 @@ impl WritePart {
             WritePart::Tcp(s) => s.try_write(buf),
             WritePart::Unix(s) => s.try_write(buf),
             WritePart::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
+            WritePart::ReadElsewhere(socket) => send_now(socket.get_ref(), buf),
         }
     }
 
@@ -597,6 +647,17 @@ impl WritePart {
                 write.flush().await?;
                 Ok(written)
             }
+            WritePart::ReadElsewhere(socket) => loop {
+                let mut ready = socket.writable().await?;
+                if let Ok(written) = ready.try_io(|socket| send_now(socket.get_ref(), buf)) {
+                    return written;
+                }
+            },
         }
     }
+}
+
+/// Sends what the socket takes now, without SIGPIPE for a peer that is gone.
+fn send_now(socket: &socket2::Socket, buf: &[u8]) -> io::Result<usize> {
+    socket.send_with_flags(buf, libc::MSG_NOSIGNAL)
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
+use tokio_util::codec::Decoder;
 
 use crate::engine::client::{
     classic_reply_error, looks_like_json, looks_like_tls, not_handled, open, tls_reply_error,
@@ -16,7 +17,7 @@ use crate::engine::client::{
 use crate::engine::codec::{self, Frame, FrameCodec, WireError};
 use crate::engine::error::{Error, Result};
 use crate::engine::lock::locked;
-use crate::engine::net::{Endpoint, ReadPart, WritePart};
+use crate::engine::net::{Endpoint, ReadPart, Stream, WritePart};
 use crate::engine::tls::ClientTls;
 
 /// Called once with a request's replies, or with why there are none.
@@ -49,18 +50,149 @@ struct ConnState {
     backlog: VecDeque<Bytes>,
     flushing: bool,
     failed: Option<Arc<Error>>,
+    /// When the last reply came: a reply's wait is timed from it or from its request,
+    /// whichever is later.
+    last_reply: Option<Instant>,
+}
+
+impl ConnState {
+    /// When the oldest request's wait for its reply runs out (`limit` from now while none
+    /// waits, so that a watcher looks again for requests queued since).
+    fn reply_due(&self, limit: Duration) -> Instant {
+        match self.waiters.front() {
+            Some(front) => {
+                front
+                    .queued_at
+                    .max(self.last_reply.unwrap_or(front.queued_at))
+                    + limit
+            }
+            None => Instant::now() + limit,
+        }
+    }
+}
+
+/// Reads a pipelined connection's replies on its own terms instead of an engine task: an
+/// event loop that watches the socket and calls [`Replies::read_ready`] whenever it is
+/// readable. (`framesock.aio.Client`: a reply is read on the loop's own thread, where its
+/// awaiter runs, with no hand-off from an engine thread on the way.)
+pub trait ReplyReader: Send + Sync {
+    /// Start calling `replies.read_ready()` whenever the socket is readable. The socket
+    /// stays open while `replies` is held.
+    fn start(&self, replies: Replies);
+    /// Stop watching `fd` (called once, when the connection is over).
+    fn stop(&self, fd: std::os::fd::RawFd);
+}
+
+/// Gives a [`ReplyReader`] for a new plain connection; `None`: an engine task reads it.
+pub type ReaderSource = Box<dyn Fn() -> Option<Box<dyn ReplyReader>> + Send + Sync>;
+
+/// A connection read by a [`ReplyReader`]: what it has read so far.
+struct ReadElsewhere {
+    reader: Box<dyn ReplyReader>,
+    input: Mutex<(BytesMut, FrameCodec)>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// The most reads one `read_ready` makes (the socket is looked at again at once if more is
+/// left), and the room each gets at least.
+const READS_PER_CALL: usize = 16;
+const READ_ROOM: usize = 16 * 1024;
+
+/// A pipelined connection as its [`ReplyReader`] sees it.
+#[derive(Clone)]
+pub struct Replies {
+    conn: Arc<Conn>,
+    pipeline: Arc<Pipeline>,
+}
+
+impl Replies {
+    /// The socket to watch.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.conn
+            .write
+            .read_elsewhere_fd()
+            .expect("a connection read elsewhere has its own socket")
+    }
+
+    /// Reads what the socket holds and hands out every whole reply (their completions run
+    /// on this thread). False once the connection is over (it stopped its reader).
+    pub fn read_ready(&self) -> bool {
+        let Some(elsewhere) = &self.conn.elsewhere else {
+            return false;
+        };
+        let mut input = locked(&elsewhere.input);
+        let (input, codec) = &mut *input;
+        let mut reads = 0;
+        loop {
+            loop {
+                let read = match codec.decode(input) {
+                    Ok(None) => break,
+                    read => read,
+                };
+                match take_reply(&self.conn, &self.pipeline, read, input) {
+                    Ok(true) => {}
+                    Ok(false) => return false,
+                    Err(failure) => {
+                        self.conn.fail(failure);
+                        return false;
+                    }
+                }
+            }
+            if reads == READS_PER_CALL {
+                return true; // the loop calls again while the socket holds more
+            }
+            reads += 1;
+            if input.capacity() - input.len() < READ_ROOM {
+                input.reserve(READ_ROOM);
+            }
+            match self.conn.write.recv_into(input) {
+                Ok(0) => {
+                    // Every whole reply was taken: what is left is cut short, or nothing.
+                    let failure = match take_reply(
+                        &self.conn,
+                        &self.pipeline,
+                        codec.decode_eof(input),
+                        input,
+                    ) {
+                        Err(failure) => failure,
+                        Ok(_) => Error::Wire(WireError::ClosedBeforeMessage),
+                    };
+                    self.conn.fail(failure);
+                    return false;
+                }
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    self.conn.fail(WireError::Io(err).into());
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Ends the connection with `why` (its reader could not start).
+    pub fn fail(&self, why: &str) {
+        self.conn
+            .fail(Error::Wire(WireError::Io(std::io::Error::other(
+                why.to_owned(),
+            ))));
+    }
 }
 
 /// One connection shared by every request of a pipelining client.
 ///
 /// Requests are written straight from the caller's thread (`try_write` never waits) unless
-/// earlier bytes are still queued, and one reader task hands the replies out in order. So a
-/// request costs no hand-off to another thread on its way out, many can be in flight, and a
-/// request whose caller gave up never leaves half a frame behind: its reply is read and dropped.
+/// earlier bytes are still queued, and one reader hands the replies out in order: an engine
+/// task, or the pipeline's [`ReplyReader`] for a plain socket. So a request costs no hand-off
+/// to another thread on its way out, many can be in flight, and a request whose caller gave
+/// up never leaves half a frame behind: its reply is read and dropped.
 struct Conn {
     write: WritePart,
     state: Mutex<ConnState>,
+    /// The engine task that reads the replies, or (read elsewhere) that times them out.
     reader: Mutex<Option<tokio::task::AbortHandle>>,
+    elsewhere: Option<ReadElsewhere>,
     runtime: Handle,
 }
 
@@ -130,8 +262,23 @@ impl Conn {
         for waiter in self.retire(failure) {
             waiter.finish(Err(self.failure()));
         }
+        self.stop_reading();
+    }
+
+    /// Nothing more is read: the reader task ends, a reader elsewhere is told (once).
+    fn stop_reading(&self) {
         if let Some(reader) = locked(&self.reader).take() {
             reader.abort();
+        }
+        if let Some(elsewhere) = &self.elsewhere {
+            if !elsewhere
+                .stopped
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                if let Some(fd) = self.write.read_elsewhere_fd() {
+                    elsewhere.reader.stop(fd);
+                }
+            }
         }
     }
 
@@ -200,6 +347,8 @@ pub struct Pipeline {
     timeout: Option<Duration>,
     max_reply: usize,
     slot: Mutex<Slot>,
+    /// Who reads a new plain connection (`None`, or when it gives none: an engine task).
+    readers: Option<ReaderSource>,
 }
 
 impl Pipeline {
@@ -210,6 +359,7 @@ impl Pipeline {
         tls: Option<ClientTls>,
         timeout: Option<Duration>,
         max_reply: usize,
+        readers: Option<ReaderSource>,
     ) -> Arc<Self> {
         Arc::new(Pipeline {
             endpoint,
@@ -217,6 +367,7 @@ impl Pipeline {
             timeout,
             max_reply,
             slot: Mutex::default(),
+            readers,
         })
     }
 
@@ -286,11 +437,10 @@ impl Pipeline {
             _ => return,
         };
         let parts = connected.and_then(|stream| {
-            stream
-                .into_split()
+            self.split(stream)
                 .map_err(|err| Error::from(WireError::Io(err)))
         });
-        let (read, write) = match parts {
+        let (read, write, elsewhere) = match parts {
             Ok(parts) => parts,
             Err(failure) => {
                 drop(slot);
@@ -304,10 +454,16 @@ impl Pipeline {
             write,
             state: Mutex::default(),
             reader: Mutex::new(None),
+            elsewhere,
             runtime: runtime.clone(),
         });
-        let reader = runtime.spawn(read_pipelined(conn.clone(), read, self.clone()));
-        *locked(&conn.reader) = Some(reader.abort_handle());
+        let reader = match read {
+            Some(read) => Some(runtime.spawn(read_pipelined(conn.clone(), read, self.clone()))),
+            None => self
+                .timeout
+                .map(|limit| runtime.spawn(time_replies_out(conn.clone(), limit, self.clone()))),
+        };
+        *locked(&conn.reader) = reader.map(|reader| reader.abort_handle());
         *slot = Slot::Ready(conn.clone());
         // In the order they were made, before any request that comes after.
         for (frames, waiter) in queued {
@@ -315,6 +471,35 @@ impl Pipeline {
                 waiter.finish(Err(conn.failure()));
             }
         }
+        drop(slot);
+        if let Some(elsewhere) = &conn.elsewhere {
+            elsewhere.reader.start(Replies {
+                conn: conn.clone(),
+                pipeline: self.clone(),
+            });
+        }
+    }
+
+    /// A new connection's halves: a read half for an engine task, or none when a reader from
+    /// `readers` takes a plain socket.
+    fn split(
+        &self,
+        stream: Stream,
+    ) -> std::io::Result<(Option<ReadPart>, WritePart, Option<ReadElsewhere>)> {
+        let reader = match &self.readers {
+            Some(readers) if stream.is_plain() => readers(),
+            _ => None,
+        };
+        let Some(reader) = reader else {
+            let (read, write) = stream.into_split()?;
+            return Ok((Some(read), write, None));
+        };
+        let elsewhere = ReadElsewhere {
+            reader,
+            input: Mutex::new((BytesMut::new(), FrameCodec::replies(self.max_reply))),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        };
+        Ok((None, stream.into_read_elsewhere()?, Some(elsewhere)))
     }
 
     /// Sends again, on a new connection, the requests that `closed` (which the server closed
@@ -389,65 +574,96 @@ impl Pipeline {
 async fn read_pipelined(conn: Arc<Conn>, mut read: ReadPart, pipeline: Arc<Pipeline>) {
     let mut input = BytesMut::new();
     let mut codec = FrameCodec::replies(pipeline.max_reply);
-    let mut last_reply = Instant::now();
-    let limit = pipeline.timeout;
     let failure = loop {
         // While idle, wake every `timeout` anyway to look at requests queued since.
-        let due = limit.map(|limit| match locked(&conn.state).waiters.front() {
-            Some(front) => front.queued_at.max(last_reply) + limit,
-            None => Instant::now() + limit,
-        });
+        let due = pipeline
+            .timeout
+            .map(|limit| locked(&conn.state).reply_due(limit));
         let frame = tokio::select! {
             frame = codec::read_frame(&mut read, &mut input, &mut codec) => frame,
-            () = sleep_until(due) => {
-                let limit = limit.unwrap_or_default();
-                let overdue = locked(&conn.state).waiters.front().is_some_and(|front| {
-                    Instant::now() >= front.queued_at.max(last_reply) + limit
-                });
-                if overdue {
-                    break Error::Timeout(format!(
-                        "timed out after {} s waiting for a reply from {}",
-                        limit.as_secs_f64(),
-                        pipeline.endpoint
-                    ));
-                }
-                continue;
-            }
+            () = sleep_until(due) => match overdue(&conn, &pipeline) {
+                Some(failure) => break failure,
+                None => continue,
+            },
         };
-        last_reply = Instant::now();
-        match frame {
-            Ok(Some(frame)) if frame.is_closing() => {
-                // The server's goodbye: nothing waiting was handled; all of it goes again.
-                let waiters = conn.retire(Error::Wire(WireError::ClosedBeforeMessage));
-                pipeline.resend(&conn, waiters);
-                return;
-            }
-            Ok(Some(frame)) => {
-                let mut state = locked(&conn.state);
-                let Some(front) = state.waiters.front_mut() else {
-                    break unsolicited(codec::HEADER_LEN + frame.payload.len());
-                };
-                front.frames.push(frame);
-                if front.frames.len() == front.wanted {
-                    let mut done = state.waiters.pop_front().expect("front exists");
-                    drop(state);
-                    let frames = std::mem::take(&mut done.frames);
-                    done.finish(Ok(frames));
-                }
-            }
-            Ok(None) => break Error::Wire(WireError::ClosedBeforeMessage),
-            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-                if looks_like_json(&input) =>
-            {
-                break classic_reply_error()
-            }
-            Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-                if looks_like_tls(&input) =>
-            {
-                break tls_reply_error()
-            }
-            Err(err) => break err.into(),
+        match take_reply(&conn, &pipeline, frame, &input) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(failure) => break failure,
         }
     };
     conn.fail(failure);
+}
+
+/// For a connection read elsewhere: fails it once a reply is overdue.
+async fn time_replies_out(conn: Arc<Conn>, limit: Duration, pipeline: Arc<Pipeline>) {
+    loop {
+        let due = locked(&conn.state).reply_due(limit);
+        tokio::time::sleep_until(due).await;
+        if let Some(failure) = overdue(&conn, &pipeline) {
+            return conn.fail(failure);
+        }
+    }
+}
+
+/// The timeout, if the oldest request has waited past it for its reply.
+fn overdue(conn: &Conn, pipeline: &Pipeline) -> Option<Error> {
+    let limit = pipeline.timeout?;
+    let late = {
+        let state = locked(&conn.state);
+        !state.waiters.is_empty() && state.reply_due(limit) <= Instant::now()
+    };
+    late.then(|| {
+        Error::Timeout(format!(
+            "timed out after {} s waiting for a reply from {}",
+            limit.as_secs_f64(),
+            pipeline.endpoint
+        ))
+    })
+}
+
+/// Hands out what one read gave: Ok(true) to read on; Ok(false) once the server's goodbye
+/// came (nothing waiting was handled: all of it goes again, on a new connection); Err: why
+/// the connection failed.
+fn take_reply(
+    conn: &Arc<Conn>,
+    pipeline: &Arc<Pipeline>,
+    read: std::result::Result<Option<Frame>, WireError>,
+    input: &[u8],
+) -> Result<bool> {
+    match read {
+        Ok(Some(frame)) if frame.is_closing() => {
+            let waiters = conn.retire(Error::Wire(WireError::ClosedBeforeMessage));
+            conn.stop_reading();
+            pipeline.resend(conn, waiters);
+            Ok(false)
+        }
+        Ok(Some(frame)) => {
+            let mut state = locked(&conn.state);
+            state.last_reply = Some(Instant::now());
+            let Some(front) = state.waiters.front_mut() else {
+                return Err(unsolicited(codec::HEADER_LEN + frame.payload.len()));
+            };
+            front.frames.push(frame);
+            if front.frames.len() == front.wanted {
+                let mut done = state.waiters.pop_front().expect("front exists");
+                drop(state);
+                let frames = std::mem::take(&mut done.frames);
+                done.finish(Ok(frames));
+            }
+            Ok(true)
+        }
+        Ok(None) => Err(Error::Wire(WireError::ClosedBeforeMessage)),
+        Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+            if looks_like_json(input) =>
+        {
+            Err(classic_reply_error())
+        }
+        Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
+            if looks_like_tls(input) =>
+        {
+            Err(tls_reply_error())
+        }
+        Err(err) => Err(err.into()),
+    }
 }

@@ -18,10 +18,10 @@ use crate::py::named;
 use pyo3::types::PyList;
 
 use crate::engine::client::classic_exchange;
-use crate::engine::pipeline::Pipeline;
 use crate::engine::codec::{self, Frame};
 use crate::engine::error::{Error, Result};
 use crate::engine::lock::locked;
+use crate::engine::pipeline::Pipeline;
 use crate::engine::runtime;
 use crate::engine::serve::Protocol;
 use crate::py::args::Int;
@@ -30,6 +30,7 @@ use crate::py::cached::interned;
 use crate::py::client::{message_payload, put_request, reply_value, ClientConfig};
 use crate::py::gil::GilDrop;
 use crate::py::json;
+use crate::py::loop_reads;
 use crate::py::server::one_shot_server;
 
 /// Reply frames as Python values: one value, or a list for `request_many`.
@@ -54,8 +55,8 @@ pub struct AsyncClient {
     timeout: Option<Duration>,
     max_reply: usize,
     closed: AtomicBool,
-    /// The loop whose end was last asked to close the connection.
-    watched: Mutex<Weak<LoopBridge>>,
+    /// The loop whose end was last asked to close the connection (and which reads it).
+    watched: Arc<Mutex<Weak<LoopBridge>>>,
     /// The engine generation it was made in: after a fork the connection belongs to the
     /// parent's runtime and is left alone (like `serve::Server::is_inherited`).
     generation: u64,
@@ -177,6 +178,7 @@ impl AsyncClient {
             timeout,
             max_reply,
         } = ClientConfig::new(host, port, path, &protocol, timeout, max_reply)?;
+        let watched = Arc::new(Mutex::new(Weak::new()));
         Ok(AsyncClient {
             described: format!("{endpoint} protocol='{protocol}'"),
             protocol,
@@ -185,11 +187,12 @@ impl AsyncClient {
                 tls.map(|tls| tls.settings.clone()),
                 timeout,
                 max_reply,
+                Some(loop_reads::on_the_loop(watched.clone())),
             ),
             timeout,
             max_reply,
             closed: AtomicBool::new(false),
-            watched: Mutex::new(Weak::new()),
+            watched,
             generation: runtime::generation(),
         })
     }

@@ -51,6 +51,22 @@ pub struct LoopBridge {
 /// The bridges of loops that are still running (one per loop).
 static BRIDGES: ForkSafe<Vec<Arc<LoopBridge>>> = ForkSafe::new(Vec::new);
 
+thread_local! {
+    /// The bridge whose loop is running `LoopBridge::run_here` on this thread (0: none), and
+    /// the jobs pushed to it meanwhile, to run when it returns.
+    static HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static HERE_JOBS: std::cell::RefCell<Vec<LoopJob>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Clears `HERE` however `run_here`'s work ends.
+struct LeaveHere;
+
+impl Drop for LeaveHere {
+    fn drop(&mut self) {
+        HERE.with(|here| here.set(0));
+    }
+}
+
 impl LoopBridge {
     /// The bridge to the running event loop, made on first use. Call on the loop.
     pub fn for_running_loop(py: Python<'_>) -> PyResult<Arc<LoopBridge>> {
@@ -135,6 +151,9 @@ impl LoopBridge {
     /// Queues a job; from any thread, without the GIL. Once the loop is gone the job is
     /// dropped instead (so a reply channel inside it closes and its waiter is told).
     pub fn push(&self, job: LoopJob) {
+        if HERE.with(|here| here.get()) == self as *const LoopBridge as usize && !self.is_closed() {
+            return HERE_JOBS.with(|jobs| jobs.borrow_mut().push(job));
+        }
         let was_empty = {
             let mut jobs = locked(&self.jobs);
             if self.is_closed() {
@@ -154,6 +173,29 @@ impl LoopBridge {
             // A full socket buffer means a wake-up is already pending: nothing is lost.
             let _ = (&self.wake_tx).write(&[1]);
         }
+    }
+
+    /// Runs `work` from a callback of this bridge's loop, on its thread; jobs that `work`
+    /// pushes to this bridge run right after it, in the same callback, instead of waking the
+    /// loop for another turn. `None` once the exit has begun (see `calling_python`).
+    pub fn run_here<R>(&self, py: Python<'_>, work: impl FnOnce() -> R) -> Option<R> {
+        let _calling = crate::py::gil::calling_python()?;
+        let result = {
+            HERE.with(|here| here.set(self as *const LoopBridge as usize));
+            let _leave = LeaveHere;
+            work()
+        };
+        let mut jobs = HERE_JOBS
+            .with(|jobs| std::mem::take(&mut *jobs.borrow_mut()))
+            .into_iter();
+        for job in jobs.by_ref() {
+            if crate::py::gil::exiting_elsewhere() {
+                break;
+            }
+            job(py);
+        }
+        jobs.for_each(std::mem::forget); // as in `drain`
+        Some(result)
     }
 
     /// Asks for `on_end()` when the loop is torn down (at once if it already was).

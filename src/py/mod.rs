@@ -9,6 +9,7 @@ mod errors;
 mod gil;
 mod handlers;
 mod json;
+mod loop_reads;
 mod named;
 mod server;
 mod threads;
@@ -60,6 +61,7 @@ fn warm_up(py: Python<'_>) {
     let _ = pyo3::exceptions::asyncio::CancelledError::type_object(py);
     handlers::make_types(py);
     bridge::make_types(py);
+    loop_reads::make_types(py);
     threads::make_types(py);
 }
 
