@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 
 use crate::engine::lock::locked;
 use crate::engine::pipeline::{ReaderSource, Replies, ReplyReader};
+use crate::engine::runtime;
 use crate::py::bridge::LoopBridge;
 use crate::py::cached::interned;
 
@@ -19,7 +20,8 @@ use crate::py::cached::interned;
 pub fn on_the_loop(watched: Arc<Mutex<Weak<LoopBridge>>>) -> ReaderSource {
     Box::new(move || {
         let bridge = locked(&watched).clone();
-        if bridge.strong_count() == 0 {
+        // A loop already torn down reads nothing: an engine task does (the client closes anyway).
+        if bridge.upgrade().is_none_or(|bridge| bridge.is_closed()) {
             return None;
         }
         Some(Box::new(OnLoop { bridge }) as Box<dyn ReplyReader>)
@@ -46,6 +48,7 @@ impl ReplyReader for OnLoop {
             let watch = ReadReplies {
                 bridge: weak,
                 replies,
+                generation: runtime::generation(),
             };
             if let Err(err) = bridge
                 .event_loop(py)
@@ -80,11 +83,17 @@ impl ReplyReader for OnLoop {
 struct ReadReplies {
     bridge: Weak<LoopBridge>,
     replies: Replies,
+    /// The engine generation it was made in: a forked child's copy of the loop must not read
+    /// the parent's replies from the socket they share.
+    generation: u64,
 }
 
 #[pymethods]
 impl ReadReplies {
     fn __call__(&self, py: Python<'_>) {
+        if self.generation != runtime::generation() {
+            return;
+        }
         if let Some(bridge) = self.bridge.upgrade() {
             bridge.run_here(py, || self.replies.read_ready());
         }
