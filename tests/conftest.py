@@ -8,7 +8,9 @@ server binds 127.0.0.1 port 0 and every thread started here is joined before the
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import os
 import socket
 import struct
 import threading
@@ -197,6 +199,18 @@ def start_server():
     yield start
     for server in started:
         server.shutdown(timeout=2.0)
+
+
+def open_files() -> collections.Counter:
+    """What the open descriptors refer to (a socket's or a pipe's inode), counted: a file left
+    open shows up even if a descriptor from before the test closed meanwhile."""
+    found: collections.Counter = collections.Counter()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found[os.readlink(f"/proc/self/fd/{fd}")] += 1
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    return found
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:

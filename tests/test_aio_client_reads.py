@@ -6,7 +6,6 @@ timeouts; on the default loop and on uvloop."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import time
@@ -15,7 +14,7 @@ import pytest
 
 import framesock
 from framesock import aio
-from conftest import frame
+from conftest import frame, open_files
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -36,10 +35,6 @@ def read_request(conn: socket.socket) -> bytes:
 
 def reply_frame(value: str) -> bytes:
     return frame(('"' + value + '"').encode())
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def until(condition, limit: float = 10.0) -> None:
@@ -139,7 +134,7 @@ def test_a_server_that_cuts_or_garbles_the_reply(loop, reply, error, raw_server)
 def test_clients_that_come_and_go_on_one_loop_leave_no_socket_behind(loop):
     async def main():
         async with aio.Server(answer, protocol="framed", port=0) as server:
-            before = open_fds()
+            before = open_files()
             for round_ in range(60):
                 client = aio.Client("127.0.0.1", server.port, protocol="framed")
                 replies = await asyncio.gather(*(client.request(f"{round_}-{i}") for i in range(3)))
@@ -158,7 +153,7 @@ def test_clients_that_come_and_go_on_one_loop_leave_no_socket_behind(loop):
                 else:
                     del client  # dropped without close()
             # Every client's socket closes once its loop has stopped watching it.
-            await until(lambda: open_fds() <= before)
+            await until(lambda: not open_files() - before)
 
     run(loop, main)
 

@@ -11,12 +11,8 @@ import os
 import pytest
 
 import framesock
-from conftest import PeerThread, refuses, wait_until
+from conftest import PeerThread, open_files, refuses, wait_until
 from framesock import aio
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
@@ -82,7 +78,7 @@ def test_start_client_leaves_no_file_descriptor_open():
             for _ in range(200):
                 assert await aio.start_client(host, port) == 1
 
-        before = open_fds()
+        before = open_files()
         asyncio.run(main())
         # The server closes its side of each exchange just after the client has its reply.
-        wait_until(lambda: open_fds() == before)
+        wait_until(lambda: not open_files() - before)

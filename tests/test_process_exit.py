@@ -62,6 +62,8 @@ def run_many(python: str, program: Path) -> list[str]:
             return f"run {index}: still running after {RUN_LIMIT} s"
         if done.returncode != 0:
             return f"run {index}: exit status {done.returncode}: {done.stderr.decode()[-2000:]}"
+        if b"panicked at" in done.stderr:
+            return f"run {index}: a Rust panic: {done.stderr.decode()[-2000:]}"
         return None
 
     with ThreadPoolExecutor(AT_ONCE) as pool:

@@ -76,12 +76,16 @@ impl ConnState {
 /// readable. (`framesock.aio.Client`: a reply is read on the loop's own thread, where its
 /// awaiter runs, with no hand-off from an engine thread on the way.)
 pub trait ReplyReader: Send + Sync {
-    /// Start calling `replies.read_ready()` whenever the socket is readable. The socket
-    /// stays open while `replies` is held.
+    /// Start calling `read_ready()` on `replies` (upgraded) whenever the socket is readable.
     fn start(&self, replies: Replies);
-    /// Stop watching `fd` (called once, when the connection is over).
-    fn stop(&self, fd: std::os::fd::RawFd);
+    /// Stop watching `fd` (called once, when the connection is over), holding `socket` until
+    /// then: the descriptor must not be another socket's while it is still watched. Where the
+    /// watching is gone already (its loop was torn down), dropping `socket` closes it at once.
+    fn stop(&self, fd: std::os::fd::RawFd, socket: KeepOpen);
 }
+
+/// Keeps a connection's socket open while it is held (see [`ReplyReader::stop`]).
+pub struct KeepOpen(#[allow(dead_code)] Arc<Conn>);
 
 /// Gives a [`ReplyReader`] for a new plain connection; `None`: an engine task reads it.
 pub type ReaderSource = Box<dyn Fn() -> Option<Box<dyn ReplyReader>> + Send + Sync>;
@@ -105,7 +109,30 @@ pub struct Replies {
     pipeline: Arc<Pipeline>,
 }
 
+/// [`Replies`] that do not keep the connection open: what a loop's callback holds, so that a
+/// connection whose loop is gone (never to run its `stop`) closes as soon as it is over.
+pub struct WeakReplies {
+    conn: std::sync::Weak<Conn>,
+    pipeline: std::sync::Weak<Pipeline>,
+}
+
+impl WeakReplies {
+    pub fn upgrade(&self) -> Option<Replies> {
+        Some(Replies {
+            conn: self.conn.upgrade()?,
+            pipeline: self.pipeline.upgrade()?,
+        })
+    }
+}
+
 impl Replies {
+    pub fn downgrade(&self) -> WeakReplies {
+        WeakReplies {
+            conn: Arc::downgrade(&self.conn),
+            pipeline: Arc::downgrade(&self.pipeline),
+        }
+    }
+
     /// The socket to watch.
     pub fn fd(&self) -> std::os::fd::RawFd {
         self.conn
@@ -258,7 +285,7 @@ impl Conn {
     }
 
     /// Ends the connection: every waiting request fails with `failure`.
-    fn fail(&self, failure: Error) {
+    fn fail(self: &Arc<Self>, failure: Error) {
         for waiter in self.retire(failure) {
             waiter.finish(Err(self.failure()));
         }
@@ -266,7 +293,7 @@ impl Conn {
     }
 
     /// Nothing more is read: the reader task ends, a reader elsewhere is told (once).
-    fn stop_reading(&self) {
+    fn stop_reading(self: &Arc<Self>) {
         if let Some(reader) = locked(&self.reader).take() {
             reader.abort();
         }
@@ -276,7 +303,7 @@ impl Conn {
                 .swap(true, std::sync::atomic::Ordering::AcqRel)
             {
                 if let Some(fd) = self.write.read_elsewhere_fd() {
-                    elsewhere.reader.stop(fd);
+                    elsewhere.reader.stop(fd, KeepOpen(self.clone()));
                 }
             }
         }
@@ -308,7 +335,7 @@ impl Conn {
     /// Whether the peer closed this connection while nothing was in flight (its idle timeout),
     /// seen on the socket itself, before the reader task may have noticed. It is then failed,
     /// so the next request opens a new connection instead of being written into a closed one.
-    fn closed_while_idle(&self) -> bool {
+    fn closed_while_idle(self: &Arc<Self>) -> bool {
         let idle = {
             let state = locked(&self.state);
             state.waiters.is_empty() && !state.flushing

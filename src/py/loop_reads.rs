@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use pyo3::prelude::*;
 
 use crate::engine::lock::locked;
-use crate::engine::pipeline::{ReaderSource, Replies, ReplyReader};
+use crate::engine::pipeline::{KeepOpen, ReaderSource, Replies, ReplyReader, WeakReplies};
 use crate::engine::runtime;
 use crate::py::bridge::LoopBridge;
 use crate::py::cached::interned;
@@ -44,36 +44,37 @@ impl ReplyReader for OnLoop {
                 return;
             };
             let fd = replies.fd();
-            let failed = replies.clone();
             let watch = ReadReplies {
                 bridge: weak,
-                replies,
+                replies: replies.downgrade(),
                 generation: runtime::generation(),
             };
             if let Err(err) = bridge
                 .event_loop(py)
                 .call_method1(interned!(py, "add_reader"), (fd, watch))
             {
-                failed.fail(&format!(
+                replies.fail(&format!(
                     "the event loop cannot watch the connection: {err}"
                 ));
             }
         }));
     }
 
-    fn stop(&self, fd: RawFd) {
+    fn stop(&self, fd: RawFd, socket: KeepOpen) {
         let Some(bridge) = self.bridge.upgrade() else {
-            return; // the loop is gone, and its watching with it
+            return; // the loop is gone, and its watching with it: the socket closes now
         };
         let weak = self.bridge.clone();
-        // In order after `start`'s job; the socket stays open until this has run, since the
-        // loop's callback holds it: the descriptor cannot be another socket's meanwhile.
+        // In order after `start`'s job. The job holds the socket open until it has run, so the
+        // descriptor cannot be another socket's while the loop still watches it; a job dropped
+        // unrun (the loop was torn down meanwhile) lets it close at once.
         bridge.push(Box::new(move |py| {
             if let Some(bridge) = weak.upgrade() {
                 let _ = bridge
                     .event_loop(py)
                     .call_method1(interned!(py, "remove_reader"), (fd,));
             }
+            drop(socket);
         }));
     }
 }
@@ -82,7 +83,7 @@ impl ReplyReader for OnLoop {
 #[pyclass(frozen)]
 struct ReadReplies {
     bridge: Weak<LoopBridge>,
-    replies: Replies,
+    replies: WeakReplies,
     /// The engine generation it was made in: a forked child's copy of the loop must not read
     /// the parent's replies from the socket they share.
     generation: u64,
@@ -94,9 +95,10 @@ impl ReadReplies {
         if self.generation != runtime::generation() {
             return;
         }
-        if let Some(bridge) = self.bridge.upgrade() {
-            bridge.run_here(py, || self.replies.read_ready());
-        }
+        let (Some(bridge), Some(replies)) = (self.bridge.upgrade(), self.replies.upgrade()) else {
+            return; // over: its `stop` is on its way, or its loop is gone
+        };
+        bridge.run_here(py, || replies.read_ready());
     }
 }
 

@@ -34,7 +34,12 @@ fn _at_exit(py: Python<'_>) {
     gil::begin_exit(py, EXIT_WAIT);
     threads::close_all(py, EXIT_WAIT);
     bridge::close_all(py);
-    py.detach(|| gil::detached(|| runtime::shut_down(EXIT_WAIT)));
+    py.detach(|| {
+        gil::detached(|| {
+            wait::let_waits_leave(EXIT_WAIT);
+            runtime::shut_down(EXIT_WAIT)
+        })
+    });
     gil::bury_the_dead(py);
 }
 

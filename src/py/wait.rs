@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -26,13 +27,43 @@ where
 {
     let mut fut = std::pin::pin!(fut);
     loop {
-        match gil::detach_for_python(py, || block_on(fut.as_mut())) {
+        let waited = gil::detach_for_python(py, || {
+            // Counted before the exit is looked at, SeqCst on both sides (see `let_waits_leave`):
+            // either this call sees the exit, or the exit hook sees this call.
+            BLOCKED_ON.fetch_add(1, Ordering::SeqCst);
+            if gil::exiting_elsewhere() {
+                // The runtime is stopping: its timers would panic. This (daemon) thread stays
+                // here and goes with the process, as `detach_for_python` has such threads do.
+                BLOCKED_ON.fetch_sub(1, Ordering::SeqCst);
+                loop {
+                    std::thread::park();
+                }
+            }
+            let output = block_on(fut.as_mut());
+            BLOCKED_ON.fetch_sub(1, Ordering::SeqCst);
+            output
+        });
+        match waited {
             Ok(output) => {
                 gil::bury_the_dead(py);
                 return Ok(output);
             }
             Err(_elapsed) => py.check_signals()?,
         }
+    }
+}
+
+/// Calls inside `block_on` right now.
+static BLOCKED_ON: AtomicUsize = AtomicUsize::new(0);
+
+/// At interpreter exit, after the exit has begun and before the runtime stops: lets the calls
+/// inside `block_on` come back (each does within one signal-check interval) and stay away. A
+/// daemon thread in `serve_forever()` or `request()` otherwise met the runtime stopping under
+/// its timer, a Rust panic printed at every such exit.
+pub fn let_waits_leave(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while BLOCKED_ON.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
