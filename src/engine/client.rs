@@ -70,7 +70,7 @@ fn looks_framed(bytes: &[u8]) -> bool {
 
 /// Whether the start of a framed reply's "header" is really JSON text: a classic server's
 /// reply read as a frame header (`{"ke` declares two billion bytes).
-pub(crate) fn looks_like_json(bytes: &[u8]) -> bool {
+fn looks_like_json(bytes: &[u8]) -> bool {
     bytes.len() >= codec::HEADER_LEN
         && bytes[..codec::HEADER_LEN]
             .iter()
@@ -84,11 +84,11 @@ pub(crate) fn looks_like_json(bytes: &[u8]) -> bool {
 
 /// Whether a "header" is really a TLS record (handshake or alert): a TLS server answering a
 /// plain client.
-pub(crate) fn looks_like_tls(bytes: &[u8]) -> bool {
+fn looks_like_tls(bytes: &[u8]) -> bool {
     bytes.len() >= 3 && matches!(bytes[0], 0x15 | 0x16) && bytes[1] == 0x03 && bytes[2] <= 0x04
 }
 
-pub(crate) fn tls_reply_error() -> Error {
+fn tls_reply_error() -> Error {
     Error::Protocol(
         "the reply looks like TLS: does the server use TLS? (pass tls=framesock.ClientTLS(...))"
             .to_owned(),
@@ -96,7 +96,7 @@ pub(crate) fn tls_reply_error() -> Error {
 }
 
 /// The error for a framed reply that is really a classic one.
-pub(crate) fn classic_reply_error() -> Error {
+fn classic_reply_error() -> Error {
     Error::Protocol(
         "the reply looks like classic JSON, not a frame: is the server framed? \
          (use protocol=\"classic\")"
@@ -313,6 +313,24 @@ async fn settle(slot: &mut Option<Connection>, replies: Vec<Frame>) -> Result<Ve
     Ok(replies)
 }
 
+/// What a failed read of a framed reply means: a header too large to be one that is JSON or
+/// TLS is a server of another protocol, said in words.
+pub(crate) fn reply_error(err: WireError, input: &[u8]) -> Error {
+    match err {
+        WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. }
+            if looks_like_json(input) =>
+        {
+            classic_reply_error()
+        }
+        WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. }
+            if looks_like_tls(input) =>
+        {
+            tls_reply_error()
+        }
+        err => err.into(),
+    }
+}
+
 pub(crate) fn unsolicited(bytes: usize) -> Error {
     Error::Protocol(format!(
         "the server sent {bytes} bytes more than the replies asked for; its replies are out of \
@@ -392,19 +410,9 @@ async fn read_replies<R: AsyncRead + Unpin>(
             timeout,
             || format!("waiting for a reply from {endpoint}"),
             async {
-                match codec::read_frame(reader, input, &mut codec).await {
-                    Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-                        if looks_like_json(input) =>
-                    {
-                        Err(classic_reply_error())
-                    }
-                    Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-                        if looks_like_tls(input) =>
-                    {
-                        Err(tls_reply_error())
-                    }
-                    read => read.map_err(Error::from),
-                }
+                codec::read_frame(reader, input, &mut codec)
+                    .await
+                    .map_err(|err| reply_error(err, input))
             },
         )
         .await?;

@@ -11,8 +11,7 @@ use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use crate::engine::client::{
-    classic_reply_error, looks_like_json, looks_like_tls, not_handled, open, tls_reply_error,
-    unsolicited, CLOSE_NOTIFY_LIMIT, MAX_RESENDS,
+    not_handled, open, reply_error, unsolicited, CLOSE_NOTIFY_LIMIT, MAX_RESENDS,
 };
 use crate::engine::codec::{self, Frame, FrameCodec, WireError};
 use crate::engine::error::{Error, Result};
@@ -681,16 +680,6 @@ fn take_reply(
             Ok(true)
         }
         Ok(None) => Err(Error::Wire(WireError::ClosedBeforeMessage)),
-        Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-            if looks_like_json(input) =>
-        {
-            Err(classic_reply_error())
-        }
-        Err(WireError::FrameTooLarge { .. } | WireError::ReplyTooLarge { .. })
-            if looks_like_tls(input) =>
-        {
-            Err(tls_reply_error())
-        }
-        Err(err) => Err(err.into()),
+        Err(err) => Err(reply_error(err, input)),
     }
 }
