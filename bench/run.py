@@ -31,9 +31,10 @@ import framesock
 HERE = Path(__file__).resolve().parent
 FSBENCH = HERE / "native" / "target" / "release" / "fsbench"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
-# The interpreter the aio rows' servers run on (framesock from this checkout is put on its path;
-# it needs uvloop): e.g. BENCH_PYTHON=~/.pyenv/versions/3.12.1/bin/python make bench
-BENCH_PYTHON = os.environ.get("BENCH_PYTHON", sys.executable)
+# The interpreters the aio rows' servers run on, one set of rows each (framesock from this checkout
+# is put on their path; each needs uvloop), separated by spaces: e.g.
+# BENCH_PYTHON="/tmp/venv311/bin/python /tmp/venv312/bin/python" make bench
+BENCH_PYTHONS = os.environ.get("BENCH_PYTHON", sys.executable).split()
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 CONNECTIONS = 32
 
@@ -371,7 +372,12 @@ def one_connection_from_python() -> None:
 
 
 def async_handlers() -> None:
-    version = subprocess.run([BENCH_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True, check=True).stdout.strip()
+    for python in BENCH_PYTHONS:
+        async_handlers_on(python)
+
+
+def async_handlers_on(python: str) -> None:
+    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True, check=True).stdout.strip()
     workload = f"framed, {CONNECTIONS} connections, async handler, Python {version}"
     say(workload)
     peers = [
@@ -380,7 +386,7 @@ def async_handlers() -> None:
         ("asyncio", "asyncio", "asyncio"),
         ("uvloop", "uvloop", "asyncio"),
     ]
-    arguments = [(label, {"peer": peer, "reply": "async", "loop": loop, "python": BENCH_PYTHON}) for label, peer, loop in peers]
+    arguments = [(label, {"peer": peer, "reply": "async", "loop": loop, "python": python}) for label, peer, loop in peers]
     load_rows_in_rounds(workload, "framed", arguments)
     TARGETS.extend([
         (workload, "uvloop", 1.3 if version >= "3.12" else 1.2, "framesock aio.Server"),
