@@ -63,10 +63,14 @@ lint: build
 	$(VENV)/bin/pyright --pythonpath $(PY)
 
 # Not part of `make test`: a benchmark prints numbers, it does not pass or fail.
+# The interpreters the coroutine-handler rows run on: this virtualenv's, and Python 3.12 from
+# `make test-pythons` when it has made that virtualenv (it has uvloop).
+BENCH_PYTHON ?= $(PY) $(wildcard $(abspath .venv-pythons/3.12/bin/python))
+
 bench: build
 	$(PY) -m pip install --quiet --disable-pip-version-check uvloop orjson jiter pyzmq matplotlib
 	cargo build --release --quiet --manifest-path bench/native/Cargo.toml
-	$(PY) bench/run.py
+	BENCH_PYTHON="$(BENCH_PYTHON)" $(PY) bench/run.py
 
 # Not part of `make test` either: minutes of good and hostile clients against one server
 # (SOAK_SECONDS, default 300; SOAK_GOOD, SOAK_HOSTILE connections, default 300 each).
