@@ -77,10 +77,13 @@ class Program:
             reader.start()
 
     def _read(self, stream: Any, into: list[str]) -> None:
-        for raw in stream:
-            with self._changed:
-                into.append(raw.decode(errors="replace").rstrip("\n"))
-                self._changed.notify_all()
+        try:
+            for raw in stream:
+                with self._changed:
+                    into.append(raw.decode(errors="replace").rstrip("\n"))
+                    self._changed.notify_all()
+        except (OSError, ValueError):
+            pass  # closed under it (see `close`): the end of what it can read
         with self._changed:
             self._changed.notify_all()
 
@@ -132,8 +135,12 @@ class Program:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
+        # Each reader ends at its pipe's end of file, once every holder (workers too) is gone; a
+        # stream is closed only after its reader has left it: closed under a reading thread, 3.13.0
+        # raised "PyMemoryView_FromBuffer(): info->buf must not be NULL" in that thread.
+        for reader, stream in zip(self._readers, (self.process.stderr, self.process.stdout)):
+            reader.join(5)
+            if stream is not None and not reader.is_alive():
                 stream.close()
 
 
