@@ -202,3 +202,84 @@ def test_sigint_ends_aio_serve_forever_promptly_and_cancels_busy_handlers():
         proc.communicate()  # reaped, pipes closed: a timeout here must not leak into later tests
     assert proc.returncode == 42, err.decode()
     assert out.strip() == b"KeyboardInterrupt ['0', '1', '2']"
+
+
+# The SIGINT is raised on a thread of the program's own while the loop thread waits in
+# epoll_wait: its handler runs there and nothing interrupts the wait (with no timer due, it
+# would be forever). framesock has the signal write to a socket the loop watches.
+AIO_SIGNAL_ON_ANOTHER_THREAD = """
+import asyncio, signal, sys, threading, time
+from framesock import aio
+
+main_thread = threading.main_thread().native_id
+
+def interrupt_once_the_loop_waits():
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/self/task/{main_thread}/wchan") as wchan:
+            if "epoll_wait" in wchan.read():
+                break
+        time.sleep(0.001)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+async def handler(request):
+    return request
+
+async def main():
+    server = aio.Server(handler, port=0, protocol="framed")
+    await server.start()
+    threading.Thread(target=interrupt_once_the_loop_waits).start()
+    await server.serve_forever()
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(42)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_sigint_handled_on_another_thread_still_wakes_the_aio_loop():
+    proc = subprocess.Popen([sys.executable, "-c", AIO_SIGNAL_ON_ANOTHER_THREAD], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Not a measurement: without the wake-up the program never ends (no timer is due).
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 42, err.decode()
+    assert out.strip() == b"KeyboardInterrupt"
+
+
+def test_aio_loop_leaves_the_signal_wakeup_fd_as_it_found_it():
+    import asyncio
+
+    from framesock import aio
+
+    async def handler(request):
+        return request
+
+    async def serve(own_handler: bool) -> int:
+        loop = asyncio.get_running_loop()
+        if own_handler:
+            loop.add_signal_handler(signal.SIGUSR2, lambda: None)
+        theirs = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(theirs)
+        async with aio.Server(handler, port=0, protocol="framed") as server:
+            async with aio.Client(*server.address[:2], protocol="framed") as client:
+                assert await client.request("x") == "x"
+            during = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(during)
+        if own_handler:
+            assert during == theirs  # asyncio's own stays
+            loop.remove_signal_handler(signal.SIGUSR2)
+        else:
+            assert theirs == -1 and during != -1  # framesock's, while the loop runs
+        return during
+
+    assert signal.set_wakeup_fd(-1) == -1
+    asyncio.run(serve(own_handler=False))
+    assert signal.set_wakeup_fd(-1) == -1
+    asyncio.run(serve(own_handler=True))
+    assert signal.set_wakeup_fd(-1) == -1

@@ -1,5 +1,5 @@
-"""Python code the engine runs: the loop of a handler thread, log records, and the watch on an
-event loop's end.
+"""Python code the engine runs: the loop of a handler thread, log records, the watch on an
+event loop's end, and the signal wake-up of a loop.
 
 These are plain Python on purpose. A handler thread spends its life in the loop below, so while a
 handler runs no Rust code is on that thread's stack: if the interpreter exits meanwhile and
@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 import threading
 import traceback
 from typing import Any, AsyncGenerator, Callable
@@ -148,3 +149,40 @@ def watch_loop(on_end: Callable[[], None]) -> AsyncGenerator[None, None]:
     except StopIteration:
         pass
     return agen
+
+
+def wake_loop_on_signals(event_loop: Any, fd: int) -> bool:
+    """Has every signal write a byte to ``fd`` (which ``event_loop`` watches), so that a signal
+    wakes the loop wherever it lands; returns whether it did.
+
+    Without it a Ctrl-C can wait for the loop's next event (the next timer, perhaps hours away):
+    on asyncio's own loop, a signal whose handler runs while the loop thread is about to block
+    in ``epoll_wait``, or runs on another thread, does not interrupt the wait. Only on asyncio's
+    selector loop, in the main thread, and only when no wake-up fd is set already (asyncio's
+    ``add_signal_handler`` sets its own; uvloop always does)."""
+    import asyncio.selector_events
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if not isinstance(event_loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return False
+    try:
+        previous = signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        return False
+    if previous != -1:
+        signal.set_wakeup_fd(previous)  # someone else's: theirs stays
+        return False
+    return True
+
+
+def stop_waking_loop_on_signals(fd: int) -> None:
+    """Undoes `wake_loop_on_signals`, unless someone has set a wake-up fd of their own since."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        current = signal.set_wakeup_fd(-1)
+    except ValueError:
+        return
+    if current != fd:
+        signal.set_wakeup_fd(current)

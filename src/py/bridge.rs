@@ -8,6 +8,9 @@
 //! `call_soon_threadsafe` per result from a tokio thread, measured 2x slower than uvloop's
 //! streams on small exchanges, and it makes the I/O threads enter Python.)
 //!
+//! On asyncio's own loop in the main thread, the socket pair is also the signal wake-up fd, and
+//! each drain runs the signal handlers: a Ctrl-C wakes the loop wherever it lands.
+//!
 //! When the loop is torn down (`asyncio.run()` returning), the bridge closes: queued and later
 //! jobs are dropped, so whatever waits on them learns at once that the loop is gone, and the
 //! owners that asked are told (a server stops taking coroutine work).
@@ -46,6 +49,8 @@ pub struct LoopBridge {
     watch: GilDrop<Mutex<Option<Py<PyAny>>>>,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
+    /// Whether signals write to `wake_tx` (see `framesock._support.wake_loop_on_signals`).
+    wakes_on_signals: AtomicBool,
 }
 
 /// The bridges of loops that are still running (one per loop).
@@ -106,14 +111,23 @@ impl LoopBridge {
             bridges.push(bridge.clone());
             forgotten
         };
+        for bridge in &forgotten {
+            bridge.stop_waking_on_signals(py);
+        }
         drop::<Vec<Arc<LoopBridge>>>(forgotten);
         drop(gone);
+        let support = py.import("framesock._support")?;
+        let wakes = support
+            .call_method1(
+                "wake_loop_on_signals",
+                (&running, bridge.wake_tx.as_raw_fd()),
+            )?
+            .is_truthy()?;
+        bridge.wakes_on_signals.store(wakes, Ordering::Release);
         let on_end = LoopEnded {
             bridge: Arc::downgrade(&bridge),
         };
-        let watch = py
-            .import("framesock._support")?
-            .call_method1("watch_loop", (on_end,))?;
+        let watch = support.call_method1("watch_loop", (on_end,))?;
         *locked(&bridge.watch) = Some(watch.unbind());
         Ok(bridge)
     }
@@ -130,6 +144,7 @@ impl LoopBridge {
             watch: GilDrop::new(Mutex::new(None)),
             wake_tx,
             wake_rx,
+            wakes_on_signals: AtomicBool::new(false),
         });
         let drain = Drain {
             bridge: Arc::downgrade(&bridge),
@@ -209,14 +224,28 @@ impl LoopBridge {
         }
     }
 
+    /// Signals stop writing to this bridge's socket, if they did.
+    fn stop_waking_on_signals(&self, py: Python<'_>) {
+        if !self.wakes_on_signals.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let undone = py.import("framesock._support").and_then(|support| {
+            support.call_method1("stop_waking_loop_on_signals", (self.wake_tx.as_raw_fd(),))
+        });
+        if let Err(err) = undone {
+            err.print(py);
+        }
+    }
+
     /// Runs the queued jobs (on the loop's thread, from its reader callback): at most
     /// `MAX_JOBS_PER_DRAIN`, so that a busy server leaves the loop's other callbacks their
-    /// turn; what is left wakes the loop again.
-    fn drain(&self, py: Python<'_>) {
+    /// turn; what is left wakes the loop again. Then runs the Python handlers of signals that
+    /// came meanwhile: a `KeyboardInterrupt` leaves from here, as from any loop callback.
+    fn drain(&self, py: Python<'_>) -> PyResult<()> {
         let mut sink = [0u8; 64];
         while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
         let Some(_calling) = crate::py::gil::calling_python() else {
-            return; // the exit has begun: see `calling_python`
+            return Ok(()); // the exit has begun: see `calling_python`
         };
         crate::py::gil::bury_the_dead(py);
         let jobs = {
@@ -240,6 +269,9 @@ impl LoopBridge {
         }
         // Left when the exit began: dropping them could run Python code (see `close`).
         jobs.for_each(std::mem::forget);
+        // A signal's byte may be what woke the loop (see `wake_loop_on_signals`): its handler
+        // runs now, from this callback, rather than wherever the interpreter next checks.
+        py.check_signals()
     }
 
     /// The loop is being torn down: stop watching it, drop what is queued, tell the owners.
@@ -270,6 +302,7 @@ impl LoopBridge {
             return;
         }
         drop(pending);
+        self.stop_waking_on_signals(py);
         let _ = self
             .event_loop
             .bind(py)
@@ -404,9 +437,10 @@ struct Drain {
 
 #[pymethods]
 impl Drain {
-    fn __call__(&self, py: Python<'_>) {
-        if let Some(bridge) = self.bridge.upgrade() {
-            bridge.drain(py);
+    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
+        match self.bridge.upgrade() {
+            Some(bridge) => bridge.drain(py),
+            None => Ok(()),
         }
     }
 }
