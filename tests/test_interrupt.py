@@ -173,7 +173,9 @@ async def main():
     requests = [asyncio.ensure_future(client.request(str(i))) for i, client in enumerate(clients)]
     while len(running) < 3:
         await asyncio.sleep(0.01)
-    print("waiting", flush=True)
+    # Printed once this task waits inside serve_forever(): a SIGINT that came earlier would
+    # raise KeyboardInterrupt here, and the finally below would wait out the requests.
+    asyncio.get_running_loop().call_soon(lambda: print("waiting", flush=True))
     try:
         await server.serve_forever()
     finally:
