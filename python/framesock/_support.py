@@ -38,6 +38,13 @@ async def answer(handler: Callable[..., Any], arguments: tuple[Any, ...], send: 
     send(value, None)
 
 
+def raise_again(error: BaseException) -> None:
+    """Raises ``error`` from a loop callback: a ``SystemExit`` or ``KeyboardInterrupt`` out of a
+    handler Task's first step, taken at once, leaves the loop as it would have from the step's
+    own callback."""
+    raise error
+
+
 def start_handler_thread(source: Any) -> None:
     """Starts a handler thread that runs the jobs of ``source``."""
     thread = threading.Thread(target=run_handler_jobs, args=(source,), name=source.thread_name, daemon=True)

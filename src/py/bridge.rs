@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 
 use crate::py::cached::Cached;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use crate::engine::lock::{locked, ForkSafe};
 use crate::engine::{self, runtime};
@@ -49,6 +48,8 @@ pub struct LoopBridge {
     watch: GilDrop<Mutex<Option<Py<PyAny>>>>,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
+    /// Whether a Task's first step can be taken at once on this loop (see `tasks`).
+    pub catch_first_step: bool,
     /// Whether signals write to `wake_tx` (see `framesock._support.wake_loop_on_signals`).
     wakes_on_signals: AtomicBool,
 }
@@ -144,6 +145,7 @@ impl LoopBridge {
             watch: GilDrop::new(Mutex::new(None)),
             wake_tx,
             wake_rx,
+            catch_first_step: crate::py::tasks::first_step_catchable(event_loop)?,
             wakes_on_signals: AtomicBool::new(false),
         });
         let drain = Drain {
@@ -380,53 +382,6 @@ pub fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: PyResult<Py<P
         Ok(value) => future.call_method1(interned!(py, "set_result"), (value,)),
         Err(err) => future.call_method1(interned!(py, "set_exception"), (err.into_value(py),)),
     };
-}
-
-/// `types.CoroutineType`.
-fn coroutine_type(py: Python<'_>) -> &Bound<'_, pyo3::types::PyType> {
-    static COROUTINE: Cached<Py<pyo3::types::PyType>> = Cached::new();
-    COROUTINE
-        .import(py, "types", "CoroutineType")
-        .expect("types.CoroutineType exists")
-}
-
-/// Runs `awaitable` as a Task on `event_loop`, the way `await`ing it in a task of its own
-/// would: its own copy of the context and a current task (`asyncio.timeout()` needs one). On
-/// Python 3.12+ a coroutine's Task starts eagerly, so a handler that finishes without waiting
-/// costs no extra loop iteration. `when_done(task)`, if given, is called once the Task is done:
-/// at once if it finished in its eager first step.
-pub fn run_as_task<'py>(
-    py: Python<'py>,
-    event_loop: &Bound<'py, PyAny>,
-    awaitable: &Bound<'py, PyAny>,
-    when_done: Option<Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    static TASK: Cached<Py<PyAny>> = Cached::new();
-    static ENSURE_FUTURE: Cached<Py<PyAny>> = Cached::new();
-    let kwargs = PyDict::new(py);
-    kwargs.set_item("loop", event_loop)?;
-    let task = if awaitable.is_instance(coroutine_type(py))? {
-        if py.version_info() >= (3, 12) {
-            kwargs.set_item("eager_start", true)?;
-        }
-        TASK.import(py, "asyncio", "Task")?
-            .call((awaitable,), Some(&kwargs))?
-    } else {
-        ENSURE_FUTURE
-            .import(py, "asyncio", "ensure_future")?
-            .call((awaitable,), Some(&kwargs))?
-    };
-    let Some(when_done) = when_done else {
-        return Ok(task);
-    };
-    if task.call_method0(interned!(py, "done"))?.is_truthy()? {
-        // Finished in its eager first step: its outcome is taken now, not a loop iteration
-        // later from a done-callback.
-        when_done.call1((&task,))?;
-    } else {
-        task.call_method1(interned!(py, "add_done_callback"), (when_done,))?;
-    }
-    Ok(task)
 }
 
 /// The loop's reader callback: runs the queued jobs.

@@ -16,10 +16,11 @@ use tokio::sync::oneshot;
 use crate::engine::error::{Failure, FailureKind};
 use crate::engine::handler::{Caller, Handler, Level, Log, PendingReply};
 use crate::engine::lock::locked;
-use crate::py::bridge::{run_as_task, LoopBridge};
+use crate::py::bridge::LoopBridge;
 use crate::py::cached::interned;
 use crate::py::gil::GilDrop;
 use crate::py::json;
+use crate::py::tasks::run_as_task;
 use crate::py::threads::{Call, HandlerThreads};
 
 /// How a handler receives the request payload.
@@ -240,8 +241,8 @@ impl PyHandler {
             Err(failure) => return drop(reply.send(Err(failure))),
         };
         // The Task runs `_support.answer`, which calls the handler, awaits it and sends the
-        // outcome from inside the Task: made now (already on the loop), and on 3.12+ run
-        // eagerly, so a handler that never waits is answered before this returns.
+        // outcome from inside the Task: made now (already on the loop), its first step taken at
+        // once (see `tasks`), so a handler that never waits is answered before this returns.
         static ANSWER: Cached<Py<PyAny>> = Cached::new();
         let send = SendOutcome {
             handler: self.clone(),
@@ -258,12 +259,21 @@ impl PyHandler {
                     send,
                 ))
             })
-            .and_then(|body| run_as_task(py, bridge.event_loop(py), &body, None));
+            .and_then(|body| {
+                run_as_task(
+                    py,
+                    bridge.event_loop(py),
+                    bridge.catch_first_step,
+                    &body,
+                    None,
+                )
+            });
         match scheduled {
-            Ok(running) if task.abandoned.load(Ordering::Acquire) => {
+            Ok(Some(running)) if task.abandoned.load(Ordering::Acquire) => {
                 let _ = running.call_method0("cancel");
             }
-            Ok(running) => *locked(&task.task) = Some(running.unbind()),
+            Ok(Some(running)) => *locked(&task.task) = Some(running.unbind()),
+            Ok(None) => {} // it left the loop
             // The reply sender went with `send`, so the waiting exchange fails as it drops.
             Err(err) => err.print(py),
         }
@@ -288,16 +298,18 @@ impl PyHandler {
             run_as_task(
                 py,
                 bridge.event_loop(py),
+                bridge.catch_first_step,
                 &awaitable,
                 Some(when_done.into_any()),
             )
         });
         match scheduled {
             // Its connection may have been dropped already; else keep it for a later cancel.
-            Ok(task) if slot.abandoned.load(Ordering::Acquire) => {
+            Ok(Some(task)) if slot.abandoned.load(Ordering::Acquire) => {
                 let _ = task.call_method0("cancel");
             }
-            Ok(task) => *locked(&slot.task) = Some(task.unbind()),
+            Ok(Some(task)) => *locked(&slot.task) = Some(task.unbind()),
+            Ok(None) => {} // it left the loop
             // The reply sender went with the callback, so the waiting exchange fails as the
             // sender drops; the reason is printed here.
             Err(err) => err.print(py),

@@ -12,6 +12,7 @@ mod json;
 mod loop_reads;
 mod named;
 mod server;
+mod tasks;
 mod threads;
 mod tls;
 mod wait;
@@ -67,6 +68,7 @@ fn warm_up(py: Python<'_>) {
     handlers::make_types(py);
     bridge::make_types(py);
     loop_reads::make_types(py);
+    tasks::make_types(py);
     threads::make_types(py);
 }
 
