@@ -35,6 +35,7 @@ def test_handlers_are_real_tasks_on_every_loop(kind):
     async def handler(request):
         task = asyncio.current_task()
         assert task is not None and task in asyncio.all_tasks()
+        assert task.get_name() == "framesock-handler"
         tasks.append(task)
         leaked = seen.get()
         seen.set(request)

@@ -48,8 +48,8 @@ pub struct LoopBridge {
     watch: GilDrop<Mutex<Option<Py<PyAny>>>>,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
-    /// Whether a Task's first step can be taken at once on this loop (see `tasks`).
-    pub catch_first_step: bool,
+    /// How handler Tasks are made on this loop.
+    pub tasks: GilDrop<crate::py::tasks::TaskSetup>,
     /// Whether signals write to `wake_tx` (see `framesock._support.wake_loop_on_signals`).
     wakes_on_signals: AtomicBool,
 }
@@ -145,7 +145,7 @@ impl LoopBridge {
             watch: GilDrop::new(Mutex::new(None)),
             wake_tx,
             wake_rx,
-            catch_first_step: crate::py::tasks::first_step_catchable(event_loop)?,
+            tasks: GilDrop::new(crate::py::tasks::TaskSetup::for_loop(event_loop)?),
             wakes_on_signals: AtomicBool::new(false),
         });
         let drain = Drain {

@@ -259,15 +259,7 @@ impl PyHandler {
                     send,
                 ))
             })
-            .and_then(|body| {
-                run_as_task(
-                    py,
-                    bridge.event_loop(py),
-                    bridge.catch_first_step,
-                    &body,
-                    None,
-                )
-            });
+            .and_then(|body| run_as_task(py, bridge.event_loop(py), &bridge.tasks, &body, None));
         match scheduled {
             Ok(Some(running)) if task.abandoned.load(Ordering::Acquire) => {
                 let _ = running.call_method0("cancel");
@@ -298,7 +290,7 @@ impl PyHandler {
             run_as_task(
                 py,
                 bridge.event_loop(py),
-                bridge.catch_first_step,
+                &bridge.tasks,
                 &awaitable,
                 Some(when_done.into_any()),
             )

@@ -35,10 +35,39 @@ fn coroutine_type(py: Python<'_>) -> &Bound<'_, pyo3::types::PyType> {
         .expect("types.CoroutineType exists")
 }
 
+/// How handler Tasks are made on one loop, worked out once per loop.
+pub struct TaskSetup {
+    /// Whether a Task's first step can be caught and run at once (see `first_step_catchable`).
+    catch_first_step: bool,
+    /// The constructor's keyword arguments, the same for every Task: `loop`, a fixed `name`
+    /// (3.9-3.11 otherwise format a `Task-<n>` for each), and `eager_start` on 3.12+. Made
+    /// once, named: 6.45 -> 6.0 µs of loop-thread CPU per request on 3.11 (32 connections).
+    kwargs: Py<PyDict>,
+}
+
+/// The name of every handler Task.
+const TASK_NAME: &str = "framesock-handler";
+
+impl TaskSetup {
+    pub fn for_loop(event_loop: &Bound<'_, PyAny>) -> PyResult<TaskSetup> {
+        let py = event_loop.py();
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(interned!(py, "loop"), event_loop)?;
+        kwargs.set_item(interned!(py, "name"), interned!(py, TASK_NAME))?;
+        if eager_start_exists(py) {
+            kwargs.set_item(interned!(py, "eager_start"), true)?;
+        }
+        Ok(TaskSetup {
+            catch_first_step: first_step_catchable(event_loop)?,
+            kwargs: kwargs.unbind(),
+        })
+    }
+}
+
 /// Whether a Task's first step can be caught and run at once on `event_loop` (Python before
 /// 3.12): asyncio's own `call_soon`, not overridden by its class, and a loop that is not in
-/// debug mode (whose `call_soon` checks more). Asked once per loop.
-pub fn first_step_catchable(event_loop: &Bound<'_, PyAny>) -> PyResult<bool> {
+/// debug mode (whose `call_soon` checks more).
+fn first_step_catchable(event_loop: &Bound<'_, PyAny>) -> PyResult<bool> {
     let py = event_loop.py();
     if eager_start_exists(py) {
         return Ok(false);
@@ -60,32 +89,30 @@ pub fn first_step_catchable(event_loop: &Bound<'_, PyAny>) -> PyResult<bool> {
 
 /// Runs `awaitable` as a Task on `event_loop`, the way `await`ing it in a task of its own
 /// would, with its first step taken at once where it can be (see the module doc), so a handler
-/// that finishes without waiting costs no extra loop iteration. `catch_first_step` is
-/// [`first_step_catchable`] for this loop. `when_done(task)`, if given, is called once the
+/// that finishes without waiting costs no extra loop iteration. `setup` is this loop's
+/// [`TaskSetup`]. `when_done(task)`, if given, is called once the
 /// Task is done: at once if it finished in its first step. `None` when making the Task (or its
 /// first step) raised `SystemExit` or `KeyboardInterrupt`, which then leaves the loop.
 pub fn run_as_task<'py>(
     py: Python<'py>,
     event_loop: &Bound<'py, PyAny>,
-    catch_first_step: bool,
+    setup: &TaskSetup,
     awaitable: &Bound<'py, PyAny>,
     when_done: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     static TASK: Cached<Py<PyAny>> = Cached::new();
     static ENSURE_FUTURE: Cached<Py<PyAny>> = Cached::new();
-    let kwargs = PyDict::new(py);
-    kwargs.set_item(interned!(py, "loop"), event_loop)?;
     let made = if awaitable.is_instance(coroutine_type(py))? {
         let task_type = TASK.import(py, "asyncio", "Task")?;
-        if eager_start_exists(py) {
-            kwargs.set_item(interned!(py, "eager_start"), true)?;
-            task_type.call((awaitable,), Some(&kwargs))
-        } else if catch_first_step {
-            task_stepped_now(py, event_loop, task_type, awaitable, &kwargs)
+        let kwargs = setup.kwargs.bind(py);
+        if setup.catch_first_step {
+            task_stepped_now(py, event_loop, task_type, awaitable, kwargs)
         } else {
-            task_type.call((awaitable,), Some(&kwargs))
+            task_type.call((awaitable,), Some(kwargs))
         }
     } else {
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(interned!(py, "loop"), event_loop)?;
         ENSURE_FUTURE
             .import(py, "asyncio", "ensure_future")?
             .call((awaitable,), Some(&kwargs))
