@@ -285,3 +285,31 @@ def test_aio_loop_leaves_the_signal_wakeup_fd_as_it_found_it():
     assert signal.set_wakeup_fd(-1) == -1
     asyncio.run(serve(own_handler=True))
     assert signal.set_wakeup_fd(-1) == -1
+
+
+AIO_FORK_WHILE_SERVING = """
+import asyncio, os, signal, sys
+from framesock import aio
+
+async def handler(request):
+    return request
+
+async def main():
+    async with aio.Server(handler, port=0, protocol="framed"):
+        ours = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(ours, warn_on_full_buffer=False)
+        pid = os.fork()
+        if pid == 0:
+            # The parent's bridge socket is nobody's here: the child has no wake-up fd.
+            os._exit(0 if signal.set_wakeup_fd(-1) == -1 else 1)
+        _, status = os.waitpid(pid, 0)
+        print(ours != -1, os.WEXITSTATUS(status), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_child_forked_under_an_aio_loop_gets_no_wakeup_fd_of_the_parents():
+    proc = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", AIO_FORK_WHILE_SERVING], capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.split() == [b"True", b"0"]

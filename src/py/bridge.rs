@@ -18,7 +18,7 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::py::cached::Cached;
@@ -56,6 +56,10 @@ pub struct LoopBridge {
 
 /// The bridges of loops that are still running (one per loop).
 static BRIDGES: ForkSafe<Vec<Arc<LoopBridge>>> = ForkSafe::new(Vec::new);
+
+/// The signal wake-up fd a bridge set (its `wake_tx`), or -1. Kept apart from `BRIDGES` for the
+/// child of a `fork`, which must undo it and cannot take a lock that was held at the fork.
+static SIGNAL_WAKEUP_FD: AtomicI32 = AtomicI32::new(-1);
 
 thread_local! {
     /// The bridge whose loop is running `LoopBridge::run_here` on this thread (0: none), and
@@ -125,6 +129,9 @@ impl LoopBridge {
             )?
             .is_truthy()?;
         bridge.wakes_on_signals.store(wakes, Ordering::Release);
+        if wakes {
+            SIGNAL_WAKEUP_FD.store(bridge.wake_tx.as_raw_fd(), Ordering::Release);
+        }
         let on_end = LoopEnded {
             bridge: Arc::downgrade(&bridge),
         };
@@ -231,12 +238,9 @@ impl LoopBridge {
         if !self.wakes_on_signals.swap(false, Ordering::AcqRel) {
             return;
         }
-        let undone = py.import("framesock._support").and_then(|support| {
-            support.call_method1("stop_waking_loop_on_signals", (self.wake_tx.as_raw_fd(),))
-        });
-        if let Err(err) = undone {
-            err.print(py);
-        }
+        let fd = self.wake_tx.as_raw_fd();
+        let _ = SIGNAL_WAKEUP_FD.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Acquire);
+        stop_waking_on_signals(py, fd);
     }
 
     /// Runs the queued jobs (on the loop's thread, from its reader callback): at most
@@ -431,10 +435,26 @@ impl AbortIfCancelled {
     }
 }
 
+/// Signals stop writing to `fd` (see `framesock._support.stop_waking_loop_on_signals`).
+fn stop_waking_on_signals(py: Python<'_>, fd: i32) {
+    let undone = py
+        .import("framesock._support")
+        .and_then(|support| support.call_method1("stop_waking_loop_on_signals", (fd,)));
+    if let Err(err) = undone {
+        err.print(py);
+    }
+}
+
 /// In a child right after `fork`: the parent's bridges are forgotten (their loops do not run
-/// here, and closing them would call into Python from the fork handler).
-pub fn forget_after_fork() {
+/// here, and closing them would call into Python from the fork handler). Signals stop writing
+/// to a forgotten bridge's socket, which nobody here reads, so that a loop of the child's own
+/// can have them.
+pub fn forget_after_fork(py: Python<'_>) {
     BRIDGES.forget_after_fork();
+    let fd = SIGNAL_WAKEUP_FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        stop_waking_on_signals(py, fd);
+    }
 }
 
 /// Every bridge closes (at interpreter exit): nothing is sent to a loop after that.

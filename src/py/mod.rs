@@ -47,10 +47,10 @@ fn _at_exit(py: Python<'_>) {
 /// Runs in the child after `os.fork()`: the parent's engine threads do not exist here, so
 /// the runtime is rebuilt on next use and objects from before the fork let go of it.
 #[pyfunction]
-fn _after_fork_in_child() {
+fn _after_fork_in_child(py: Python<'_>) {
     runtime::forget_after_fork();
     threads::forget_after_fork();
-    bridge::forget_after_fork();
+    bridge::forget_after_fork(py);
 }
 
 /// Makes, at import, what pyo3 would otherwise make on first use behind a `PyOnceLock`: the
