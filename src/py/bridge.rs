@@ -50,15 +50,14 @@ pub struct LoopBridge {
     wake_rx: UnixStream,
     /// How handler Tasks are made on this loop.
     pub tasks: GilDrop<crate::py::tasks::TaskSetup>,
-    /// Whether signals write to `wake_tx` (see `framesock._support.wake_loop_on_signals`).
-    wakes_on_signals: AtomicBool,
 }
 
 /// The bridges of loops that are still running (one per loop).
 static BRIDGES: ForkSafe<Vec<Arc<LoopBridge>>> = ForkSafe::new(Vec::new);
 
-/// The signal wake-up fd a bridge set (its `wake_tx`), or -1. Kept apart from `BRIDGES` for the
-/// child of a `fork`, which must undo it and cannot take a lock that was held at the fork.
+/// The signal wake-up fd a bridge set (its `wake_tx`, see `_support.wake_loop_on_signals`), or
+/// -1. Kept apart from `BRIDGES` for the child of a `fork`, which must undo it and cannot take a
+/// lock that was held at the fork.
 static SIGNAL_WAKEUP_FD: AtomicI32 = AtomicI32::new(-1);
 
 thread_local! {
@@ -128,7 +127,6 @@ impl LoopBridge {
                 (&running, bridge.wake_tx.as_raw_fd()),
             )?
             .is_truthy()?;
-        bridge.wakes_on_signals.store(wakes, Ordering::Release);
         if wakes {
             SIGNAL_WAKEUP_FD.store(bridge.wake_tx.as_raw_fd(), Ordering::Release);
         }
@@ -153,7 +151,6 @@ impl LoopBridge {
             wake_tx,
             wake_rx,
             tasks: GilDrop::new(crate::py::tasks::TaskSetup::for_loop(event_loop)?),
-            wakes_on_signals: AtomicBool::new(false),
         });
         let drain = Drain {
             bridge: Arc::downgrade(&bridge),
@@ -235,12 +232,13 @@ impl LoopBridge {
 
     /// Signals stop writing to this bridge's socket, if they did.
     fn stop_waking_on_signals(&self, py: Python<'_>) {
-        if !self.wakes_on_signals.swap(false, Ordering::AcqRel) {
-            return;
-        }
         let fd = self.wake_tx.as_raw_fd();
-        let _ = SIGNAL_WAKEUP_FD.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Acquire);
-        stop_waking_on_signals(py, fd);
+        if SIGNAL_WAKEUP_FD
+            .compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            undo_signal_wakeup(py, fd);
+        }
     }
 
     /// Runs the queued jobs (on the loop's thread, from its reader callback): at most
@@ -436,7 +434,7 @@ impl AbortIfCancelled {
 }
 
 /// Signals stop writing to `fd` (see `framesock._support.stop_waking_loop_on_signals`).
-fn stop_waking_on_signals(py: Python<'_>, fd: i32) {
+fn undo_signal_wakeup(py: Python<'_>, fd: i32) {
     let undone = py
         .import("framesock._support")
         .and_then(|support| support.call_method1("stop_waking_loop_on_signals", (fd,)));
@@ -453,7 +451,7 @@ pub fn forget_after_fork(py: Python<'_>) {
     BRIDGES.forget_after_fork();
     let fd = SIGNAL_WAKEUP_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
-        stop_waking_on_signals(py, fd);
+        undo_signal_wakeup(py, fd);
     }
 }
 
