@@ -7,7 +7,9 @@ client is never the bottleneck. This machine is shared and noisy: read the ratio
 absolute numbers. BENCH_SECONDS sets the length of each measurement (default 2); the concurrent
 workloads measure every peer BENCH_ROUNDS times (default 5), in turns, and report the median
 round, so a dip that hits one peer's only sample cannot decide a ratio; their ratios are the
-median of each round's ratio (peers measured back to back), not the ratio of two medians.
+median of each round's ratio (peers measured back to back), not the ratio of two medians. The
+coroutine-handler rows take at least STEADY_ROUNDS rounds: their peers' rates spread the widest
+from round to round (a uvloop server read 32.6k-51.9k req/s in one run's five).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
 # BENCH_PYTHON="/tmp/venv311/bin/python /tmp/venv312/bin/python" make bench
 BENCH_PYTHONS = os.environ.get("BENCH_PYTHON", sys.executable).split()
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+STEADY_ROUNDS = 9
 CONNECTIONS = 32
 
 
@@ -173,25 +176,25 @@ def load_row(
     say(f"  {workload} / {peer}: {result['rate']:.0f} req/s {note}")
 
 
-def load_rows_in_rounds(workload: str, protocol: str, peers: list[tuple[str, dict]]) -> None:
-    """Measures each `(label, server arguments)` peer with the load generator, in rounds (see
-    `in_rounds`)."""
+def load_rows_in_rounds(workload: str, protocol: str, peers: list[tuple[str, dict]], rounds: int = ROUNDS) -> None:
+    """Measures each `(label, server arguments)` peer with the load generator, in `rounds`
+    rounds (see `in_rounds`)."""
 
     def every_peer() -> None:
         for label, arguments in peers:
             with server(protocol=protocol, **arguments) as port:
                 load_row(workload, label, port, protocol)
 
-    in_rounds(every_peer)
+    in_rounds(every_peer, rounds)
 
 
-def in_rounds(measure_every_peer) -> None:
-    """Runs `measure_every_peer` (which adds one row per peer) ROUNDS times, so peers take
+def in_rounds(measure_every_peer, rounds: int = ROUNDS) -> None:
+    """Runs `measure_every_peer` (which adds one row per peer) `rounds` times, so peers take
     turns, and keeps each peer's median row with the range of its rates in the note: the
     machine drifts by more than the differences being measured, and one sample per peer let a
     single dip decide a ratio."""
     first = len(ROWS)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         measure_every_peer()
     runs: dict[tuple[str, str], list[Row]] = {}
     for row in ROWS[first:]:
@@ -387,7 +390,7 @@ def async_handlers_on(python: str) -> None:
         ("uvloop", "uvloop", "asyncio"),
     ]
     arguments = [(label, {"peer": peer, "reply": "async", "loop": loop, "python": python}) for label, peer, loop in peers]
-    load_rows_in_rounds(workload, "framed", arguments)
+    load_rows_in_rounds(workload, "framed", arguments, max(ROUNDS, STEADY_ROUNDS))
     TARGETS.extend([
         (workload, "uvloop", 1.3 if version >= "3.12" else 1.2, "framesock aio.Server"),
         (workload, "uvloop", 1.5 if version >= "3.12" else 1.2, "framesock aio.Server on uvloop"),
