@@ -721,8 +721,23 @@ def target_lines() -> list[str]:
             lines.append(f"- {workload}: {which[0] if which else 'framesock'} ÷ {peer}: not measured")
             continue
         verdict = "met" if ratio_now >= minimum else "**missed**"
-        lines.append(f"- {workload}: {which[0] if which else 'framesock'} ÷ {peer} = {ratio_now:.2f} (target ≥ {minimum:.2f}): {verdict}")
+        lines.append(
+            f"- {workload}: {which[0] if which else 'framesock'} ÷ {peer} = {ratio_now:.2f} (target ≥ {minimum:.2f}): {verdict}"
+            + noisy(workload, peer, *which)
+        )  # fmt: skip
     return lines + tls_over_plain_lines() + fairness_lines()
+
+
+def noisy(workload: str, peer: str, label: str | None = None) -> str:
+    """A warning for a verdict drawn from rounds whose rates spread more than 2x: the machine's
+    mood, not the code, may have decided it (the ratio is kept as measured)."""
+    mine = framesock_row(workload, label)
+    spreads = []
+    for name in (mine.peer if mine else None, peer):
+        rates = ROUND_RATES.get((workload, name)) if name else None
+        if rates and min(rates) > 0 and max(rates) / min(rates) > 2:
+            spreads.append(f"{name.split(' (')[0]}'s rounds spread {max(rates) / min(rates):.1f}x")
+    return f" (noisy: {', '.join(spreads)})" if spreads else ""
 
 
 def fairness_lines() -> list[str]:
