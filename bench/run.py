@@ -209,9 +209,16 @@ def in_rounds(measure_every_peer, rounds: int = ROUNDS) -> None:
             if rows[0].unit == "GB/s":
                 spread = f"median of {len(rows)}: {low:.2f}-{high:.2f}"
             else:
-                spread = f"median of {len(rows)}: {low / 1000:.1f}k-{high / 1000:.1f}k"
+                spread = f"median of {len(rows)}: {short_rate(low)}-{short_rate(high)}"
             median.note = f"{spread}; {median.note}" if median.note else spread
         ROWS.append(median)
+
+
+def short_rate(rate: float) -> str:
+    """A rate for a row's note: 45.2k, 571, 3.4."""
+    if rate >= 1000:
+        return f"{rate / 1000:.1f}k"
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.1f}"
 
 
 def timed_row(workload: str, peer: str, call, unit: str = "req/s", per_call: int = 1) -> None:
@@ -521,9 +528,6 @@ def reply_document(size: int) -> bytes:
 
 
 def reply_decoding() -> None:
-    import jiter
-    import orjson
-
     for size, label in [(1 << 10, "1 KiB"), (64 << 10, "64 KiB"), (1 << 20, "1 MiB"), (10 << 20, "10 MiB")]:
         workload = f"reply decoding, {label} reply"
         say(workload)
@@ -531,17 +535,26 @@ def reply_decoding() -> None:
             doc.write(reply_document(size))
             doc.flush()
             with server("native", "framed", reply_file=doc.name) as port:
-                with framesock.Client("127.0.0.1", port, protocol="framed", max_reply=64 << 20) as client:
-                    timed_row(workload, "framesock", lambda: client.request("x"))
-                decoders = [
-                    ("socket + json.loads", json.loads),
-                    ("socket + orjson.loads", orjson.loads),
-                    ("socket + jiter.from_json", jiter.from_json),
-                ]
-                for name, decode in decoders:
-                    plain = SocketClient(port, decode)
-                    timed_row(workload, name, lambda: plain.request(b"x"))
-                    plain.sock.close()
+                in_rounds(lambda: decode_every_way(workload, port))
+
+
+def decode_every_way(workload: str, port: int) -> None:
+    """One round of the reply-decoding rows: framesock's client, then a plain socket with each
+    JSON decoder, against the same server."""
+    import jiter
+    import orjson
+
+    with framesock.Client("127.0.0.1", port, protocol="framed", max_reply=64 << 20) as client:
+        timed_row(workload, "framesock", lambda: client.request("x"))
+    decoders = [
+        ("socket + json.loads", json.loads),
+        ("socket + orjson.loads", orjson.loads),
+        ("socket + jiter.from_json", jiter.from_json),
+    ]
+    for name, decode in decoders:
+        plain = SocketClient(port, decode)
+        timed_row(workload, name, lambda: plain.request(b"x"))
+        plain.sock.close()
 
 
 def beside_json_documents() -> None:
