@@ -749,7 +749,7 @@ def noisy(workload: str, peer: str, label: str | None = None) -> str:
     for name in (mine.peer if mine else None, peer):
         rates = ROUND_RATES.get((workload, name)) if name else None
         if rates and min(rates) > 0 and max(rates) / min(rates) > 2:
-            spreads.append(f"{name.split(' (')[0]}'s rounds spread {max(rates) / min(rates):.1f}x")
+            spreads.append(f"{name}'s rounds spread {max(rates) / min(rates):.1f}x")
     return f" (noisy: {', '.join(spreads)})" if spreads else ""
 
 
