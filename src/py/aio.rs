@@ -204,6 +204,7 @@ impl AsyncClient {
         message: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check_open()?;
+        let _calling = calling_python()?;
         if self.protocol == Protocol::Classic {
             let frame = codec::encode_frame(&message_payload(message)?).map_err(Error::from)?;
             return self.classic(py, vec![frame], true);
@@ -220,6 +221,7 @@ impl AsyncClient {
         messages: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.check_open()?;
+        let _calling = calling_python()?;
         let messages: Vec<Bound<'py, PyAny>> = messages.try_iter()?.collect::<PyResult<_>>()?;
         if self.protocol == Protocol::Classic {
             let frames = messages
@@ -272,6 +274,19 @@ impl Drop for AsyncClient {
         // Dropped without close(): the connection must not stay open on the server.
         self.pipeline.close("the client was closed");
     }
+}
+
+/// Held while a request is made: encoding it and `loop.create_future()` run Python code, which
+/// may let the GIL go (see `gil::calling_python`). Once the exit has begun on another thread, a
+/// RuntimeError instead: a loop in a daemon thread asked for a future there, asked for the GIL
+/// back as the interpreter finalized, and was ended inside this frame ("FATAL: exception not
+/// rethrown", an abort: 1 run in 40 of tests/programs/aio_loop_in_daemon_thread.py, once).
+fn calling_python() -> PyResult<crate::py::gil::CallingPython> {
+    crate::py::gil::calling_python().ok_or_else(|| {
+        pyo3::exceptions::PyRuntimeError::new_err(
+            "the interpreter is exiting: framesock.aio takes no more requests",
+        )
+    })
 }
 
 /// `framesock.aio.start_server`'s engine: the one exchange of `start_server`, as an awaitable.
