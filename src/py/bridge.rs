@@ -341,11 +341,7 @@ impl LoopBridge {
         W: std::future::Future<Output = engine::error::Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let Some(_calling) = crate::py::gil::calling_python() else {
-            return Err(pyo3::exceptions::PyRuntimeError::new_err(
-                "the interpreter is exiting",
-            ));
-        };
+        let _calling = crate::py::gil::calling_python_or_raise()?;
         let future = self
             .event_loop(py)
             .call_method0(interned!(py, "create_future"))?;

@@ -94,6 +94,13 @@ pub fn calling_python() -> Option<CallingPython> {
     Some(CallingPython(()))
 }
 
+/// [`calling_python`] for a call Python code made: once the exit has begun elsewhere, a
+/// RuntimeError saying so instead (the call does nothing).
+pub fn calling_python_or_raise() -> PyResult<CallingPython> {
+    calling_python()
+        .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("the interpreter is exiting"))
+}
+
 /// Marks the start of the interpreter's exit (from the atexit hook, before finalization) and
 /// lets threads already on their way back to the GIL (see [`detach_for_python`]) get there, and
 /// Rust frames running Python code on other threads (see [`calling_python`]) return.
